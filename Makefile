@@ -1,0 +1,66 @@
+# servery: two commands from a fresh clone.
+#   make serve   -> venv + install + demo models (if missing) + bentoml serve on 127.0.0.1:3000
+#   make test    -> same set-up, then the whole test suite
+#
+# Variables you may override:
+#   PYTHON      interpreter used to create the venv (Python 3.11)
+#   TORCH_SPEC  the PyTorch requirement installed first. The default is the CPU build, so pip never
+#               pulls the ~6 GB CUDA wheels on a CPU machine. Where pip cannot find a "+cpu" wheel
+#               (no local wheel directory), add PyTorch's CPU index:
+#                   make serve PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
+#               On a GPU machine: make serve TORCH_SPEC=torch==2.13.0
+#   HOST, PORT  where `make serve` listens (default 127.0.0.1:3000)
+#   BENTOML_HOME  the model store; project-local and git-ignored by default
+
+PYTHON ?= python3.11
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0+cpu
+HOST ?= 127.0.0.1
+PORT ?= 3000
+export BENTOML_HOME ?= $(CURDIR)/.bentoml
+export BENTOML_DO_NOT_TRACK ?= True
+
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.servery-installed
+
+.PHONY: serve test models models-large bench lint clean help
+
+help:
+	@sed -n '1,16p' Makefile
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+models: $(STAMP)
+	$(PY) -m training.ensure
+
+models-large: $(STAMP)
+	$(PY) -m training.ensure --size large
+
+serve: models
+	@echo ""
+	@echo "servery is starting on http://$(HOST):$(PORT)"
+	@echo "  try:    curl -s http://$(HOST):$(PORT)/models"
+	@echo "          curl -s -X POST http://$(HOST):$(PORT)/predict -H 'content-type: application/json' \\"
+	@echo "               -d '{\"model\": \"iris\", \"inputs\": [[5.1, 3.5, 1.4, 0.2]]}'"
+	@echo "  docs:   http://$(HOST):$(PORT)/docs.json   (Swagger UI at http://$(HOST):$(PORT)/)"
+	@echo "  health: http://$(HOST):$(PORT)/readyz    metrics: http://$(HOST):$(PORT)/metrics"
+	@echo ""
+	$(VENV)/bin/bentoml serve services:Router --host $(HOST) --port $(PORT)
+
+test: models
+	$(PY) -m pytest tests
+
+bench: models-large
+	$(PY) -m bench.foundation
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,18 @@
+"""servery's BentoML services. The Bento entry point is ``services:Router``.
+
+Importing this package applies the BentoML fixes in :mod:`services.patches` before BentoML builds
+any app, and stays cheap: torch and xgboost load only when a model of theirs is loaded.
+"""
+
+from __future__ import annotations
+
+from services import patches
+
+patches.apply()
+
+from services.router import Router  # noqa: E402
+from services.sklearn_service import SklearnService  # noqa: E402
+from services.torch_service import TorchService  # noqa: E402
+from services.xgboost_service import XGBoostService  # noqa: E402
+
+__all__ = ["Router", "SklearnService", "TorchService", "XGBoostService"]

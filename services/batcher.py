@@ -1,0 +1,141 @@
+"""The router's asyncio micro-batcher.
+
+Concurrent requests for one model version are merged into one ``predict`` call and the results
+scattered back. The batch is flushed on the next event-loop tick (``loop.call_soon``): no timer
+window, so a lone request never waits, yet everything that arrived during the previous tick rides
+together. In a trial on this project's 2-core machines a 0 ms window beat 1.5 ms at every
+concurrency, and predicting inline in the loop beat handing the batch to a thread (STACK.md).
+
+Batches are bounded: requests are packed in arrival order into chunks of at most
+``max_batch_size`` rows; a single request larger than that forms a chunk of its own (requests are
+never split, so one request's rows always come from one model call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+
+import numpy as np
+
+Result = tuple[np.ndarray, np.ndarray]
+SyncPredict = Callable[[np.ndarray], Result]
+AsyncPredict = Callable[[np.ndarray], Awaitable[Result]]
+BatchHook = Callable[[int, int], None]
+
+_Pending = tuple[np.ndarray, "asyncio.Future[Result]"]
+
+
+class MicroBatcher:
+    """Merge concurrent :meth:`submit` calls into batched ``predict`` calls.
+
+    ``predict`` takes a 2-D array and returns ``(class_indices, probabilities)`` with one row per
+    input row. With ``is_async=False`` it runs inline on the event loop (cheap in-process models);
+    with ``is_async=True`` it is awaited in a task (a call to another service).
+    ``on_batch(rows, requests)`` is called after every successful model call.
+    """
+
+    def __init__(
+        self,
+        predict: SyncPredict | AsyncPredict,
+        *,
+        max_batch_size: int,
+        is_async: bool = False,
+        on_batch: BatchHook | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self._predict = predict
+        self._max = max_batch_size
+        self._is_async = is_async
+        self._on_batch = on_batch
+        self._pending: list[_Pending] = []
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        self.rows = 0
+        self.largest_batch = 0
+
+    async def submit(self, x: np.ndarray) -> Result:
+        """Queue ``x`` (validated rows) for the next flush and wait for its slice of the result."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Result] = loop.create_future()
+        self._pending.append((x, fut))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _chunks(self, pending: list[_Pending]) -> Iterator[list[_Pending]]:
+        chunk: list[_Pending] = []
+        rows = 0
+        for item in pending:
+            n = item[0].shape[0]
+            if chunk and rows + n > self._max:
+                yield chunk
+                chunk, rows = [], 0
+            chunk.append(item)
+            rows += n
+        if chunk:
+            yield chunk
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        for chunk in self._chunks(pending):
+            # A client that went away cancelled its future: do not spend model time on it.
+            live = [item for item in chunk if not item[1].done()]
+            if not live:
+                continue
+            if self._is_async:
+                task = asyncio.ensure_future(self._run_async(live))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                x = _stack(live)
+                try:
+                    result = self._predict(x)  # type: ignore[assignment]
+                except Exception as e:
+                    _fail(live, e)
+                    continue
+                self._scatter(live, x.shape[0], result)  # type: ignore[arg-type]
+
+    async def _run_async(self, live: list[_Pending]) -> None:
+        x = _stack(live)
+        try:
+            result = await self._predict(x)  # type: ignore[misc]
+        except Exception as e:
+            _fail(live, e)
+            return
+        self._scatter(live, x.shape[0], result)
+
+    def _scatter(self, live: list[_Pending], n_rows: int, result: Result) -> None:
+        labels, proba = result
+        if len(labels) != n_rows or len(proba) != n_rows:
+            _fail(
+                live, RuntimeError(f"batch size mismatch: {len(labels)} results for {n_rows} rows")
+            )
+            return
+        self.batches += 1
+        self.rows += n_rows
+        self.largest_batch = max(self.largest_batch, n_rows)
+        if self._on_batch is not None:
+            self._on_batch(n_rows, len(live))
+        offset = 0
+        for x, fut in live:
+            n = x.shape[0]
+            if not fut.done():
+                fut.set_result((labels[offset : offset + n], proba[offset : offset + n]))
+            offset += n
+
+
+def _stack(items: list[_Pending]) -> np.ndarray:
+    if len(items) == 1:
+        return items[0][0]
+    return np.concatenate([x for x, _ in items])
+
+
+def _fail(items: list[_Pending], exc: BaseException) -> None:
+    for _, fut in items:
+        if not fut.done():
+            fut.set_exception(exc)

@@ -1,0 +1,223 @@
+"""The Router: the Bento's entry point and the platform's public HTTP API.
+
+Routes (a FastAPI app mounted into the BentoML service, so BentoML merges them into ``/docs.json``
+and keeps ``/livez``, ``/readyz`` and ``/metrics``):
+
+* ``POST /predict`` — ``{"model", "version"?, "inputs": [[...], ...]}`` → predictions
+* ``GET /models`` and ``GET /models/{name}`` — served models with versions, schema and metrics
+
+Each model is served ``inline`` (loaded in every router worker, requests merged by the
+:class:`~services.batcher.MicroBatcher`) or in its framework ``service`` (the router validates,
+micro-batches, and sends each batch with one ``bentoml.depends`` call). See the README for why
+``inline`` is the default.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+import bentoml
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from models.config import Framework, load_model_config
+from services import metrics
+from services.errors import (
+    BadRequest,
+    ModelNotReady,
+    Overloaded,
+    ServeryError,
+    error_response,
+    from_validation_error,
+    json_response,
+)
+from services.patches import freeze_heap
+from services.registry import Registry, RemotePredict, build_registry
+from services.settings import SETTINGS
+from services.sklearn_service import SklearnService
+from services.torch_service import TorchService
+from services.xgboost_service import XGBoostService
+
+logger = logging.getLogger("servery")
+
+_ROWS_SCHEMA = {
+    "type": "array",
+    "minItems": 1,
+    "items": {"type": "array", "minItems": 1, "items": {"type": "number"}},
+    "description": "Rows x features; each row holds the model's n_features finite numbers",
+}
+
+
+class PredictRequest(BaseModel):
+    """Body of ``POST /predict``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Served model name (see GET /models)")
+    version: str | None = Field(None, description="Exact version id; default: the served version")
+    # Validated by the model's own rules (shape, dtype, finiteness) in one numpy pass, not by
+    # pydantic per element; the schema still documents the shape for clients and fuzzers.
+    inputs: Annotated[Any, WithJsonSchema(_ROWS_SCHEMA)] = Field(description="Rows to predict")
+
+
+class PredictResponse(BaseModel):
+    model: str = Field(description="Served model name")
+    version: str = Field(description="The exact version that answered")
+    predictions: list[int] = Field(description="Predicted class index per row")
+    labels: list[str] = Field(description="Predicted class name per row")
+    probabilities: list[list[float]] = Field(description="Class probabilities per row")
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": desc}
+    for code, desc in {
+        400: "Body is not JSON or misses/mistypes a field",
+        404: "Unknown model or version",
+        413: "Too many rows in one request",
+        422: "Inputs have the wrong shape, type or non-finite values",
+        503: "Model not ready or overloaded",
+    }.items()
+}
+
+app = FastAPI(
+    title="servery",
+    version="0.1.0",
+    docs_url=None,  # BentoML serves the Swagger UI at / and the merged spec at /docs.json
+    redoc_url=None,
+    openapi_url=None,
+)
+
+
+@app.exception_handler(HTTPException)
+async def _http_error(_: Request, exc: HTTPException) -> Response:
+    return error_response(ServeryError.with_status(exc.status_code, str(exc.detail)))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+    return error_response(BadRequest(f"invalid request: {exc.errors()[:3]}"))
+
+
+def _registry(request: Request) -> Registry:
+    registry: Registry | None = getattr(request.app.state, "registry", None)
+    if registry is None:
+        raise ModelNotReady("models are still loading")
+    return registry
+
+
+@app.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=_ERRORS,
+    summary="Predict with a served model",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+        }
+    },
+)
+async def predict(request: Request) -> Response:
+    """Predict classes and probabilities for ``inputs`` with ``model`` (at ``version``)."""
+    model = metrics.UNKNOWN_MODEL
+    version = ""
+    try:
+        try:
+            body = PredictRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise from_validation_error(e) from e
+        served = _registry(request).get(body.model, body.version)
+        info = served.info
+        model, version = info.name, info.version
+        x = info.validate(body.inputs, SETTINGS.max_rows_per_request)
+        labels, proba = await served.batcher.submit(x)
+    except Exception as e:
+        response = error_response(e)
+        metrics.REQUESTS.labels(model, version, str(response.status_code)).inc()
+        return response
+    metrics.REQUESTS.labels(model, version, "200").inc()
+    idx = labels.tolist()
+    names = info.class_names
+    return json_response(
+        {
+            "model": model,
+            "version": version,
+            "predictions": idx,
+            "labels": [names[i] if i < len(names) else str(i) for i in idx],
+            "probabilities": proba.tolist(),
+        }
+    )
+
+
+@app.get("/models", summary="List served models")
+async def list_models(request: Request) -> dict[str, list[dict[str, Any]]]:
+    """Every served model with its version, framework, input schema and training metrics."""
+    return {"models": _registry(request).describe()}
+
+
+@app.get("/models/{name}", responses={404: _ERRORS[404]}, summary="Describe one served model")
+async def get_model(request: Request, name: str) -> Response:
+    try:
+        return json_response(_registry(request).get(name).describe())
+    except ServeryError as e:
+        return error_response(e)
+
+
+def _remote(dependency: Any, framework: Framework) -> RemotePredict:
+    """Call a framework service's ``predict_batch`` with a whole micro-batch."""
+    import aiohttp
+    from bentoml.exceptions import BentoMLException, ServiceUnavailable
+
+    async def call(name: str, version: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            out = await dependency.to_async.predict_batch(model=name, version=version, inputs=x)
+        except ServiceUnavailable as e:
+            raise Overloaded(f"the {framework} service is overloaded; retry shortly") from e
+        except (aiohttp.ClientError, OSError) as e:
+            raise ModelNotReady(
+                f"model '{name}' is not reachable in the {framework} service"
+            ) from e
+        except BentoMLException as e:
+            raise RuntimeError(f"{framework} service failed for model '{name}'") from e
+        return out["labels"], out["probabilities"]
+
+    return call
+
+
+@bentoml.service(
+    name="router",
+    workers=SETTINGS.router_workers,
+    traffic={"timeout": SETTINGS.request_timeout_s},
+)
+@bentoml.asgi_app(app, path="/")
+class Router:
+    """Entry service: validates, micro-batches and routes every prediction."""
+
+    sklearn = bentoml.depends(SklearnService)
+    xgboost = bentoml.depends(XGBoostService)
+    torch = bentoml.depends(TorchService)
+
+    def __init__(self) -> None:
+        config = load_model_config(SETTINGS.models_file)
+        remote = {
+            Framework.SKLEARN: _remote(self.sklearn, Framework.SKLEARN),
+            Framework.XGBOOST: _remote(self.xgboost, Framework.XGBOOST),
+            Framework.PYTORCH: _remote(self.torch, Framework.PYTORCH),
+        }
+        self.registry = build_registry(config, SETTINGS, remote)
+        app.state.registry = self.registry
+        freeze_heap()

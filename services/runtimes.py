@@ -1,0 +1,214 @@
+"""Framework runtimes: load a stored model, validate a request, predict a batch.
+
+The same runtime serves both placements: the router's workers use it in-process (``inline``) and
+the framework services use it behind BentoML (``service``). :class:`ModelInfo` is the part that
+needs no framework import (metadata and input validation), so the router can validate requests
+for models that live in another process without loading them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from models.config import Framework, ModelEntry
+from models.store import framework_of, get_model, load_object
+from services.errors import InvalidInput, PayloadTooLarge
+
+# numpy dtype kinds accepted as numbers: signed/unsigned integers and floats (not bool, str, object)
+_NUMERIC_KINDS = frozenset("iuf")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the serving layer knows about one served model version (no framework objects)."""
+
+    name: str
+    store_name: str
+    version: str
+    framework: Framework
+    n_features: int
+    dtype: np.dtype
+    feature_names: list[str]
+    class_names: list[str]
+    labels: dict[str, str]
+    metadata: dict[str, Any] = field(repr=False)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.store_name}:{self.version}"
+
+    def validate(self, inputs: Any, max_rows: int) -> np.ndarray:
+        """Turn a JSON ``inputs`` value into a 2-D array for this model, or raise a 4xx error."""
+        return to_matrix(inputs, self.n_features, self.dtype, max_rows, self.name)
+
+    def describe(self) -> dict[str, Any]:
+        """The public description served by ``GET /models``."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "tag": self.tag,
+            "framework": self.framework.value,
+            "task": self.labels.get("task", "classification"),
+            "input_schema": {
+                "n_features": self.n_features,
+                "dtype": self.dtype.name,
+                "feature_names": self.feature_names,
+            },
+            "class_names": self.class_names,
+            "metrics": self.metadata.get("metrics", {}),
+            "params": self.metadata.get("params", {}),
+            "data_sha256": self.metadata.get("data_sha256"),
+            "labels": self.labels,
+        }
+
+
+def to_matrix(
+    inputs: Any, n_features: int, dtype: np.dtype, max_rows: int, name: str
+) -> np.ndarray:
+    """Validate ``inputs`` as a non-empty list of rows of ``n_features`` finite numbers."""
+    if not isinstance(inputs, list):
+        raise InvalidInput(
+            "'inputs' must be a list of rows, each a list of numbers", param="inputs"
+        )
+    n_rows = len(inputs)
+    if n_rows == 0:
+        raise InvalidInput("'inputs' is empty: send at least one row", param="inputs")
+    if n_rows > max_rows:
+        raise PayloadTooLarge(
+            f"{n_rows} rows in one request; the limit is {max_rows} (SERVERY_MAX_ROWS_PER_REQUEST)",
+            param="inputs",
+        )
+    try:
+        arr = np.asarray(inputs)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(
+            "'inputs' rows must all be lists of the same length holding only numbers",
+            param="inputs",
+        ) from None
+    if arr.ndim != 2:
+        hint = " (wrap a single row in another list)" if arr.ndim == 1 else ""
+        raise InvalidInput(
+            f"'inputs' must be a 2-D list of rows x features, got {arr.ndim} dimension(s){hint}",
+            param="inputs",
+        )
+    if arr.dtype.kind not in _NUMERIC_KINDS:
+        what = {"b": "booleans", "U": "strings", "S": "strings"}.get(
+            arr.dtype.kind, "non-numeric or out-of-range values"
+        )
+        raise InvalidInput(f"'inputs' must hold only numbers, found {what}", param="inputs")
+    if arr.shape[1] != n_features:
+        raise InvalidInput(
+            f"model '{name}' expects {n_features} features per row, got {arr.shape[1]}",
+            param="inputs",
+        )
+    with np.errstate(over="ignore"):
+        out = arr.astype(dtype, copy=False)
+    if not np.isfinite(out).all():
+        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
+        raise InvalidInput(
+            f"'inputs' must be finite numbers (no NaN/Infinity, within {dtype.name} range); "
+            f"bad row(s): {bad[:10].tolist()}",
+            param="inputs",
+        )
+    return out
+
+
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A loaded model: its :class:`ModelInfo` and a batch ``predict_proba``."""
+
+    info: ModelInfo
+    predict_proba: Predictor = field(repr=False)
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Class indices and class probabilities for a batch of validated rows."""
+        proba = self.predict_proba(x)
+        if proba.shape[0] != x.shape[0]:
+            # LitServe-style batch contract check: a model must answer every row it was given.
+            raise RuntimeError(
+                f"batch size mismatch: model {self.info.tag} returned {proba.shape[0]} rows "
+                f"for {x.shape[0]} inputs"
+            )
+        return proba.argmax(axis=1), proba
+
+
+def load_info(entry: ModelEntry) -> tuple[ModelInfo, Any]:
+    """Resolve ``entry`` in the model store; returns the info and the store's model handle."""
+    bento_model = get_model(entry.store_tag)
+    framework = framework_of(bento_model, entry.framework)
+    meta = dict(bento_model.info.metadata)
+    schema = meta.get("input_schema") or {}
+    feature_names = [str(f) for f in meta.get("feature_names") or []]
+    n_features = int(schema.get("n_features") or len(feature_names))
+    info = ModelInfo(
+        name=entry.name,
+        store_name=bento_model.tag.name,
+        version=bento_model.tag.version,
+        framework=framework,
+        n_features=n_features,
+        dtype=np.dtype(schema.get("dtype", "float32")),
+        feature_names=feature_names or [f"f{i}" for i in range(n_features)],
+        class_names=[str(c) for c in meta.get("class_names") or []],
+        labels=dict(bento_model.info.labels),
+        metadata=meta,
+    )
+    return info, bento_model
+
+
+def load_runtime(entry: ModelEntry, threads: int = 1) -> Runtime:
+    """Load ``entry`` from the store into a ready-to-call :class:`Runtime`."""
+    info, bento_model = load_info(entry)
+    obj = load_object(bento_model, info.framework, threads)
+    predict_proba = _PREDICTORS[info.framework](obj, threads)
+    runtime = Runtime(info=info, predict_proba=predict_proba)
+    # One warm-up row: first calls allocate (torch, xgboost), so pay that before serving.
+    runtime.predict(np.zeros((1, info.n_features), dtype=info.dtype))
+    return runtime
+
+
+def _sklearn_predictor(estimator: Any, threads: int) -> Predictor:
+    if not hasattr(estimator, "predict_proba"):
+        raise TypeError(
+            f"{type(estimator).__name__} has no predict_proba; servery serves classifiers"
+        )
+    if hasattr(estimator, "n_jobs"):
+        estimator.n_jobs = threads
+    return estimator.predict_proba
+
+
+def _xgboost_predictor(booster: Any, threads: int) -> Predictor:
+    def predict_proba(x: np.ndarray) -> np.ndarray:
+        # inplace_predict skips DMatrix construction: the cheapest XGBoost call for small batches.
+        out = booster.inplace_predict(x)
+        if out.ndim == 1:  # binary:logistic returns P(class 1)
+            return np.stack([1.0 - out, out], axis=1)
+        return out
+
+    return predict_proba
+
+
+def _torch_predictor(net: Any, threads: int) -> Predictor:
+    import torch
+
+    torch.set_num_threads(threads)
+
+    def predict_proba(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            return torch.softmax(net(xt), dim=1).numpy()
+
+    return predict_proba
+
+
+_PREDICTORS: dict[Framework, Callable[[Any, int], Predictor]] = {
+    Framework.SKLEARN: _sklearn_predictor,
+    Framework.XGBOOST: _xgboost_predictor,
+    Framework.PYTORCH: _torch_predictor,
+}
