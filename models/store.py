@@ -97,7 +97,7 @@ def save_model(
         "class_names": [str(c) for c in class_names],
         "input_schema": {"n_features": len(feature_names), "dtype": dtype},
         "metrics": {k: float(v) for k, v in metrics.items()},
-        "params": dict(params),
+        "params": _no_none(dict(params)),
         "data_sha256": data_hash,
         **(metadata or {}),
     }
@@ -116,7 +116,17 @@ def save_model(
             import torch
 
             torch.save(model.state_dict(), path)
-    return bento_model
+    # The object above points at BentoML's temporary build folder; return the stored copy.
+    return bentoml.models.get(bento_model.tag)
+
+
+def _no_none(value: Any) -> Any:
+    """BentoML rejects None in metadata; keep the key and say "None" (e.g. max_depth=None)."""
+    if isinstance(value, dict):
+        return {k: _no_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_no_none(v) for v in value]
+    return "None" if value is None else value
 
 
 def get_model(tag: str) -> bentoml.Model:
@@ -133,6 +143,7 @@ def get_model(tag: str) -> bentoml.Model:
 
 
 def framework_of(bento_model: bentoml.Model, override: Framework | None = None) -> Framework:
+    """The model's framework: ``override`` if given, else its ``framework`` label/metadata."""
     if override is not None:
         return override
     label = bento_model.info.labels.get("framework") or bento_model.info.metadata.get("framework")

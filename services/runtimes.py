@@ -100,6 +100,9 @@ def to_matrix(
             arr.dtype.kind, "non-numeric or out-of-range values"
         )
         raise InvalidInput(f"'inputs' must hold only numbers, found {what}", param="inputs")
+    # numpy silently reads JSON true/false as 1/0; a boolean feature value is a client mistake.
+    if any(bool in set(map(type, row)) for row in inputs):
+        raise InvalidInput("'inputs' must hold only numbers, found booleans", param="inputs")
     if arr.shape[1] != n_features:
         raise InvalidInput(
             f"model '{name}' expects {n_features} features per row, got {arr.shape[1]}",

@@ -1,0 +1,101 @@
+"""Concurrency through the router: no lost requests, batching proven, bad requests fail alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import numpy as np
+import pytest
+
+from bench.loadgen import run_load
+from tests.integration.conftest import PLACEMENTS, dataset
+
+
+def batch_histogram(server, model: str) -> tuple[float, float, float]:
+    """(batches, rows, batches of exactly one row) for ``model`` from the router's /metrics."""
+    text = httpx.get(f"{server.url}/metrics").text
+
+    def value(suffix: str, extra: str = "") -> float:
+        labels = rf'{{[^}}]*model="{re.escape(model)}"[^}}]*{extra}[^}}]*}}'
+        pattern = rf"^servery_batch_size_{suffix}{labels} (\S+)$"
+        return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+    return value("count"), value("sum"), value("bucket", r'le="1\.0"')
+
+
+@pytest.mark.parametrize(
+    "name", ["breast_cancer", "breast_cancer-svc", "digits", "digits-svc", "iris-svc"]
+)
+def test_c64_no_lost_requests_and_exact_answers(server, local_predict, name: str) -> None:
+    """A few thousand single-row requests at c=64: zero errors, each equal to in-process."""
+    rows = dataset(PLACEMENTS[name])[:256]
+    labels, proba = local_predict(name, rows)
+    bodies = [json.dumps({"model": name, "inputs": [r]}).encode() for r in rows.tolist()]
+
+    def check(i: int, payload: bytes) -> bool:
+        body = json.loads(payload)
+        k = i % len(rows)
+        return body["predictions"] == [labels[k]] and np.allclose(
+            body["probabilities"][0], proba[k], rtol=1e-5, atol=1e-6
+        )
+
+    before = batch_histogram(server, name)
+    result = asyncio.run(
+        run_load(f"{server.url}/predict", bodies, concurrency=64, requests=3000, check=check)
+    )
+    after = batch_histogram(server, name)
+    assert result.errors == 0, result.status
+    assert result.ok == 3000
+    batches, rows_seen, single = (a - b for a, b in zip(after, before, strict=True))
+    assert rows_seen == 3000  # every row went through exactly one model call
+    # Batching happened: far fewer model calls than requests, and some merged many requests.
+    assert batches < 3000 / 2, (batches, rows_seen)
+    assert single < batches, "every batch held a single row"
+
+
+def test_one_bad_request_in_a_burst_fails_alone(server, local_predict) -> None:
+    """Bad requests in the same burst as good ones get their 4xx; the others all succeed."""
+    rows = dataset("iris")[:60]
+    labels, _ = local_predict("iris", rows)
+    bad = {
+        7: ([1.0, 2.0], 422),
+        23: ([1.0, float("nan"), 2.0, 3.0], 422),
+        41: ([1, 2, 3, "x"], 422),
+    }
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            bodies = []
+            for i, row in enumerate(rows.tolist()):
+                bodies.append({"model": "iris", "inputs": [bad[i][0] if i in bad else row]})
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        "/predict",
+                        content=json.dumps(b),
+                        headers={"content-type": "application/json"},
+                    )
+                    for b in bodies
+                )
+            )
+
+    for _ in range(3):
+        before = batch_histogram(server, "iris")
+        responses = asyncio.run(burst())
+        for i, resp in enumerate(responses):
+            if i in bad:
+                assert resp.status_code == bad[i][1], resp.text
+                assert resp.json()["error"]["type"] == "invalid_input"
+            else:
+                assert resp.status_code == 200, resp.text
+                assert resp.json()["predictions"] == [labels[i]]
+        batches, rows_seen, _ = (
+            a - b for a, b in zip(batch_histogram(server, "iris"), before, strict=True)
+        )
+        assert rows_seen == len(rows) - len(bad)
+        if batches < rows_seen:  # the good requests shared batches with the bad ones' burst
+            return
+    pytest.fail("requests never shared a batch in three bursts")
