@@ -112,25 +112,27 @@ class Server:
 
 def start_server(
     home: Path,
-    models_yaml: str,
+    models_yaml: str | None,
     workdir: Path,
     *,
     env: dict[str, str] | None = None,
     target: str = "services:Router",
     ready_timeout: float = 120,
 ) -> Server:
-    """Start ``bentoml serve TARGET`` on a free loopback port and wait for ``/readyz``."""
+    """Start ``bentoml serve TARGET`` on a free loopback port and wait for ``/readyz``.
+
+    ``models_yaml`` is written to a model config for this server; None serves the shipped
+    default (models/models.yaml), as ``make serve`` does.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    config = workdir / "models.yaml"
-    config.write_text(models_yaml)
     port = free_port()
-    full_env = {
-        **os.environ,
-        "BENTOML_HOME": str(home),
-        "BENTOML_DO_NOT_TRACK": "True",
-        "SERVERY_MODELS_FILE": str(config),
-        **(env or {}),
-    }
+    full_env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    full_env.pop("SERVERY_MODELS_FILE", None)
+    if models_yaml is not None:
+        config = workdir / "models.yaml"
+        config.write_text(models_yaml)
+        full_env["SERVERY_MODELS_FILE"] = str(config)
+    full_env.update(env or {})
     log = workdir / f"serve-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
