@@ -34,7 +34,7 @@ DEFAULT_MODELS_FILE = Path(__file__).with_name("models.yaml")
 
 # BentoML tag names: lowercase alphanumerics, "-", "_" and "."; we use the same for served names so
 # a served name can never smuggle path separators or whitespace into URLs, metrics or logs.
-NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?\Z")
 
 
 class Framework(StrEnum):

@@ -14,7 +14,9 @@ never split, so one request's rows always come from one model call).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +26,8 @@ AsyncPredict = Callable[[np.ndarray], Awaitable[Result]]
 BatchHook = Callable[[int, int], None]
 
 _Pending = tuple[np.ndarray, "asyncio.Future[Result]"]
+
+logger = logging.getLogger("servery")
 
 
 class MicroBatcher:
@@ -94,7 +98,7 @@ class MicroBatcher:
             else:
                 x = _stack(live)
                 try:
-                    result = self._predict(x)  # type: ignore[assignment]
+                    result = self._predict(x)
                 except Exception as e:
                     _fail(live, e)
                     continue
@@ -109,24 +113,29 @@ class MicroBatcher:
             return
         self._scatter(live, x.shape[0], result)
 
-    def _scatter(self, live: list[_Pending], n_rows: int, result: Result) -> None:
-        labels, proba = result
-        if len(labels) != n_rows or len(proba) != n_rows:
-            _fail(
-                live, RuntimeError(f"batch size mismatch: {len(labels)} results for {n_rows} rows")
-            )
+    def _scatter(self, live: list[_Pending], n_rows: int, result: Any) -> None:
+        """Hand each request its rows of ``result``; fail them all if ``result`` is malformed."""
+        try:
+            labels, proba = result
+            if len(labels) != n_rows or len(proba) != n_rows:
+                raise RuntimeError(f"batch size mismatch: {len(labels)} results for {n_rows} rows")
+        except Exception as e:
+            _fail(live, e)
             return
-        self.batches += 1
-        self.rows += n_rows
-        self.largest_batch = max(self.largest_batch, n_rows)
-        if self._on_batch is not None:
-            self._on_batch(n_rows, len(live))
         offset = 0
         for x, fut in live:
             n = x.shape[0]
             if not fut.done():
                 fut.set_result((labels[offset : offset + n], proba[offset : offset + n]))
             offset += n
+        self.batches += 1
+        self.rows += n_rows
+        self.largest_batch = max(self.largest_batch, n_rows)
+        if self._on_batch is not None:
+            try:
+                self._on_batch(n_rows, len(live))
+            except Exception:  # metrics must never fail requests that were answered
+                logger.exception("micro-batcher on_batch hook failed")
 
 
 def _stack(items: list[_Pending]) -> np.ndarray:

@@ -92,6 +92,10 @@ def _patch_validation_errors() -> None:
         try:
             return await original(self, name, request)
         except ValidationError as exc:
+            # Only the request body's own validation is a client mistake; a ValidationError
+            # raised by the service's code is a server bug and stays a 500.
+            if exc.title != self.service.apis[name].input_spec.__name__:
+                raise
             return error_response(from_validation_error(exc))
 
     ServiceAppFactory.api_endpoint = api_endpoint  # type: ignore[method-assign]

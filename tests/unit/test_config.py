@@ -194,14 +194,7 @@ def test_valid_names(name: str) -> None:
         "a" * 65,
         "ïris",
         "iris\nx",
-        pytest.param(
-            "iris\n",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="NAME_RE ends in '$', which also matches before a trailing newline; "
-                "use NAME_RE.fullmatch / '\\Z' (then drop this marker)",
-            ),
-        ),
+        "iris\n",
     ],
 )
 def test_invalid_names_rejected(name: str) -> None:

@@ -1,0 +1,362 @@
+"""services/batcher.py: the router's asyncio micro-batcher, driven by plain ``asyncio.run``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+
+from services.batcher import MicroBatcher, Result
+
+
+def rows(*values: float, width: int = 2) -> np.ndarray:
+    """One row per value, every column holding that value (row sum = value * width)."""
+    return np.array([[v] * width for v in values], dtype=np.float64)
+
+
+class RowSums:
+    """A predict that records each call and answers row sums (labels) and the rows (proba)."""
+
+    def __init__(self, fail_if_negative: bool = False) -> None:
+        self.calls: list[np.ndarray] = []
+        self.fail_if_negative = fail_if_negative
+
+    def __call__(self, x: np.ndarray) -> Result:
+        self.calls.append(x.copy())
+        if self.fail_if_negative and (x < 0).any():
+            raise ValueError("negative input")
+        return x.sum(axis=1), x * 10
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(x) for x in self.calls]
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 5))
+
+
+def check_own_rows(x: np.ndarray, result: Result) -> None:
+    labels, proba = result
+    np.testing.assert_array_equal(labels, x.sum(axis=1))
+    np.testing.assert_array_equal(proba, x * 10)
+
+
+def test_max_batch_size_below_one_rejected() -> None:
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        MicroBatcher(RowSums(), max_batch_size=0)
+    with pytest.raises(ValueError):
+        MicroBatcher(RowSums(), max_batch_size=-5)
+
+
+def test_concurrent_submits_merge_into_one_call() -> None:
+    predict = RowSums()
+    hook: list[tuple[int, int]] = []
+    batcher = MicroBatcher(predict, max_batch_size=64, on_batch=lambda r, n: hook.append((r, n)))
+    inputs = [rows(1), rows(2, 3), rows(4, 5, 6), rows(7)]
+
+    async def main() -> list[Result]:
+        return await asyncio.gather(*(batcher.submit(x) for x in inputs))
+
+    results = run(main())
+    assert predict.sizes == [7]  # one model call for all four requests
+    np.testing.assert_array_equal(predict.calls[0], np.concatenate(inputs))
+    for x, result in zip(inputs, results, strict=True):
+        check_own_rows(x, result)
+    assert hook == [(7, 4)]
+    assert (batcher.batches, batcher.rows, batcher.largest_batch) == (1, 7, 7)
+
+
+def test_each_caller_gets_its_own_rows() -> None:
+    # Distinct values per caller, so any mix-up in the scatter shows.
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=1000)
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=(int(rng.integers(1, 6)), 3)) for _ in range(50)]
+
+    async def main() -> list[Result]:
+        return await asyncio.gather(*(batcher.submit(x) for x in inputs))
+
+    results = run(main())
+    assert len(predict.calls) == 1
+    for x, result in zip(inputs, results, strict=True):
+        check_own_rows(x, result)
+        assert len(result[0]) == len(x)
+
+
+def test_batches_bounded_and_oversized_request_alone() -> None:
+    predict = RowSums()
+    hook: list[tuple[int, int]] = []
+    batcher = MicroBatcher(predict, max_batch_size=4, on_batch=lambda r, n: hook.append((r, n)))
+    sizes = [3, 10, 2, 2, 1, 1, 1, 1, 4]
+    inputs = [rows(*range(100 * i, 100 * i + n)) for i, n in enumerate(sizes)]
+
+    async def main() -> list[Result]:
+        return await asyncio.gather(*(batcher.submit(x) for x in inputs))
+
+    results = run(main())
+    # Packed in arrival order; the 10-row request is never split and rides alone.
+    assert predict.sizes == [3, 10, 4, 4, 4]
+    assert hook == [(3, 1), (10, 1), (4, 2), (4, 4), (4, 1)]
+    for x, result in zip(inputs, results, strict=True):
+        check_own_rows(x, result)
+    assert batcher.largest_batch == 10
+    assert batcher.batches == 5
+    assert batcher.rows == sum(sizes)
+
+
+def test_max_batch_size_one() -> None:
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=1)
+    inputs = [rows(1), rows(2), rows(3, 4)]
+
+    async def main() -> list[Result]:
+        return await asyncio.gather(*(batcher.submit(x) for x in inputs))
+
+    results = run(main())
+    assert predict.sizes == [1, 1, 2]
+    for x, result in zip(inputs, results, strict=True):
+        check_own_rows(x, result)
+
+
+def test_lone_request_needs_no_timer() -> None:
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=64)
+    x = rows(1, 2)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(batcher.submit(x))
+        await asyncio.sleep(0)  # the task runs submit, which schedules the flush
+        assert not task.done()
+        assert not loop._scheduled  # type: ignore[attr-defined]  # call_soon, not a timer
+        for _ in range(3):  # flush, then the task wakes up: a few ticks, no wall-clock wait
+            if task.done():
+                break
+            await asyncio.sleep(0)
+        assert task.done()
+        check_own_rows(x, task.result())
+
+    # A plain asyncio loop (not uvloop), whose timer heap ``_scheduled`` can be inspected.
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        runner.run(main())
+    assert predict.sizes == [2]
+
+
+def test_later_ticks_form_new_batches() -> None:
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=64)
+
+    async def main() -> None:
+        first = await asyncio.gather(batcher.submit(rows(1)), batcher.submit(rows(2)))
+        second = await batcher.submit(rows(3))
+        check_own_rows(rows(1), first[0])
+        check_own_rows(rows(2), first[1])
+        check_own_rows(rows(3), second)
+
+    run(main())
+    assert predict.sizes == [2, 1]
+
+
+def test_async_predict() -> None:
+    calls: list[int] = []
+    hook: list[tuple[int, int]] = []
+
+    async def predict(x: np.ndarray) -> Result:
+        calls.append(len(x))
+        await asyncio.sleep(0.01)  # a call to another service
+        return x.sum(axis=1), x * 10
+
+    batcher = MicroBatcher(
+        predict, max_batch_size=3, is_async=True, on_batch=lambda r, n: hook.append((r, n))
+    )
+    inputs = [rows(1), rows(2, 3), rows(4), rows(5, 6)]
+
+    async def main() -> list[Result]:
+        return await asyncio.gather(*(batcher.submit(x) for x in inputs))
+
+    results = run(main())
+    assert calls == [3, 3]
+    assert sorted(hook) == [(3, 2), (3, 2)]
+    for x, result in zip(inputs, results, strict=True):
+        check_own_rows(x, result)
+    assert not batcher._tasks  # finished tasks are not kept alive
+
+
+def test_async_predict_chunks_run_concurrently() -> None:
+    running = 0
+    peak = 0
+
+    async def predict(x: np.ndarray) -> Result:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        return x.sum(axis=1), x * 10
+
+    batcher = MicroBatcher(predict, max_batch_size=1, is_async=True)
+
+    async def main() -> list[Result]:
+        return await asyncio.gather(*(batcher.submit(rows(i)) for i in range(3)))
+
+    run(main())
+    assert peak == 3
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_exception_fails_only_its_chunk(is_async: bool) -> None:
+    sync_predict = RowSums(fail_if_negative=True)
+
+    async def async_predict(x: np.ndarray) -> Result:
+        await asyncio.sleep(0)
+        return sync_predict(x)
+
+    batcher = MicroBatcher(
+        async_predict if is_async else sync_predict, max_batch_size=2, is_async=is_async
+    )
+    # Chunks: [bad, ok1] fails together; [ok2] in the same flush still succeeds.
+    bad, ok1, ok2 = rows(-1), rows(1), rows(2)
+
+    async def main() -> tuple[list[Any], Result]:
+        first = await asyncio.gather(
+            batcher.submit(bad), batcher.submit(ok1), batcher.submit(ok2), return_exceptions=True
+        )
+        later = await batcher.submit(rows(3, 4))  # the batcher keeps working
+        return first, later
+
+    (r_bad, r_ok1, r_ok2), later = run(main())
+    assert isinstance(r_bad, ValueError)
+    assert isinstance(r_ok1, ValueError)
+    assert str(r_ok1) == "negative input"
+    check_own_rows(ok2, r_ok2)
+    check_own_rows(rows(3, 4), later)
+    assert sync_predict.sizes == [2, 1, 2]
+    assert batcher.batches == 2  # failed calls are not counted
+
+
+def test_failed_call_skips_on_batch() -> None:
+    hook: list[tuple[int, int]] = []
+
+    def predict(x: np.ndarray) -> Result:
+        raise RuntimeError("model crashed")
+
+    batcher = MicroBatcher(predict, max_batch_size=8, on_batch=lambda r, n: hook.append((r, n)))
+    with pytest.raises(RuntimeError, match="model crashed"):
+        run(batcher.submit(rows(1)))
+    assert hook == []
+
+
+def test_cancelled_submit_is_skipped() -> None:
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=64)
+    gone, stays = rows(1, 2, 3), rows(4)
+
+    async def main() -> Result:
+        t_gone = asyncio.ensure_future(batcher.submit(gone))
+        t_stays = asyncio.ensure_future(batcher.submit(stays))
+        await asyncio.sleep(0)  # both are queued; the flush is scheduled but has not run
+        assert len(batcher._pending) == 2
+        assert predict.calls == []
+        t_gone.cancel()
+        result = await t_stays
+        with pytest.raises(asyncio.CancelledError):
+            await t_gone
+        return result
+
+    result = run(main())
+    assert predict.sizes == [1]  # the cancelled request's rows never reached the model
+    np.testing.assert_array_equal(predict.calls[0], stays)
+    check_own_rows(stays, result)
+
+
+def test_all_cancelled_chunk_makes_no_call() -> None:
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=64)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(batcher.submit(rows(1)))
+        await asyncio.sleep(0)
+        task.cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert task.cancelled()
+
+    run(main())
+    assert predict.calls == []
+    assert batcher.batches == 0
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+@pytest.mark.parametrize("extra", [1, -1])
+def test_wrong_number_of_results(is_async: bool, extra: int) -> None:
+    hook: list[tuple[int, int]] = []
+
+    def sync_predict(x: np.ndarray) -> Result:
+        n = len(x) + extra
+        return np.zeros(n), np.zeros((n, 2))
+
+    async def async_predict(x: np.ndarray) -> Result:
+        return sync_predict(x)
+
+    batcher = MicroBatcher(
+        async_predict if is_async else sync_predict,
+        max_batch_size=64,
+        is_async=is_async,
+        on_batch=lambda r, n: hook.append((r, n)),
+    )
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(
+            batcher.submit(rows(1)), batcher.submit(rows(2, 3)), return_exceptions=True
+        )
+
+    results = run(main())
+    for r in results:
+        assert isinstance(r, RuntimeError)
+        assert f"batch size mismatch: {3 + extra} results for 3 rows" in str(r)
+    assert hook == []
+    assert batcher.batches == 0
+
+
+def test_mismatched_proba_length_fails() -> None:
+    def predict(x: np.ndarray) -> Result:
+        return x.sum(axis=1), np.zeros((len(x) + 1, 2))
+
+    batcher = MicroBatcher(predict, max_batch_size=64)
+    with pytest.raises(RuntimeError, match="batch size mismatch"):
+        run(batcher.submit(rows(1, 2)))
+
+
+def _broken_hook(rows: int, requests: int) -> None:
+    raise RuntimeError("hook broke")
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+@pytest.mark.parametrize("broken", ["hook", "result"])
+def test_broken_hook_or_result_never_leaves_a_request_hanging(is_async: bool, broken: str) -> None:
+    def sync_predict(x: np.ndarray) -> Any:
+        return None if broken == "result" else (x.sum(axis=1), x)
+
+    async def async_predict(x: np.ndarray) -> Any:
+        return sync_predict(x)
+
+    batcher = MicroBatcher(
+        async_predict if is_async else sync_predict,
+        max_batch_size=64,
+        is_async=is_async,
+        on_batch=_broken_hook if broken == "hook" else None,
+    )
+
+    async def main() -> Any:
+        return await asyncio.wait_for(batcher.submit(rows(1)), 0.3)
+
+    if broken == "hook":  # metrics failing must not fail a request the model answered
+        labels, _ = asyncio.run(main())
+        assert labels.shape == (1,)
+    else:  # a malformed result fails the request at once (not TimeoutError: it is answered)
+        with pytest.raises((RuntimeError, TypeError)):
+            asyncio.run(main())
