@@ -1,0 +1,430 @@
+"""The foundation benchmark: what the router adds, and what batching buys, per model.
+
+    python -m bench.foundation [--models iris,digits_large] [--concurrency 1,16,64]
+                               [--duration 5] [--quick] [--client wrk|aiohttp]
+
+Single-row ``POST /predict`` requests (rows from the model's own dataset) for each model and
+concurrency, through:
+
+(a) the router, model ``inline`` (config entry ``<m>``);
+(b) the router, model in its framework service (``<m>-svc``, placement ``service``);
+(c) the framework service called directly (``bentoml serve services.<fw>_service:<Class>``) —
+    the baseline every ratio divides by, with (d) for the batching gain;
+(d) the router, inline, micro-batching off (``<m>-nobatch``, ``max_batch_size: 1``);
+(e) the model's runtime in this process: one row per call, and one 4,096-row call (the ceiling).
+
+One router serves (a), (b) and (d); then one standalone service per framework serves (c); never
+two servers at once. Each configuration is checked with one request (200, the in-process
+prediction) before it is loaded. Writes bench/out/foundation.json (raw numbers) and
+bench/RESULTS.md. The store is $BENTOML_HOME (default: the project's .bentoml, as ``make`` sets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bench.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
+
+if TYPE_CHECKING:
+    from tests.conftest import Server
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT_JSON = ROOT / "bench" / "out" / "foundation.json"
+RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+SMALL_MODELS = ("iris", "breast_cancer", "digits")
+ALL_MODELS = (*SMALL_MODELS, *(f"{m}_large" for m in SMALL_MODELS))
+CONFIGS = {
+    "a": "(a) router inline",
+    "b": "(b) router->service",
+    "c": "(c) service direct",
+    "d": "(d) batching off",
+}
+RATIOS = {"a/c": ("a", "c"), "b/c": ("b", "c"), "a/d": ("a", "d"), "b/d": ("b", "d")}
+SERVICE_TARGETS = {
+    "sklearn": "services.sklearn_service:SklearnService",
+    "xgboost": "services.xgboost_service:XGBoostService",
+    "pytorch": "services.torch_service:TorchService",
+}
+JSON = {"content-type": "application/json"}
+_ACCESS = re.compile(r"path=/predict,[^)]*\) \(status=(\d{3})")
+N_BODIES = 64
+"""Distinct rows each load run sends round-robin."""
+TARGETS = (
+    "through the router at c=64 at least 2x what the framework service serves when called "
+    "directly; batching >= 3x unbatched on the large models at c=64; 0 errors"
+)
+
+
+@dataclass
+class Subject:
+    """One benchmarked model: its runtime (for (e) and expected answers) and sample rows."""
+
+    name: str
+    framework: str
+    runtime: Any
+    rows: np.ndarray
+    expected: list[int]
+
+
+def dataset_rows(name: str, n_features: int, seed: int = 0) -> np.ndarray:
+    """Feature rows of the dataset ``name`` was trained on; random rows if it is not a demo."""
+    from sklearn import datasets
+
+    loaders = {"iris": datasets.load_iris, "digits": datasets.load_digits}
+    loaders["breast_cancer"] = datasets.load_breast_cancer
+    x: np.ndarray | None = None
+    if name == "breast_cancer_large":  # synthetic: training.breast_cancer.LARGE_DATA
+        from training.breast_cancer import LARGE_DATA
+
+        x = datasets.make_classification(**LARGE_DATA, random_state=seed)[0]
+    elif name.removesuffix("_large") in loaders:
+        x = loaders[name.removesuffix("_large")]().data
+    rng = np.random.default_rng(seed)
+    if x is None or x.shape[1] != n_features:
+        return rng.normal(size=(1024, n_features))
+    return x[rng.permutation(len(x))]
+
+
+def load_subject(name: str) -> Subject:
+    """Load ``name``'s runtime from the store, as a server process would (one thread)."""
+    from models.config import ModelEntry
+    from services.runtimes import load_runtime
+
+    runtime = load_runtime(ModelEntry(name=name), threads=1)
+    info = runtime.info
+    seed = int(info.metadata.get("params", {}).get("seed", 0))
+    rows = dataset_rows(info.store_name, info.n_features, seed).astype(info.dtype)
+    labels, _ = runtime.predict(rows[:N_BODIES])
+    return Subject(name, str(info.framework), runtime, rows, labels.tolist())
+
+
+def measure_inproc(
+    subject: Subject, one_rows: int, batch_rows: int, max_s: float
+) -> dict[str, float]:
+    """(e): ``runtime.predict`` rows/s one row per call (stops after ``max_s``) and batched."""
+    predict, rows = subject.runtime.predict, subject.rows
+    x = rows[np.arange(max(one_rows, batch_rows)) % len(rows)]  # cycle the dataset
+    start = time.perf_counter()
+    done = 0
+    for i in range(one_rows):
+        predict(x[i : i + 1])
+        done += 1
+        if time.perf_counter() - start > max_s:
+            break
+    one = done / (time.perf_counter() - start)
+    xb = np.ascontiguousarray(x[:batch_rows])
+    predict(xb)  # first big call allocates (torch, xgboost); time the ones after
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        predict(xb)
+        best = min(best, time.perf_counter() - t0)
+    return {
+        "one_by_one_rows": done,
+        "one_by_one_rows_per_s": one,
+        "batch_rows": batch_rows,
+        "batched_rows_per_s": batch_rows / best,
+    }
+
+
+def models_yaml(names: Sequence[str]) -> str:
+    """The config for every server: ``<m>`` inline, ``<m>-svc`` service, ``<m>-nobatch``."""
+    lines = ["models:"]
+    for m in names:
+        lines += [f"  - {{name: {m}, tag: {m}, placement: inline}}"]
+        lines += [f"  - {{name: {m}-svc, tag: {m}, placement: service}}"]
+        lines += [f"  - {{name: {m}-nobatch, tag: {m}, placement: inline, max_batch_size: 1}}"]
+    return "\n".join(lines) + "\n"
+
+
+def bodies(subject: Subject, config: str) -> list[str]:
+    """JSON bodies, one row each: router bodies for (a), (b), (d); service bodies for (c)."""
+    rows = subject.rows[:N_BODIES].tolist()
+    if config == "c":
+        return [json.dumps({"rows": [{"model": f"{subject.name}-svc", "inputs": r}]}) for r in rows]
+    served = {"a": subject.name, "b": f"{subject.name}-svc", "d": f"{subject.name}-nobatch"}
+    return [json.dumps({"model": served[config], "inputs": [r]}) for r in rows]
+
+
+def verify(server: Server, body: str, subject: Subject, config: str) -> None:
+    """One request must answer 200 with the in-process prediction, or the run is void."""
+    import httpx
+
+    resp = httpx.post(f"{server.url}/predict", content=body, headers=JSON)
+    for _ in range(30):  # a dependency still loading answers 503 "not ready"
+        if resp.status_code != 503:
+            break
+        time.sleep(0.5)
+        resp = httpx.post(f"{server.url}/predict", content=body, headers=JSON)
+    want = subject.expected[0]
+    try:
+        data = resp.json()
+        if config == "c":
+            ok = data[0]["prediction"] == want and data[0]["model"] == f"{subject.name}-svc"
+        else:
+            ok = data["predictions"] == [want] and len(data["probabilities"]) == 1
+    except (ValueError, KeyError, IndexError, TypeError):
+        ok = False
+    if resp.status_code != 200 or not ok:
+        raise RuntimeError(
+            f"{CONFIGS[config]} for {subject.name}: expected 200 with prediction {want}, got "
+            f"{resp.status_code}: {resp.text[:500]}\nserver log:\n{server.log_tail()}"
+        )
+
+
+def logged_errors(server: Server, offset: int) -> dict[str, int]:
+    """Status >= 400 of public /predict calls in the server's access log after ``offset``.
+
+    wrk only counts bad statuses; BentoML's access log says which ones (e.g. 503 "overloaded").
+    """
+    with open(server.log, "rb") as f:
+        f.seek(offset)
+        new = f.read().decode(errors="replace")
+    codes = Counter(c for c in _ACCESS.findall(new) if int(c) >= 400)
+    return dict(sorted(codes.items()))
+
+
+def load_runs(
+    server: Server, subject: Subject, config: str, args: argparse.Namespace
+) -> dict[int, dict[str, Any]]:
+    """Verify one configuration, then warm up and load it at every concurrency."""
+    url, body = f"{server.url}/predict", bodies(subject, config)
+    verify(server, body[0], subject, config)
+    out: dict[int, dict[str, Any]] = {}
+    for c in args.concurrency:
+        kw: dict[str, Any] = {"concurrency": c, "client": args.client}
+        measure(url, body, seconds=1, **kw)  # warm-up, not recorded
+        offset = server.log.stat().st_size
+        result = measure(url, body, seconds=args.duration, **kw)
+        out[c] = {**result.as_dict(), "server_log_errors": logged_errors(server, offset)}
+        extra = f"  {out[c]['server_log_errors']}" if result.errors else ""
+        print(f"  {subject.name:<20} {CONFIGS[config]:<20} {result.line()}{extra}", flush=True)
+    return out
+
+
+def serve_and_load(
+    home: Path,
+    config_yaml: str,
+    target: str,
+    jobs: Sequence[tuple[Subject, str]],
+    args: argparse.Namespace,
+    results: dict[str, dict[str, Any]],
+) -> None:
+    """Start one server for ``target``, run every (subject, config) job on it, always stop it."""
+    from tests.conftest import start_server
+
+    print(f"starting {target} ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="servery-bench-") as tmp:
+        server = start_server(home, config_yaml, Path(tmp), target=target)
+        try:
+            for subject, config in jobs:
+                results[subject.name]["http"][config] = load_runs(server, subject, config, args)
+        finally:
+            server.stop()
+
+
+def ratios(http: dict[str, dict[int, dict[str, Any]]], conc: Sequence[int]) -> dict[str, Any]:
+    """req/s ratios ``x/y`` at each concurrency (None where a side is missing or zero)."""
+    out: dict[str, dict[int, float | None]] = {}
+    for key, (x, y) in RATIOS.items():
+        out[key] = {}
+        for c in conc:
+            num, den = http.get(x, {}).get(c), http.get(y, {}).get(c)
+            out[key][c] = num["rps"] / den["rps"] if num and den and den["rps"] else None
+    return out
+
+
+def target_checks(results: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """The issue's targets as (PASS | FAIL | not measured | info, what) pairs."""
+    checks: list[tuple[str, str]] = []
+    for name, r in results.items():
+        goals = [("a/c", 2.0, "router (a) >= 2x service direct (c)")]
+        if name.endswith("_large"):
+            goals.append(("a/d", 3.0, "batching gain a/d >= 3x"))
+        for key, floor, what in goals:
+            value = r["ratios"][key].get(64)
+            mark = "not measured" if value is None else "PASS" if value >= floor else "FAIL"
+            got = "" if value is None else f" ({value:.2f}x)"
+            checks.append((mark, f"{name}: {what} at c=64{got}"))
+    # The baseline (c) is BentoML's own adaptive batching: its errors are reported, not judged.
+    for keys, what in (("abd", "0 errors through the router (a, b, d)"), ("c", "errors in (c)")):
+        errors, where = 0, []
+        for name, r in results.items():
+            for key, by_c in r["http"].items():
+                for c, run in by_c.items():
+                    if key in keys and run["errors"]:
+                        errors += run["errors"]
+                        logged = run["server_log_errors"] or "none logged"
+                        where.append(f"{name} ({key}) c={c}: {run['errors']}, statuses {logged}")
+        mark = "info" if keys == "c" else "PASS" if errors == 0 else "FAIL"
+        checks.append((mark, f"{what}: {errors}" + (f" ({'; '.join(where)})" if where else "")))
+    return checks
+
+
+def inproc_line(e: dict[str, float]) -> str:
+    """One line for (e)."""
+    return (
+        f"{_fmt(e['one_by_one_rows_per_s'], 0)} rows/s one row per call "
+        f"({e['one_by_one_rows']} calls), {_fmt(e['batched_rows_per_s'], 0)} rows/s in "
+        f"{e['batch_rows']}-row batches"
+    )
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
+    """Aligned plain text, or a Markdown table."""
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = []
+    for r in [header, *rows]:
+        cells = [f"{x:>{w}}" for x, w in zip(r[1:], widths[1:], strict=True)]
+        lines.append("  ".join([r[0].ljust(widths[0]), *cells]))
+    return "\n".join(lines)
+
+
+def report(results: dict[str, dict[str, Any]], conc: Sequence[int], markdown: bool) -> str:
+    """Every model's tables (HTTP runs, in-process, ratios) and the target checks."""
+    parts: list[str] = []
+    for name, r in results.items():
+        title = f"{name} ({r['framework']}, {r['n_features']} features)"
+        heading = f"### {title}\n\n" if markdown else f"== {title} ==\n"
+        header = ["config"] + [h for c in conc for h in (f"c={c} req/s", "p50 ms", "p99 ms", "err")]
+        rows = []
+        for key, label in CONFIGS.items():
+            runs = r["http"].get(key, {})
+            row = [label]
+            for c in conc:
+                run = runs.get(c)
+                if run is None:
+                    row += ["-"] * 4
+                else:
+                    row += [_fmt(run["rps"]), _fmt(run["p50_ms"], 2), _fmt(run["p99_ms"], 2)]
+                    row.append(str(run["errors"]))
+            rows.append(row)
+        parts.append(heading + table(header, rows, markdown))
+        parts.append(f"(e) in-process runtime.predict: {inproc_line(r['inproc'])}")
+        ratio_rows = [
+            [k + (" (batching gain)" if k == "a/d" else "")]
+            + [_fmt(v, 2) + ("x" if v is not None else "") for v in r["ratios"][k].values()]
+            for k in RATIOS
+        ]
+        parts.append(table(["req/s ratio"] + [f"c={c}" for c in conc], ratio_rows, markdown))
+    parts.append(("### Targets" if markdown else "== Targets ==") + f"\nFrom the issue: {TARGETS}.")
+    bullet = "- " if markdown else "  "
+    parts.append("\n".join(f"{bullet}{mark}: {what}" for mark, what in target_checks(results)))
+    return "\n\n".join(parts) + "\n"
+
+
+def machine(command: str, client: str) -> dict[str, Any]:
+    """Where and how this run happened (for RESULTS.md and the JSON)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpus = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return {
+        "command": command,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "nproc": len(os.sched_getaffinity(0)),  # what `nproc` prints
+        "cpu": cpus[0] if cpus else "unknown",
+        "python": platform.python_version(),
+        "bentoml": version("bentoml"),
+        "client": wrk_version() if client == "wrk" else f"aiohttp {version('aiohttp')} loadgen",
+        "bentoml_home": os.environ["BENTOML_HOME"],
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated store names")
+    p.add_argument("--concurrency", default="1,16,64", help="comma-separated, default 1,16,64")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
+    p.add_argument("--quick", action="store_true", help="2 s runs, fewer in-process rows")
+    p.add_argument("--client", choices=("wrk", "aiohttp"), default="wrk")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.quick:
+        args.duration = 2.0
+    if args.client == "wrk" and wrk_path() is None:
+        print(f"WARNING: {INSTALL_HINT}\nFalling back to --client aiohttp.", file=sys.stderr)
+        args.client = "aiohttp"
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and write bench/out/foundation.json and bench/RESULTS.md."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw)
+    # Like `make`: the project's store unless the caller named one (set before BentoML loads).
+    home = Path(os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml")))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    meta = machine(" ".join(["python -m bench.foundation", *map(shlex.quote, raw)]), args.client)
+    print(f"model store: {home / 'models'}; client: {meta['client']}", flush=True)
+
+    subjects = [load_subject(m) for m in args.models]
+    results: dict[str, dict[str, Any]] = {}
+    for s in subjects:
+        one_rows = 500 if args.quick else 2000
+        inproc = measure_inproc(s, one_rows, 4096, max_s=args.duration)
+        print(f"  {s.name:<20} (e) in-process       {inproc_line(inproc)}", flush=True)
+        info = s.runtime.info
+        results[s.name] = {
+            "framework": s.framework,
+            "version": info.version,
+            "n_features": info.n_features,
+            "inproc": inproc,
+            "http": {},
+        }
+
+    config_yaml = models_yaml(args.models)
+    router_jobs = [(s, k) for s in subjects for k in ("a", "b", "d")]
+    serve_and_load(home, config_yaml, "services:Router", router_jobs, args, results)
+    for fw, target in SERVICE_TARGETS.items():
+        jobs = [(s, "c") for s in subjects if s.framework == fw]
+        if jobs:
+            serve_and_load(home, config_yaml, target, jobs, args, results)
+
+    for r in results.values():
+        r["ratios"] = ratios(r["http"], args.concurrency)
+    text = report(results, args.concurrency, markdown=False)
+    print("\n" + text)
+
+    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
+    checks = [{"result": mark, "target": what} for mark, what in target_checks(results)]
+    OUT_JSON.write_text(json.dumps({**meta, "models": results, "targets": checks}, indent=2))
+    RESULTS_MD.write_text(
+        "# Foundation benchmark\n\n"
+        f"`{meta['command']}` — {meta['date']}; {meta['nproc']} CPUs ({meta['cpu']}); "
+        f"Python {meta['python']}, BentoML {meta['bentoml']}; client {meta['client']}.\n\n"
+        "Single-row requests; req/s and latency per configuration and concurrency; ratios of "
+        "req/s measured in this run against (c), the framework service called directly, and "
+        "(d), the router with batching off. Raw numbers: `bench/out/foundation.json`.\n\n"
+        + report(results, args.concurrency, markdown=True)
+    )
+    print(f"wrote {OUT_JSON.relative_to(ROOT)} and {RESULTS_MD.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
