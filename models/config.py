@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)
     """BentoML traffic timeout for every service (504 after this many seconds)."""
 
+    trace_predictions: bool = False
+    """Record an OpenTelemetry span for every ``/predict`` request. Off by default: BentoML builds
+    spans even when none are exported, a large share of the router's CPU per request; turn it on
+    together with a tracing exporter in BentoML's configuration."""
+
 
 class ModelDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")

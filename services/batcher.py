@@ -35,7 +35,10 @@ class MicroBatcher:
 
     ``predict`` takes a 2-D array and returns ``(class_indices, probabilities)`` with one row per
     input row. With ``is_async=False`` it runs inline on the event loop (cheap in-process models);
-    with ``is_async=True`` it is awaited in a task (a call to another service).
+    with ``is_async=True`` it is awaited in a task (a call to another service), with at most
+    ``max_in_flight`` batches outstanding: requests arriving meanwhile wait and leave together
+    when a batch returns, so a slow remote model gets full batches instead of a stream of tiny
+    ones that queue up behind each other.
     ``on_batch(rows, requests)`` is called after every successful model call.
     """
 
@@ -45,13 +48,18 @@ class MicroBatcher:
         *,
         max_batch_size: int,
         is_async: bool = False,
+        max_in_flight: int = 1,
         on_batch: BatchHook | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be >= 1")
         self._predict = predict
         self._max = max_batch_size
         self._is_async = is_async
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
         self._on_batch = on_batch
         self._pending: list[_Pending] = []
         self._scheduled = False
@@ -86,12 +94,18 @@ class MicroBatcher:
     def _flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
-        for chunk in self._chunks(pending):
+        chunks = list(self._chunks(pending))
+        for n, chunk in enumerate(chunks):
             # A client that went away cancelled its future: do not spend model time on it.
             live = [item for item in chunk if not item[1].done()]
             if not live:
                 continue
             if self._is_async:
+                if self._in_flight >= self._max_in_flight:
+                    # Keep the rest, in order, for when a batch in flight returns.
+                    self._pending = [item for c in chunks[n:] for item in c] + self._pending
+                    return
+                self._in_flight += 1
                 task = asyncio.ensure_future(self._run_async(live))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -105,13 +119,19 @@ class MicroBatcher:
                 self._scatter(live, x.shape[0], result)  # type: ignore[arg-type]
 
     async def _run_async(self, live: list[_Pending]) -> None:
-        x = _stack(live)
         try:
-            result = await self._predict(x)  # type: ignore[misc]
-        except Exception as e:
-            _fail(live, e)
-            return
-        self._scatter(live, x.shape[0], result)
+            x = _stack(live)
+            try:
+                result = await self._predict(x)  # type: ignore[misc]
+            except Exception as e:
+                _fail(live, e)
+                return
+            self._scatter(live, x.shape[0], result)
+        finally:
+            self._in_flight -= 1
+            if self._pending and not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
 
     def _scatter(self, live: list[_Pending], n_rows: int, result: Any) -> None:
         """Hand each request its rows of ``result``; fail them all if ``result`` is malformed."""

@@ -202,6 +202,7 @@ def _remote(dependency: Any, framework: Framework) -> RemotePredict:
     name="router",
     workers=SETTINGS.router_workers,
     traffic={"timeout": SETTINGS.request_timeout_s},
+    tracing={"excluded_urls": [] if SETTINGS.trace_predictions else ["/predict"]},
 )
 @bentoml.asgi_app(app, path="/")
 class Router:

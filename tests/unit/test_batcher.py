@@ -186,7 +186,8 @@ def test_async_predict() -> None:
     assert not batcher._tasks  # finished tasks are not kept alive
 
 
-def test_async_predict_chunks_run_concurrently() -> None:
+@pytest.mark.parametrize("max_in_flight", [1, 2, 3])
+def test_async_batches_in_flight_are_bounded(max_in_flight: int) -> None:
     running = 0
     peak = 0
 
@@ -198,13 +199,42 @@ def test_async_predict_chunks_run_concurrently() -> None:
         running -= 1
         return x.sum(axis=1), x * 10
 
-    batcher = MicroBatcher(predict, max_batch_size=1, is_async=True)
+    batcher = MicroBatcher(predict, max_batch_size=1, is_async=True, max_in_flight=max_in_flight)
 
     async def main() -> list[Result]:
-        return await asyncio.gather(*(batcher.submit(rows(i)) for i in range(3)))
+        return await asyncio.gather(*(batcher.submit(rows(i)) for i in range(5)))
 
-    run(main())
-    assert peak == 3
+    results = run(main())
+    assert peak == max_in_flight
+    assert [float(labels[0]) for labels, _ in results] == [2.0 * i for i in range(5)]
+
+
+def test_async_requests_arriving_during_a_batch_leave_together() -> None:
+    sizes: list[int] = []
+
+    async def predict(x: np.ndarray) -> Result:
+        sizes.append(len(x))
+        await asyncio.sleep(0.02)
+        return x.sum(axis=1), x
+
+    batcher = MicroBatcher(predict, max_batch_size=64, is_async=True)
+
+    async def main() -> list[Result]:
+        first = asyncio.ensure_future(batcher.submit(rows(0)))
+        await asyncio.sleep(0.005)  # the first batch is now in flight
+        later = [asyncio.ensure_future(batcher.submit(rows(i))) for i in range(1, 6)]
+        for _ in range(3):  # several loop ticks pass while the first batch is in flight
+            await asyncio.sleep(0)
+        return await asyncio.gather(first, *later)
+
+    results = run(main())
+    assert sizes == [1, 5]
+    assert [float(labels[0]) for labels, _ in results] == [2.0 * i for i in range(6)]
+
+
+def test_max_in_flight_below_one_is_rejected() -> None:
+    with pytest.raises(ValueError, match="max_in_flight"):
+        MicroBatcher(RowSums(), max_batch_size=4, is_async=True, max_in_flight=0)
 
 
 @pytest.mark.parametrize("is_async", [False, True])
