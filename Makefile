@@ -11,6 +11,7 @@
 #               On a GPU machine: make serve TORCH_SPEC=torch==2.13.0
 #   HOST, PORT  where `make serve` listens (default 127.0.0.1:3000)
 #   BENTOML_HOME  the model store; project-local and git-ignored by default
+#   BENCH_ARGS  extra arguments for `make bench` (e.g. BENCH_ARGS="--quick --models iris")
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -26,7 +27,7 @@ STAMP := $(VENV)/.servery-installed
 .PHONY: serve test models models-large bench lint clean help
 
 help:
-	@sed -n '1,16p' Makefile
+	@awk '/^#/ {print; next} {exit}' Makefile
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,8 +56,11 @@ serve: models
 test: models
 	$(PY) -m pytest tests
 
+# wrk (Debian package) is the load generator; without it the bench falls back to a Python client.
 bench: models-large
-	$(PY) -m bench.foundation
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
+		echo "wrk not installed (apt-get install -y wrk); falling back to the Python client"
+	$(PY) -m bench.foundation $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

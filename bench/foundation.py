@@ -43,7 +43,7 @@ import numpy as np
 from bench.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
 
 if TYPE_CHECKING:
-    from tests.conftest import Server
+    from bench.server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_JSON = ROOT / "bench" / "out" / "foundation.json"
@@ -228,7 +228,7 @@ def serve_and_load(
     results: dict[str, dict[str, Any]],
 ) -> None:
     """Start one server for ``target``, run every (subject, config) job on it, always stop it."""
-    from tests.conftest import start_server
+    from bench.server import start_server
 
     print(f"starting {target} ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="servery-bench-") as tmp:

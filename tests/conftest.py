@@ -8,20 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-BENTOML = str(Path(sys.executable).with_name("bentoml"))
+from bench.server import ROOT
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -76,81 +68,3 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with bentoml_store(home):
         ensure("small", progress=False)
         yield home
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    """A running ``bentoml serve`` of the Bento; ``url`` is its base URL."""
-
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    env: dict[str, str] = field(repr=False)
-
-    def log_tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, timeout: float = 30) -> None:
-        """Stop the server and every worker it started (its own process group)."""
-        if self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-
-def start_server(
-    home: Path,
-    models_yaml: str | None,
-    workdir: Path,
-    *,
-    env: dict[str, str] | None = None,
-    target: str = "services:Router",
-    ready_timeout: float = 120,
-) -> Server:
-    """Start ``bentoml serve TARGET`` on a free loopback port and wait for ``/readyz``.
-
-    ``models_yaml`` is written to a model config for this server; None serves the shipped
-    default (models/models.yaml), as ``make serve`` does.
-    """
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    full_env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    full_env.pop("SERVERY_MODELS_FILE", None)
-    if models_yaml is not None:
-        config = workdir / "models.yaml"
-        config.write_text(models_yaml)
-        full_env["SERVERY_MODELS_FILE"] = str(config)
-    full_env.update(env or {})
-    log = workdir / f"serve-{port}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: stop() reaches every worker
-        )
-    server = Server(url=f"http://127.0.0.1:{port}", proc=proc, log=log, env=full_env)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
-        time.sleep(0.3)
-    server.stop()
-    raise RuntimeError(f"server not ready after {ready_timeout}s:\n{server.log_tail()}")

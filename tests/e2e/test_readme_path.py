@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT, start_server
+from bench.server import ROOT, start_server
 
 EXAMPLES = {
     "iris": [5.1, 3.5, 1.4, 0.2],

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import Server, bentoml_store, start_server
+from bench.server import Server, start_server
+from tests.conftest import bentoml_store
 
 DEMOS = ("iris", "breast_cancer", "digits")
 # served name -> store name; "-svc" entries run in their framework service
