@@ -247,7 +247,7 @@ def ratios(http: dict[str, dict[int, dict[str, Any]]], conc: Sequence[int]) -> d
         out[key] = {}
         for c in conc:
             num, den = http.get(x, {}).get(c), http.get(y, {}).get(c)
-            out[key][c] = num["rps"] / den["rps"] if num and den and den["rps"] else None
+            out[key][c] = num["ok_rps"] / den["ok_rps"] if num and den and den["ok_rps"] else None
     return out
 
 
@@ -320,7 +320,7 @@ def report(results: dict[str, dict[str, Any]], conc: Sequence[int], markdown: bo
                 if run is None:
                     row += ["-"] * 4
                 else:
-                    row += [_fmt(run["rps"]), _fmt(run["p50_ms"], 2), _fmt(run["p99_ms"], 2)]
+                    row += [_fmt(run["ok_rps"]), _fmt(run["p50_ms"], 2), _fmt(run["p99_ms"], 2)]
                     row.append(str(run["errors"]))
             rows.append(row)
         parts.append(heading + table(header, rows, markdown))
@@ -417,10 +417,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "# Foundation benchmark\n\n"
         f"`{meta['command']}` — {meta['date']}; {meta['nproc']} CPUs ({meta['cpu']}); "
         f"Python {meta['python']}, BentoML {meta['bentoml']}; client {meta['client']}.\n\n"
-        "Single-row requests; req/s and latency per configuration and concurrency; ratios of "
-        "req/s measured in this run against (c), the framework service called directly, and "
-        "(d), the router with batching off. Raw numbers: `bench/out/foundation.json`.\n\n"
-        + report(results, args.concurrency, markdown=True)
+        "Single-row requests; req/s (successful 2xx answers per second: fast 503s are not "
+        "throughput) and latency per configuration and concurrency; ratios of req/s measured in "
+        "this run against (c), the framework service called directly, and (d), the router with "
+        "batching off; `err` counts every non-2xx answer and socket error. Raw numbers: "
+        "`bench/out/foundation.json`.\n\n" + report(results, args.concurrency, markdown=True)
     )
     print(f"wrote {OUT_JSON.relative_to(ROOT)} and {RESULTS_MD.relative_to(ROOT)}")
     return 0

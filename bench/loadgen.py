@@ -37,12 +37,17 @@ class LoadResult:
     p99_ms: float = 0.0
     max_ms: float = 0.0
 
+    @property
+    def ok_rps(self) -> float:
+        """Successful (2xx) responses per second: fast 503s must not look like throughput."""
+        return self.ok / self.seconds if self.seconds else 0.0
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "ok_rps": self.ok_rps}
 
     def line(self) -> str:
         return (
-            f"c={self.concurrency:<3} n={self.requests:<6} {self.rps:9.1f} req/s  "
+            f"c={self.concurrency:<3} n={self.requests:<6} {self.ok_rps:9.1f} ok req/s  "
             f"p50 {self.p50_ms:7.2f}  p95 {self.p95_ms:7.2f}  p99 {self.p99_ms:7.2f} ms  "
             f"errors {self.errors}"
         )
