@@ -51,6 +51,7 @@ serve: models
 	@echo "  docs:   http://$(HOST):$(PORT)/docs.json   (Swagger UI at http://$(HOST):$(PORT)/)"
 	@echo "  health: http://$(HOST):$(PORT)/readyz    metrics: http://$(HOST):$(PORT)/metrics"
 	@echo ""
+	$(PY) -m models.check
 	$(VENV)/bin/bentoml serve services:Router --host $(HOST) --port $(PORT)
 
 test: models
