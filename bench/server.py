@@ -36,6 +36,13 @@ class Server:
     proc: subprocess.Popen[bytes]
     log: Path
     env: dict[str, str] = field(repr=False)
+    grpc_port: int | None = None
+    """Port of the router's OIP gRPC server (``SERVERY_GRPC_PORT``)."""
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the OIP gRPC server, as gRPC clients take it."""
+        return f"127.0.0.1:{self.grpc_port}"
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -66,7 +73,9 @@ def start_server(
     """Start ``bentoml serve TARGET`` on a free loopback port and wait for ``/readyz``.
 
     ``models_yaml`` is written to a model config for this server; None serves the shipped
-    default (models/models.yaml), as ``make serve`` does.
+    default (models/models.yaml), as ``make serve`` does. The OIP gRPC server gets a free port
+    too unless ``env`` names ``SERVERY_GRPC_PORT`` (every worker binds it with SO_REUSEPORT, so
+    two servers on one fixed port would silently share it).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -82,6 +91,7 @@ def start_server(
         config = workdir / "models.yaml"
         config.write_text(models_yaml)
         full_env["SERVERY_MODELS_FILE"] = str(config)
+    full_env["SERVERY_GRPC_PORT"] = str(free_port())
     full_env.update(env or {})
     log = workdir / f"serve-{port}.log"
     with open(log, "wb") as out:
@@ -93,7 +103,13 @@ def start_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: stop() reaches every worker
         )
-    server = Server(url=f"http://127.0.0.1:{port}", proc=proc, log=log, env=full_env)
+    server = Server(
+        url=f"http://127.0.0.1:{port}",
+        proc=proc,
+        log=log,
+        env=full_env,
+        grpc_port=int(full_env["SERVERY_GRPC_PORT"]),
+    )
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

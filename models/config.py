@@ -87,9 +87,19 @@ class Settings(BaseSettings):
     """BentoML traffic timeout for every service (504 after this many seconds)."""
 
     trace_predictions: bool = False
-    """Record an OpenTelemetry span for every ``/predict`` request. Off by default: BentoML builds
-    spans even when none are exported, a large share of the router's CPU per request; turn it on
-    together with a tracing exporter in BentoML's configuration."""
+    """Record OpenTelemetry spans for ``/predict`` and ``/v2/models/...`` requests. Off by
+    default: BentoML builds spans even when none are exported, a large share of the router's CPU
+    per request; turn it on together with a tracing exporter in BentoML's configuration."""
+
+    grpc_enabled: bool = True
+    """Serve the Open Inference Protocol V2 over gRPC from every router worker."""
+
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC server binds: loopback by default, ``0.0.0.0`` to accept remote clients."""
+
+    grpc_port: int = Field(3001, ge=1, le=65535)
+    """Port of the gRPC server. Every router worker binds it (``SO_REUSEPORT``) and the kernel
+    spreads client connections, not single calls, across the workers."""
 
 
 class ModelDefaults(BaseModel):

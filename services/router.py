@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from models.config import Framework, load_model_config
-from services import metrics
+from services import metrics, oip_rest
 from services.errors import (
     BadRequest,
     ModelNotReady,
@@ -177,6 +177,10 @@ async def get_model(request: Request, name: str) -> Response:
         return error_response(e)
 
 
+# Open Inference Protocol V2 over REST (/v2/...), same registry and batchers as /predict.
+app.include_router(oip_rest.router)
+
+
 def _remote(dependency: Any, framework: Framework) -> RemotePredict:
     """Call a framework service's ``predict_batch`` with a whole micro-batch."""
     import aiohttp
@@ -202,7 +206,9 @@ def _remote(dependency: Any, framework: Framework) -> RemotePredict:
     name="router",
     workers=SETTINGS.router_workers,
     traffic={"timeout": SETTINGS.request_timeout_s},
-    tracing={"excluded_urls": [] if SETTINGS.trace_predictions else ["/predict"]},
+    # OpenTelemetry spans cost a large share of the router's CPU per request even when none are
+    # exported (STACK.md); the prediction routes skip them unless SERVERY_TRACE_PREDICTIONS.
+    tracing={"excluded_urls": [] if SETTINGS.trace_predictions else ["/predict", "/v2/models/"]},
 )
 @bentoml.asgi_app(app, path="/")
 class Router:
@@ -222,3 +228,25 @@ class Router:
         self.registry = build_registry(config, SETTINGS, remote)
         app.state.registry = self.registry
         freeze_heap()
+
+    @bentoml.on_startup
+    async def _start_grpc(self) -> None:
+        """Serve OIP V2 over gRPC from this worker, on its event loop (see services/oip_grpc.py).
+
+        BentoML runs startup hooks in each worker's lifespan, after ``__init__`` built the
+        registry, so ``bentoml serve`` starts gRPC with no second command.
+        """
+        self._grpc_server = None
+        if SETTINGS.grpc_enabled:
+            from services import oip_grpc  # grpc and tritonclient load only when used
+
+            self._grpc_server = await oip_grpc.serve(self.registry, SETTINGS)
+
+    @bentoml.on_shutdown
+    async def _stop_grpc(self) -> None:
+        """Stop accepting gRPC calls; in-flight ones get a short grace period."""
+        server = getattr(self, "_grpc_server", None)
+        if server is not None:
+            from services import oip_grpc
+
+            await server.stop(oip_grpc.STOP_GRACE_S)

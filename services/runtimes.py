@@ -204,7 +204,10 @@ def _torch_predictor(net: Any, threads: int) -> Predictor:
 
     def predict_proba(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if not x.flags.writeable:  # unpickled/frombuffer arrays: torch warns on those
+                x = x.copy()
+            xt = torch.from_numpy(x)
             return torch.softmax(net(xt), dim=1).numpy()
 
     return predict_proba

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.server import Server, start_server
+from bench.server import Server, free_port, start_server
 from tests.conftest import bentoml_store
 
 DEMOS = ("iris", "breast_cancer", "digits")
@@ -36,7 +36,12 @@ def dataset(store_name: str) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def server(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(demo_store, MIXED_CONFIG, tmp_path_factory.mktemp("serve"))
+    srv = start_server(
+        demo_store,
+        MIXED_CONFIG,
+        tmp_path_factory.mktemp("serve"),
+        env={"SERVERY_GRPC_PORT": str(free_port())},
+    )
     try:
         yield srv
     finally:

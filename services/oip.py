@@ -1,0 +1,211 @@
+"""Open Inference Protocol (KServe V2) core, shared by the REST and gRPC front ends.
+
+Protocol-neutral: it turns OIP input tensors into the rows a served model takes, runs them through
+the same registry and micro-batchers as ``/predict`` (so REST, gRPC and native requests for one
+model batch together), and builds output tensors and metadata. The front ends only parse and
+serialise (JSON in ``oip_rest.py``, protobuf in ``oip_grpc.py``) and map :class:`ServeryError`
+status codes to their protocol (400/404/503 over REST, INVALID_ARGUMENT/NOT_FOUND/UNAVAILABLE over
+gRPC).
+
+Every servery classifier has one input and two outputs:
+
+* input ``input-0``: ``[-1, n_features]``, the model's dtype (FP32 or FP64); any numeric datatype
+  is accepted and converted;
+* output ``predict``: ``INT64 [-1]``, the predicted class index per row;
+* output ``predict_proba``: ``[-1, n_classes]`` class probabilities (FP32 or FP64).
+
+The names follow MLServer's scikit-learn runtime so existing clients keep working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from services.errors import InvalidInput, PayloadTooLarge
+from services.registry import Registry, ServedModel
+from services.runtimes import ModelInfo
+
+INPUT_NAME = "input-0"
+OUTPUT_LABEL = "predict"
+OUTPUT_PROBA = "predict_proba"
+OUTPUT_NAMES = (OUTPUT_LABEL, OUTPUT_PROBA)
+
+SERVER_NAME = "servery"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS: list[str] = ["binary_tensor_data"]  # Triton's, used by tritonclient.http
+
+# OIP datatype -> numpy dtype, for the numeric tensors a classifier can take.
+NUMERIC_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(dt)
+    for name, dt in {
+        "UINT8": "uint8",
+        "UINT16": "uint16",
+        "UINT32": "uint32",
+        "UINT64": "uint64",
+        "INT8": "int8",
+        "INT16": "int16",
+        "INT32": "int32",
+        "INT64": "int64",
+        "FP16": "float16",
+        "FP32": "float32",
+        "FP64": "float64",
+    }.items()
+}
+ALL_DATATYPES = (*NUMERIC_DTYPES, "BOOL", "BYTES")
+_OIP_OF_DTYPE = {dt: name for name, dt in NUMERIC_DTYPES.items()}
+
+
+def oip_datatype(dtype: np.dtype) -> str:
+    """The OIP datatype name of a numpy dtype (FP32 for float32, ...)."""
+    return _OIP_OF_DTYPE[np.dtype(dtype)]
+
+
+def server_metadata() -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+
+def model_metadata(info: ModelInfo) -> dict[str, Any]:
+    """OIP model metadata (``GET /v2/models/{name}``, gRPC ``ModelMetadata``)."""
+    n_classes = len(info.class_names) or -1
+    dtype = oip_datatype(info.dtype)
+    return {
+        "name": info.name,
+        "versions": [info.version],
+        "platform": info.framework.value,
+        "inputs": [{"name": INPUT_NAME, "datatype": dtype, "shape": [-1, info.n_features]}],
+        "outputs": [
+            {"name": OUTPUT_LABEL, "datatype": "INT64", "shape": [-1]},
+            {"name": OUTPUT_PROBA, "datatype": dtype, "shape": [-1, n_classes]},
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class InputTensor:
+    """One decoded request tensor: ``data`` is a flat or nested sequence, or a numpy array."""
+
+    name: str
+    datatype: str
+    shape: Sequence[int]
+    data: Any
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray
+
+
+def rows_from_inputs(inputs: Sequence[InputTensor], info: ModelInfo, max_rows: int) -> np.ndarray:
+    """Validate the request's input tensors and return a 2-D array in the model's dtype.
+
+    Raises :class:`InvalidInput` (400 on ``/v2``, INVALID_ARGUMENT on gRPC) naming the problem.
+    """
+    if len(inputs) == 0:
+        raise InvalidInput(f"missing input '{INPUT_NAME}' for model '{info.name}'")
+    if len(inputs) > 1:
+        names = [t.name for t in inputs]
+        raise InvalidInput(f"model '{info.name}' takes one input '{INPUT_NAME}', got {names}")
+    tensor = inputs[0]
+    if tensor.name != INPUT_NAME:
+        raise InvalidInput(
+            f"unexpected input '{tensor.name}' for model '{info.name}'; expected '{INPUT_NAME}'"
+        )
+    src = NUMERIC_DTYPES.get(tensor.datatype)
+    if src is None:
+        allowed = ", ".join(NUMERIC_DTYPES)
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' has datatype '{tensor.datatype}'; model '{info.name}' takes "
+            f"numeric tensors ({allowed})"
+        )
+    shape = [int(d) for d in tensor.shape]
+    if len(shape) != 2 or shape[1] != info.n_features or shape[0] < 1:
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' has shape {shape}; model '{info.name}' expects "
+            f"[n, {info.n_features}] with n >= 1"
+        )
+    if shape[0] > max_rows:
+        raise PayloadTooLarge(f"{shape[0]} rows in one request; the limit is {max_rows}")
+    data = tensor.data
+    if isinstance(data, np.ndarray):
+        arr = data
+    else:
+        try:
+            arr = np.asarray(data)
+        except (ValueError, TypeError, OverflowError):
+            raise InvalidInput(f"input '{INPUT_NAME}' data is not a regular array") from None
+        if arr.dtype.kind not in "iuf" or _holds_bool(data):
+            raise InvalidInput(
+                f"input '{INPUT_NAME}' data does not match datatype '{tensor.datatype}'"
+            )
+    if arr.size != shape[0] * shape[1]:
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' has {arr.size} values but shape {shape} needs "
+            f"{shape[0] * shape[1]}"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
+        typed = arr.astype(src, copy=False) if arr.dtype != src else arr
+        out = typed.reshape(shape).astype(info.dtype, copy=False)
+    if not np.isfinite(out).all():
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' holds NaN/Infinity or values outside {info.dtype.name} range"
+        )
+    return out
+
+
+def _holds_bool(data: Any) -> bool:
+    """JSON true/false parse as Python bools, which numpy would silently read as 1/0."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            return True
+        if isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def requested_outputs(names: Sequence[str] | None) -> tuple[str, ...]:
+    """The outputs to return (all when none are requested); unknown names are a 400."""
+    if not names:
+        return OUTPUT_NAMES
+    unknown = [n for n in names if n not in OUTPUT_NAMES]
+    if unknown:
+        raise InvalidInput(f"unknown output(s) {unknown}; outputs are {list(OUTPUT_NAMES)}")
+    return tuple(names)
+
+
+def output_tensors(
+    info: ModelInfo, labels: np.ndarray, proba: np.ndarray, names: Sequence[str]
+) -> list[OutputTensor]:
+    out = []
+    for name in names:
+        if name == OUTPUT_LABEL:
+            data = labels.astype(np.int64, copy=False)
+            out.append(OutputTensor(name, "INT64", [len(data)], data))
+        else:
+            data = proba.astype(info.dtype, copy=False)
+            out.append(OutputTensor(name, oip_datatype(info.dtype), list(data.shape), data))
+    return out
+
+
+async def infer(
+    registry: Registry,
+    name: str,
+    version: str | None,
+    inputs: Sequence[InputTensor],
+    outputs: Sequence[str] | None,
+    max_rows: int,
+) -> tuple[ServedModel, list[OutputTensor]]:
+    """Run one OIP inference through the model's micro-batcher."""
+    served = registry.get(name, version or None)
+    names = requested_outputs(outputs)
+    x = rows_from_inputs(inputs, served.info, max_rows)
+    labels, proba = await served.batcher.submit(x)
+    return served, output_tensors(served.info, labels, proba, names)

@@ -1,0 +1,423 @@
+"""Open Inference Protocol (KServe V2) over REST: the router's ``/v2`` routes.
+
+This module only parses and serialises; :mod:`services.oip` holds the protocol logic and runs every
+inference through the same registry and micro-batchers as ``/predict`` and gRPC, so requests of
+all three front ends for one model share batches.
+
+Besides JSON tensors it implements Triton's *binary tensor data* extension, which
+``tritonclient.http`` uses by default: the body is a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the raw little-endian bytes of every input
+that has ``parameters.binary_data_size`` (in input order). Outputs requested with
+``parameters.binary_data: true`` (or all outputs, with the request parameter
+``binary_data_output: true``) come back the same way. Errors use the OIP envelope
+``{"error": "message"}``; invalid inputs are 400 here (OIP has no 422).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from starlette.responses import Response
+from starlette.routing import Match
+
+from services import metrics, oip
+from services.errors import (
+    BadRequest,
+    InvalidInput,
+    ServeryError,
+    from_validation_error,
+    json_response,
+)
+from services.registry import Registry
+from services.runtimes import ModelInfo
+from services.settings import SETTINGS
+
+logger = logging.getLogger("servery")
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+Parameters = dict[str, Any]
+_DATA_SCHEMA = {
+    "type": "array",
+    "items": {},
+    "description": "Tensor values in row-major order, flat or nested; omitted for binary tensors",
+}
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2Health(BaseModel):
+    live: bool | None = None
+    ready: bool | None = None
+    name: str | None = None
+
+
+class V2RequestInput(BaseModel):
+    name: str = Field(description=f"Input name: '{oip.INPUT_NAME}'")
+    shape: list[int] = Field(description="[rows, n_features]")
+    datatype: str = Field(description="Numeric OIP datatype (FP32, FP64, INT64, ...)")
+    parameters: Parameters | None = Field(
+        None, description="'binary_data_size': bytes of this tensor after the JSON header"
+    )
+    data: Annotated[Any, WithJsonSchema(_DATA_SCHEMA)] = None
+
+
+class V2RequestOutput(BaseModel):
+    name: str = Field(description=f"One of {list(oip.OUTPUT_NAMES)}")
+    parameters: Parameters | None = Field(None, description="'binary_data': true for raw bytes")
+
+
+class V2InferenceRequest(BaseModel):
+    """Body of ``POST /v2/models/{name}/infer`` (its JSON header, with binary tensors)."""
+
+    id: str | None = Field(None, description="Echoed in the response")
+    parameters: Parameters | None = Field(
+        None, description="'binary_data_output': true returns every output as raw bytes"
+    )
+    inputs: list[V2RequestInput]
+    outputs: list[V2RequestOutput] | None = Field(None, description="Default: all outputs")
+
+
+class V2ResponseOutput(V2TensorMetadata):
+    parameters: Parameters | None = None
+    data: Annotated[Any, WithJsonSchema(_DATA_SCHEMA)] = None
+
+
+class V2InferenceResponse(BaseModel):
+    model_config = ConfigDict(protected_namespaces=())
+
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[V2ResponseOutput]
+
+
+class V2Error(BaseModel):
+    error: str
+
+
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with ``$defs`` inlined: OpenAPI cannot resolve ``#/$defs``."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)
+
+
+_BINARY_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": V2Error, "description": desc}
+    for code, desc in {
+        400: "Malformed body, wrong input name/datatype/shape, non-finite values, unknown output",
+        404: "Unknown model or version",
+        413: "Too many rows in one request",
+        503: "Model not ready or overloaded",
+        # Also keeps FastAPI from documenting its 422, which /v2 never returns.
+        "default": "Any other error, e.g. 500, in the same envelope",
+    }.items()
+}
+_INFER_ROUTE: dict[str, Any] = {
+    "response_model": V2InferenceResponse,
+    "responses": {
+        200: {
+            "description": "Outputs; binary outputs follow a JSON header of "
+            "Inference-Header-Content-Length bytes (application/octet-stream)",
+            "content": {"application/octet-stream": _BINARY_SCHEMA},
+        },
+        **_ERRORS,
+    },
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": _inline_schema(V2InferenceRequest)},
+                "application/octet-stream": _BINARY_SCHEMA,
+            },
+        }
+    },
+}
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol V2"])
+
+
+def error_response(exc: BaseException) -> Response:
+    """Map any exception to the OIP envelope ``{"error": "..."}``; 5xx never carry internals."""
+    if isinstance(exc, ServeryError):
+        status = 400 if exc.status_code == 422 else exc.status_code
+        if status >= 500:
+            logger.warning("%s: %s", exc.error_type, exc.message)
+        return json_response({"error": exc.message}, status, exc.headers())
+    logger.error("internal error while serving an OIP request", exc_info=exc)
+    return json_response({"error": "internal server error"}, 500)
+
+
+def _registry(request: Request) -> Registry:
+    # services.router imports this module to include its routes, so import it when called.
+    from services.router import _registry as registry_of
+
+    return registry_of(request)
+
+
+def _flag(params: Parameters | None, key: str, default: bool) -> bool:
+    value = params.get(key) if params else None
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidInput(f"parameter '{key}' must be true or false, got {value!r}")
+    return value
+
+
+_UNSUPPORTED = {
+    "shared_memory_region": "the shared-memory extension is not supported",
+    "classification": f"the classification extension is not supported; use '{oip.OUTPUT_LABEL}'",
+}
+
+
+def _reject_unsupported(params: Parameters | None, what: str) -> None:
+    for key in (params or {}).keys() & _UNSUPPORTED.keys():
+        raise InvalidInput(f"{what}: {_UNSUPPORTED[key]}")
+
+
+def _check_encoding(encoding: str | None) -> None:
+    # tritonclient can gzip/deflate request bodies on request; servery takes them uncompressed.
+    if encoding and encoding.strip().lower() != "identity":
+        raise ServeryError.with_status(415, f"Content-Encoding '{encoding}' is not supported")
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_length)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= len(body):
+        raise BadRequest(f"{HEADER_LENGTH} '{header_length}' is not in [0, {len(body)}]")
+    return body[:n], memoryview(body)[n:]
+
+
+def _from_bytes(raw: memoryview, tensor: V2RequestInput) -> np.ndarray:
+    dtype = oip.NUMERIC_DTYPES.get(tensor.datatype)
+    if dtype is None:
+        raise InvalidInput(
+            f"input '{tensor.name}' has datatype '{tensor.datatype}'; servery models take "
+            f"numeric tensors ({', '.join(oip.NUMERIC_DTYPES)})"
+        )
+    if len(raw) % dtype.itemsize:
+        raise InvalidInput(
+            f"input '{tensor.name}' has {len(raw)} bytes of binary data, not a multiple of "
+            f"{dtype.itemsize} ({tensor.datatype})"
+        )
+    # Copy: frombuffer views are read-only and torch warns on them; the tensor is small.
+    return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).copy()
+
+
+def parse_infer_request(
+    body: bytes, header_length: str | None
+) -> tuple[V2InferenceRequest, list[oip.InputTensor]]:
+    """Parse an infer body (JSON, or JSON header + binary tensors) into OIP input tensors."""
+    header, binary = _split(body, header_length)
+    try:
+        req = V2InferenceRequest.model_validate_json(header)
+    except ValidationError as e:
+        raise from_validation_error(e) from e
+    _reject_unsupported(req.parameters, "request")
+    inputs: list[oip.InputTensor] = []
+    offset = 0
+    for t in req.inputs:
+        _reject_unsupported(t.parameters, f"input '{t.name}'")
+        size = t.parameters.get("binary_data_size") if t.parameters else None
+        if size is None:
+            if t.data is None:
+                raise InvalidInput(f"input '{t.name}' has neither 'data' nor binary_data_size")
+            data: Any = t.data
+        else:
+            if t.data is not None:
+                raise InvalidInput(f"input '{t.name}' has both 'data' and binary_data_size")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInput(f"input '{t.name}': binary_data_size must be a byte count")
+            if offset + size > len(binary):
+                raise InvalidInput(
+                    f"input '{t.name}' needs {size} bytes of binary data, "
+                    f"{len(binary) - offset} left after the JSON header"
+                )
+            data = _from_bytes(binary[offset : offset + size], t)
+            offset += size
+        inputs.append(oip.InputTensor(t.name, t.datatype, t.shape, data))
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes after the last binary input")
+    return req, inputs
+
+
+def output_plan(req: V2InferenceRequest) -> tuple[list[str] | None, set[str]]:
+    """Requested output names (None: all) and the names to return as binary data."""
+    default = _flag(req.parameters, "binary_data_output", False)
+    if not req.outputs:
+        return None, set(oip.OUTPUT_NAMES) if default else set()
+    for o in req.outputs:
+        _reject_unsupported(o.parameters, f"output '{o.name}'")
+    binary = {o.name for o in req.outputs if _flag(o.parameters, "binary_data", default)}
+    return [o.name for o in req.outputs], binary
+
+
+def encode_infer_response(
+    info: ModelInfo, request_id: str | None, outputs: list[oip.OutputTensor], binary: set[str]
+) -> Response:
+    """JSON response, or JSON header + raw output bytes when any output is binary."""
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for t in outputs:
+        entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+        if t.name in binary:
+            raw = np.ascontiguousarray(t.data, dtype=t.data.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = t.data.ravel().tolist()
+        entries.append(entry)
+    body: dict[str, Any] = {"model_name": info.name, "model_version": info.version}
+    if request_id is not None:
+        body["id"] = request_id
+    body["outputs"] = entries
+    if not chunks:
+        return json_response(body)
+    header = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return Response(
+        b"".join([header, *chunks]),
+        headers={HEADER_LENGTH: str(len(header))},
+        media_type="application/octet-stream",
+    )
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    model, model_version = metrics.UNKNOWN_MODEL, ""
+    try:
+        registry = _registry(request)
+        info = registry.get(name, version).info
+        model, model_version = info.name, info.version
+        _check_encoding(request.headers.get("content-encoding"))
+        req, inputs = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+        names, binary = output_plan(req)
+        served, outputs = await oip.infer(
+            registry, name, version, inputs, names, SETTINGS.max_rows_per_request
+        )
+        response = encode_infer_response(served.info, req.id, outputs, binary)
+    except Exception as e:
+        response = error_response(e)
+    metrics.REQUESTS.labels(model, model_version, str(response.status_code)).inc()
+    return response
+
+
+@router.post("/models/{name}/infer", summary="OIP V2 inference", **_INFER_ROUTE)
+async def infer(request: Request, name: str) -> Response:
+    """Infer with the served version of model ``name`` (JSON or binary tensors)."""
+    return await _infer(request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="OIP V2 inference", **_INFER_ROUTE)
+async def infer_version(request: Request, name: str, version: str) -> Response:
+    """Infer with model ``name`` at ``version`` (404 unless that version is served)."""
+    return await _infer(request, name, version)
+
+
+@router.get("", response_model=V2ServerMetadata, summary="OIP server metadata")
+async def server_metadata() -> Response:
+    return json_response(oip.server_metadata())
+
+
+@router.get("/health/live", response_model=V2Health, summary="OIP liveness")
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get(
+    "/health/ready", response_model=V2Health, responses={503: _ERRORS[503]}, summary="OIP readiness"
+)
+async def ready(request: Request) -> Response:
+    """200 once every configured model is loaded, else 503."""
+    try:
+        _registry(request)
+    except Exception as e:
+        return error_response(e)
+    return json_response({"ready": True})
+
+
+def _model(request: Request, name: str, version: str | None, ready: bool) -> Response:
+    try:
+        info = _registry(request).get(name, version).info
+    except Exception as e:
+        return error_response(e)
+    return json_response({"name": info.name, "ready": True} if ready else oip.model_metadata(info))
+
+
+_NOT_FOUND = {code: _ERRORS[code] for code in (404, "default")}
+_META: dict[str, Any] = {"response_model": V2ModelMetadata, "responses": _NOT_FOUND}
+_READY: dict[str, Any] = {"response_model": V2Health, "responses": _NOT_FOUND}
+
+
+@router.get("/models/{name}", summary="OIP model metadata", **_META)
+async def model_metadata(request: Request, name: str) -> Response:
+    return _model(request, name, None, ready=False)
+
+
+@router.get("/models/{name}/versions/{version}", summary="OIP model metadata (version)", **_META)
+async def model_version_metadata(request: Request, name: str, version: str) -> Response:
+    return _model(request, name, version, ready=False)
+
+
+@router.get("/models/{name}/ready", summary="OIP model readiness", **_READY)
+async def model_ready(request: Request, name: str) -> Response:
+    """200 when ``name`` is served, 404 when it is not."""
+    return _model(request, name, None, ready=True)
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="OIP model readiness", **_READY)
+async def model_version_ready(request: Request, name: str, version: str) -> Response:
+    return _model(request, name, version, ready=True)
+
+
+_ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+@router.api_route("/{path:path}", methods=_ANY_METHOD, include_in_schema=False)
+async def no_route(request: Request, path: str) -> Response:
+    """Unknown ``/v2`` routes (e.g. Triton's repository extension) answer in the OIP envelope."""
+    for route in router.routes:
+        if getattr(route, "endpoint", None) is not no_route:
+            match, _ = route.matches(request.scope)
+            if match is Match.PARTIAL:
+                return error_response(ServeryError.with_status(405, "method not allowed"))
+    return error_response(ServeryError.with_status(404, f"no OIP endpoint /v2/{path}"))
