@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.routing import Match
 
@@ -33,6 +33,16 @@ from services.errors import (
     from_validation_error,
     json_response,
 )
+from services.oip_schemas import (
+    ERRORS,
+    INFER_ROUTE,
+    Parameters,
+    V2Health,
+    V2InferenceRequest,
+    V2ModelMetadata,
+    V2RequestInput,
+    V2ServerMetadata,
+)
 from services.registry import Registry
 from services.runtimes import ModelInfo
 from services.settings import SETTINGS
@@ -40,135 +50,6 @@ from services.settings import SETTINGS
 logger = logging.getLogger("servery")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-
-Parameters = dict[str, Any]
-_DATA_SCHEMA = {
-    "type": "array",
-    "items": {},
-    "description": "Tensor values in row-major order, flat or nested; omitted for binary tensors",
-}
-
-
-class V2TensorMetadata(BaseModel):
-    name: str
-    datatype: str
-    shape: list[int]
-
-
-class V2ServerMetadata(BaseModel):
-    name: str
-    version: str
-    extensions: list[str]
-
-
-class V2ModelMetadata(BaseModel):
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[V2TensorMetadata]
-    outputs: list[V2TensorMetadata]
-
-
-class V2Health(BaseModel):
-    live: bool | None = None
-    ready: bool | None = None
-    name: str | None = None
-
-
-class V2RequestInput(BaseModel):
-    name: str = Field(description=f"Input name: '{oip.INPUT_NAME}'")
-    shape: list[int] = Field(description="[rows, n_features]")
-    datatype: str = Field(description="Numeric OIP datatype (FP32, FP64, INT64, ...)")
-    parameters: Parameters | None = Field(
-        None, description="'binary_data_size': bytes of this tensor after the JSON header"
-    )
-    data: Annotated[Any, WithJsonSchema(_DATA_SCHEMA)] = None
-
-
-class V2RequestOutput(BaseModel):
-    name: str = Field(description=f"One of {list(oip.OUTPUT_NAMES)}")
-    parameters: Parameters | None = Field(None, description="'binary_data': true for raw bytes")
-
-
-class V2InferenceRequest(BaseModel):
-    """Body of ``POST /v2/models/{name}/infer`` (its JSON header, with binary tensors)."""
-
-    id: str | None = Field(None, description="Echoed in the response")
-    parameters: Parameters | None = Field(
-        None, description="'binary_data_output': true returns every output as raw bytes"
-    )
-    inputs: list[V2RequestInput]
-    outputs: list[V2RequestOutput] | None = Field(None, description="Default: all outputs")
-
-
-class V2ResponseOutput(V2TensorMetadata):
-    parameters: Parameters | None = None
-    data: Annotated[Any, WithJsonSchema(_DATA_SCHEMA)] = None
-
-
-class V2InferenceResponse(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-
-    model_name: str
-    model_version: str
-    id: str | None = None
-    outputs: list[V2ResponseOutput]
-
-
-class V2Error(BaseModel):
-    error: str
-
-
-def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """``model``'s JSON schema with ``$defs`` inlined: OpenAPI cannot resolve ``#/$defs``."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return resolve(defs[ref.removeprefix("#/$defs/")])
-            return {k: resolve(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [resolve(v) for v in node]
-        return node
-
-    return resolve(schema)
-
-
-_BINARY_SCHEMA = {"schema": {"type": "string", "format": "binary"}}
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": V2Error, "description": desc}
-    for code, desc in {
-        400: "Malformed body, wrong input name/datatype/shape, non-finite values, unknown output",
-        404: "Unknown model or version",
-        413: "Too many rows in one request",
-        503: "Model not ready or overloaded",
-        # Also keeps FastAPI from documenting its 422, which /v2 never returns.
-        "default": "Any other error, e.g. 500, in the same envelope",
-    }.items()
-}
-_INFER_ROUTE: dict[str, Any] = {
-    "response_model": V2InferenceResponse,
-    "responses": {
-        200: {
-            "description": "Outputs; binary outputs follow a JSON header of "
-            "Inference-Header-Content-Length bytes (application/octet-stream)",
-            "content": {"application/octet-stream": _BINARY_SCHEMA},
-        },
-        **_ERRORS,
-    },
-    "openapi_extra": {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": _inline_schema(V2InferenceRequest)},
-                "application/octet-stream": _BINARY_SCHEMA,
-            },
-        }
-    },
-}
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol V2"])
 
@@ -341,13 +222,13 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     return response
 
 
-@router.post("/models/{name}/infer", summary="OIP V2 inference", **_INFER_ROUTE)
+@router.post("/models/{name}/infer", summary="OIP V2 inference", **INFER_ROUTE)
 async def infer(request: Request, name: str) -> Response:
     """Infer with the served version of model ``name`` (JSON or binary tensors)."""
     return await _infer(request, name, None)
 
 
-@router.post("/models/{name}/versions/{version}/infer", summary="OIP V2 inference", **_INFER_ROUTE)
+@router.post("/models/{name}/versions/{version}/infer", summary="OIP V2 inference", **INFER_ROUTE)
 async def infer_version(request: Request, name: str, version: str) -> Response:
     """Infer with model ``name`` at ``version`` (404 unless that version is served)."""
     return await _infer(request, name, version)
@@ -364,7 +245,7 @@ async def live() -> Response:
 
 
 @router.get(
-    "/health/ready", response_model=V2Health, responses={503: _ERRORS[503]}, summary="OIP readiness"
+    "/health/ready", response_model=V2Health, responses={503: ERRORS[503]}, summary="OIP readiness"
 )
 async def ready(request: Request) -> Response:
     """200 once every configured model is loaded, else 503."""
@@ -383,7 +264,7 @@ def _model(request: Request, name: str, version: str | None, ready: bool) -> Res
     return json_response({"name": info.name, "ready": True} if ready else oip.model_metadata(info))
 
 
-_NOT_FOUND = {code: _ERRORS[code] for code in (404, "default")}
+_NOT_FOUND = {code: ERRORS[code] for code in (404, "default")}
 _META: dict[str, Any] = {"response_model": V2ModelMetadata, "responses": _NOT_FOUND}
 _READY: dict[str, Any] = {"response_model": V2Health, "responses": _NOT_FOUND}
 
