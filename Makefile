@@ -11,7 +11,8 @@
 #               On a GPU machine: make serve TORCH_SPEC=torch==2.13.0
 #   HOST, PORT  where `make serve` listens (default 127.0.0.1:3000)
 #   BENTOML_HOME  the model store; project-local and git-ignored by default
-#   BENCH_ARGS  extra arguments for `make bench` (e.g. BENCH_ARGS="--quick --models iris")
+#   BENCH_ARGS  extra arguments for `make bench` / `make bench-protocols`
+#               (e.g. BENCH_ARGS="--quick --models iris")
 
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -24,7 +25,7 @@ export BENTOML_DO_NOT_TRACK ?= True
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.servery-installed
 
-.PHONY: serve test models models-large bench lint clean help
+.PHONY: serve test models models-large bench bench-protocols peer-mlserver lint clean help
 
 help:
 	@awk '/^#/ {print; next} {exit}' Makefile
@@ -62,6 +63,16 @@ bench: models-large
 	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
 		echo "wrk not installed (apt-get install -y wrk); falling back to the Python client"
 	$(PY) -m bench.foundation $(BENCH_ARGS)
+
+# Native REST vs OIP V2 REST vs OIP V2 gRPC on one router (bench/PROTOCOLS.md).
+bench-protocols: models-large
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
+		echo "wrk not installed (apt-get install -y wrk); falling back to the Python client"
+	$(PY) -m bench.protocols $(BENCH_ARGS)
+
+# MLServer 1.7 (the peer of issue 4) in its own venv, .venv-mlserver (bench/mlserver_peer.py).
+peer-mlserver: $(STAMP)
+	$(PY) -m bench.mlserver_peer --setup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -22,10 +22,8 @@ bench/RESULTS.md. The store is $BENTOML_HOME (default: the project's .bentoml, a
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import re
 import shlex
 import sys
@@ -40,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bench.report import fmt, run_line, table
+from bench.report import machine as report_machine
 from bench.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
 
 if TYPE_CHECKING:
@@ -63,7 +63,6 @@ SERVICE_TARGETS = {
     "pytorch": "services.torch_service:TorchService",
 }
 JSON = {"content-type": "application/json"}
-_ACCESS = re.compile(r"path=/predict,[^)]*\) \(status=(\d{3})")
 N_BODIES = 64
 """Distinct rows each load run sends round-robin."""
 TARGETS = (
@@ -189,15 +188,16 @@ def verify(server: Server, body: str, subject: Subject, config: str) -> None:
         )
 
 
-def logged_errors(server: Server, offset: int) -> dict[str, int]:
-    """Status >= 400 of public /predict calls in the server's access log after ``offset``.
+def logged_errors(server: Server, offset: int, path: str = "/predict") -> dict[str, int]:
+    """Status >= 400 of public calls to ``path`` in the server's access log after ``offset``.
 
     wrk only counts bad statuses; BentoML's access log says which ones (e.g. 503 "overloaded").
     """
     with open(server.log, "rb") as f:
         f.seek(offset)
         new = f.read().decode(errors="replace")
-    codes = Counter(c for c in _ACCESS.findall(new) if int(c) >= 400)
+    access = re.compile(rf"path={re.escape(path)},[^)]*\) \(status=(\d{{3}})")
+    codes = Counter(c for c in access.findall(new) if int(c) >= 400)
     return dict(sorted(codes.items()))
 
 
@@ -281,27 +281,10 @@ def target_checks(results: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
 def inproc_line(e: dict[str, float]) -> str:
     """One line for (e)."""
     return (
-        f"{_fmt(e['one_by_one_rows_per_s'], 0)} rows/s one row per call "
-        f"({e['one_by_one_rows']} calls), {_fmt(e['batched_rows_per_s'], 0)} rows/s in "
+        f"{fmt(e['one_by_one_rows_per_s'], 0)} rows/s one row per call "
+        f"({e['one_by_one_rows']} calls), {fmt(e['batched_rows_per_s'], 0)} rows/s in "
         f"{e['batch_rows']}-row batches"
     )
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
-
-
-def table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
-    """Aligned plain text, or a Markdown table."""
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-    lines = []
-    for r in [header, *rows]:
-        cells = [f"{x:>{w}}" for x, w in zip(r[1:], widths[1:], strict=True)]
-        lines.append("  ".join([r[0].ljust(widths[0]), *cells]))
-    return "\n".join(lines)
 
 
 def report(results: dict[str, dict[str, Any]], conc: Sequence[int], markdown: bool) -> str:
@@ -320,14 +303,14 @@ def report(results: dict[str, dict[str, Any]], conc: Sequence[int], markdown: bo
                 if run is None:
                     row += ["-"] * 4
                 else:
-                    row += [_fmt(run["ok_rps"]), _fmt(run["p50_ms"], 2), _fmt(run["p99_ms"], 2)]
+                    row += [fmt(run["ok_rps"]), fmt(run["p50_ms"], 2), fmt(run["p99_ms"], 2)]
                     row.append(str(run["errors"]))
             rows.append(row)
         parts.append(heading + table(header, rows, markdown))
         parts.append(f"(e) in-process runtime.predict: {inproc_line(r['inproc'])}")
         ratio_rows = [
             [k + (" (batching gain)" if k == "a/d" else "")]
-            + [_fmt(v, 2) + ("x" if v is not None else "") for v in r["ratios"][k].values()]
+            + [fmt(v, 2) + ("x" if v is not None else "") for v in r["ratios"][k].values()]
             for k in RATIOS
         ]
         parts.append(table(["req/s ratio"] + [f"c={c}" for c in conc], ratio_rows, markdown))
@@ -339,19 +322,8 @@ def report(results: dict[str, dict[str, Any]], conc: Sequence[int], markdown: bo
 
 def machine(command: str, client: str) -> dict[str, Any]:
     """Where and how this run happened (for RESULTS.md and the JSON)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpus = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return {
-        "command": command,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)),  # what `nproc` prints
-        "cpu": cpus[0] if cpus else "unknown",
-        "python": platform.python_version(),
-        "bentoml": version("bentoml"),
-        "client": wrk_version() if client == "wrk" else f"aiohttp {version('aiohttp')} loadgen",
-        "bentoml_home": os.environ["BENTOML_HOME"],
-    }
+    name = wrk_version() if client == "wrk" else f"aiohttp {version('aiohttp')} loadgen"
+    return report_machine(command, name)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -415,8 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     OUT_JSON.write_text(json.dumps({**meta, "models": results, "targets": checks}, indent=2))
     RESULTS_MD.write_text(
         "# Foundation benchmark\n\n"
-        f"`{meta['command']}` — {meta['date']}; {meta['nproc']} CPUs ({meta['cpu']}); "
-        f"Python {meta['python']}, BentoML {meta['bentoml']}; client {meta['client']}.\n\n"
+        f"{run_line(meta)}\n\n"
         "Single-row requests; req/s (successful 2xx answers per second: fast 503s are not "
         "throughput) and latency per configuration and concurrency; ratios of req/s measured in "
         "this run against (c), the framework service called directly, and (d), the router with "

@@ -1,0 +1,384 @@
+"""MLServer 1.7 as a peer: its own venv, our stored models in its repository, start and stop.
+
+    python -m bench.mlserver_peer --setup              # .venv-mlserver only (idempotent)
+    python -m bench.mlserver_peer --check [--repo DIR] # + export, start, one REST/gRPC infer each
+    python -m bench.mlserver_peer --compare [-c 64] [--duration 5]   # informal side by side
+
+MLServer lives in ``.venv-mlserver`` (Python 3.11) so its pins (fastapi < 0.116, pandas, ...)
+never touch ours. Install workarounds (STACK.md): ``mlserver-xgboost`` goes in ``--no-deps`` next
+to ``xgboost-cpu`` (its ``xgboost`` requirement pulls the CUDA/NCCL wheel) and ``uvloop<0.22``
+(0.23 crashes its workers at start). scikit-learn, joblib and xgboost are pinned to the versions of
+the interpreter running this module, so the pickled/serialised models load identically.
+
+The repository serves iris (``mlserver_sklearn.SKLearnModel``) and breast_cancer_large (the
+300-tree XGBoost, ``mlserver_xgboost.XGBoostModel``) from $BENTOML_HOME (default the project's
+``.bentoml``) with adaptive batching ``max_batch_size 64`` / ``max_batch_time 0.01``. PyTorch
+models have no MLServer runtime installed here and are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.server import ROOT, free_port
+
+VENV = ROOT / ".venv-mlserver"
+STAMP = VENV / ".servery-peer-installed"
+DEFAULT_MODELS = ("iris", "breast_cancer_large")
+IMPLEMENTATIONS = {
+    "sklearn": ("mlserver_sklearn.SKLearnModel", "model.joblib"),
+    "xgboost": ("mlserver_xgboost.XGBoostModel", "model.ubj"),  # also accepts .json / .bst
+}
+OIP_DATATYPES = {"float32": "FP32", "float64": "FP64"}
+# pip check's one expected complaint: xgboost-cpu provides `import xgboost` under another name.
+EXPECTED_PIP_CHECK = "requires xgboost, which is not installed."
+
+
+def requirements() -> tuple[list[str], list[str]]:
+    """(installed with deps, installed ``--no-deps``): MLServer 1.7 and our model libraries."""
+    pinned = [f"{d}=={version(d)}" for d in ("scikit-learn", "joblib", "xgboost-cpu")]
+    main = ["mlserver>=1.7,<1.8", "mlserver-sklearn>=1.7,<1.8", "uvloop<0.22", *pinned]
+    return main, ["mlserver-xgboost>=1.7,<1.8"]
+
+
+def pip_check(venv: Path = VENV) -> list[str]:
+    """``pip check`` problems in ``venv`` other than the expected xgboost-cpu naming one."""
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "check"], capture_output=True, text=True
+    ).stdout
+    return [
+        line
+        for line in out.splitlines()
+        if line.strip()
+        and not (line.startswith("mlserver-xgboost ") and line.endswith(EXPECTED_PIP_CHECK))
+    ]
+
+
+def setup(python: str = "python3.11", venv: Path = VENV) -> Path:
+    """Create ``venv`` with MLServer installed; a no-op when its stamp matches the requirements."""
+    main, no_deps = requirements()
+    stamp_text = json.dumps({"main": main, "no_deps": no_deps})
+    stamp = venv / STAMP.name
+    if stamp.is_file() and stamp.read_text() == stamp_text:
+        return venv
+    start = time.monotonic()
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, *main], check=True)
+    subprocess.run([*pip, "--no-deps", *no_deps], check=True)
+    stamp.write_text(stamp_text)
+    print(f"installed MLServer into {venv} in {time.monotonic() - start:.0f} s", flush=True)
+    return venv
+
+
+def export_model(name: str, dest: Path) -> dict[str, Any] | None:
+    """Write ``dest/<name>/`` (model file + ``model-settings.json``); None for PyTorch models.
+
+    Our XGBoost models are raw boosters (no scikit-learn attributes): MLServer would load one as
+    an ``XGBRegressor`` whose ``predict`` returns P(class 1) and which refuses ``predict_proba``.
+    Re-saving the same trees through ``XGBClassifier`` adds ``_estimator_type: classifier``, so
+    MLServer answers ``predict`` with labels and ``predict_proba`` like our server.
+    """
+    from models.store import MODEL_FILES, framework_of, get_model
+
+    bento_model = get_model(f"{name}:latest")
+    framework = framework_of(bento_model)
+    if framework.value not in IMPLEMENTATIONS:
+        return None
+    implementation, filename = IMPLEMENTATIONS[framework.value]
+    folder = dest / name
+    folder.mkdir(parents=True, exist_ok=True)
+    source = bento_model.path_of(MODEL_FILES[framework])
+    if framework.value == "xgboost":
+        import xgboost as xgb
+
+        classifier = xgb.XGBClassifier()
+        classifier.load_model(source)
+        classifier.save_model(folder / filename)
+    else:
+        shutil.copyfile(source, folder / filename)
+    settings = {
+        "name": name,
+        "implementation": implementation,
+        "parameters": {"uri": f"./{filename}", "version": str(bento_model.tag.version)},
+        "max_batch_size": 64,
+        "max_batch_time": 0.01,
+    }
+    (folder / "model-settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return settings
+
+
+def write_server_settings(dest: Path) -> dict[str, Any]:
+    """(Re)write ``dest/settings.json`` on fresh free loopback ports; returns the settings."""
+    settings = {
+        "debug": False,  # True logs every request
+        "parallel_workers": 0,  # beat 1 on 2 cores (STACK.md)
+        "host": "127.0.0.1",
+        "http_port": free_port(),
+        "grpc_port": free_port(),
+        "metrics_endpoint": "/metrics",
+        "metrics_port": free_port(),
+        "metrics_dir": str(dest / ".metrics"),
+        "environments_dir": str(dest / ".envs"),
+    }
+    (dest / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return settings
+
+
+def prepare_repository(models: Sequence[str], dest: Path) -> list[str]:
+    """Export ``models`` from the store into an MLServer repository at ``dest``; served names."""
+    dest.mkdir(parents=True, exist_ok=True)
+    served = []
+    for name in models:
+        if export_model(name, dest) is None:
+            print(f"skipping {name}: no MLServer runtime for PyTorch here", flush=True)
+        else:
+            served.append(name)
+    write_server_settings(dest)
+    return served
+
+
+@dataclass
+class MLServer:
+    """A running ``mlserver start`` (own process group); ``url`` REST, ``grpc_url`` gRPC."""
+
+    url: str
+    grpc_url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop MLServer and every worker it started (its process group)."""
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def start_mlserver(repo: Path, venv: Path = VENV, ready_timeout: float = 120) -> MLServer:
+    """Start ``mlserver start repo`` on fresh free ports and wait until every model is ready."""
+    settings = write_server_settings(repo)
+    models = [p.parent.name for p in repo.glob("*/model-settings.json")]
+    log = repo / f"mlserver-{settings['http_port']}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLSERVER_", "VIRTUAL_ENV"))}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(venv / "bin" / "mlserver"), "start", str(repo)],
+            cwd=repo,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: stop() reaches every worker
+        )
+    server = MLServer(
+        url=f"http://127.0.0.1:{settings['http_port']}",
+        grpc_url=f"127.0.0.1:{settings['grpc_port']}",
+        proc=proc,
+        log=log,
+    )
+    paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]
+    deadline = time.monotonic() + ready_timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlserver exited with {proc.returncode}:\n{server.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if all(httpx.get(server.url + p, timeout=2).status_code == 200 for p in paths):
+                    return server
+            time.sleep(0.3)
+        raise RuntimeError(f"mlserver not ready after {ready_timeout}s:\n{server.log_tail()}")
+    except BaseException:
+        server.stop()
+        raise
+
+
+@contextlib.contextmanager
+def running(repo: Path) -> Iterator[MLServer]:
+    """MLServer on ``repo`` for the ``with`` block; always stopped afterwards."""
+    server = start_mlserver(repo)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def oip_body(row: np.ndarray, outputs: Sequence[str] = ()) -> dict[str, Any]:
+    """One-row OIP V2 JSON infer body (``input-0``, the row's own FP32/FP64 datatype)."""
+    body: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "input-0",
+                "shape": [1, len(row)],
+                "datatype": OIP_DATATYPES[row.dtype.name],
+                "data": row.tolist(),
+            }
+        ]
+    }
+    if outputs:
+        body["outputs"] = [{"name": o} for o in outputs]
+    return body
+
+
+def check_model(server: MLServer, name: str) -> dict[str, Any]:
+    """REST infer (default outputs, then both) and one tritonclient.grpc infer vs in-process."""
+    import tritonclient.grpc as grpcclient
+
+    from bench.foundation import load_subject
+
+    subject = load_subject(name)
+    row = subject.rows[0]
+    labels, proba = subject.runtime.predict(row[None, :])
+    url = f"{server.url}/v2/models/{name}/infer"
+    default = httpx.post(url, json=oip_body(row), timeout=10)
+    default.raise_for_status()
+    both = httpx.post(url, json=oip_body(row, ("predict", "predict_proba")), timeout=10)
+    both.raise_for_status()
+    rest = {o["name"]: o for o in both.json()["outputs"]}
+    client = grpcclient.InferenceServerClient(url=server.grpc_url)
+    try:
+        x = grpcclient.InferInput("input-0", [1, len(row)], OIP_DATATYPES[row.dtype.name])
+        x.set_data_from_numpy(np.ascontiguousarray(row[None, :]))
+        wanted = [grpcclient.InferRequestedOutput(o) for o in ("predict", "predict_proba")]
+        result = client.infer(name, [x], outputs=wanted, request_id="1")
+        grpc_labels, grpc_proba = result.as_numpy("predict"), result.as_numpy("predict_proba")
+    finally:
+        client.close()
+    rest_proba = np.asarray(rest["predict_proba"]["data"]).reshape(proba.shape)
+    report = {
+        "model": name,
+        "default_outputs": default.json()["outputs"],
+        "both_outputs": [{k: o[k] for k in ("name", "datatype", "shape")} for o in rest.values()],
+        "ours": {"predict": labels.tolist(), "predict_proba": proba.tolist()},
+        "rest_match": rest["predict"]["data"] == labels.tolist()
+        and np.allclose(rest_proba, proba, rtol=0, atol=1e-6),
+        "grpc": {"predict": grpc_labels.tolist(), "predict_proba": grpc_proba.tolist()},
+        "grpc_match": grpc_labels.tolist() == labels.tolist()
+        and np.allclose(grpc_proba, proba, rtol=0, atol=1e-6),
+    }
+    report["default_match"] = report["default_outputs"][0]["data"] == labels.tolist()
+    return report
+
+
+def check(repo: Path, models: Sequence[str]) -> bool:
+    """Setup, export, start, check every model, stop; True if every answer matched ours."""
+    setup()
+    served = prepare_repository(models, repo)
+    ok = True
+    with running(repo) as server:
+        print(f"MLServer ready at {server.url} (gRPC {server.grpc_url})", flush=True)
+        for name in served:
+            report = check_model(server, name)
+            print(json.dumps(report, indent=2), flush=True)
+            ok &= report["rest_match"] and report["grpc_match"] and report["default_match"]
+    return ok
+
+
+def compare(repo: Path, models: Sequence[str], concurrency: int, seconds: int) -> None:
+    """Informal side by side: our router (inline) then MLServer, one at a time, wrk OIP REST."""
+    from bench.foundation import N_BODIES, load_subject
+    from bench.server import start_server
+    from bench.wrk import measure
+
+    setup()
+    served = prepare_repository(models, repo)
+    variants = {"default": (), "both": ("predict", "predict_proba")}
+    rows = {m: load_subject(m).rows[:N_BODIES] for m in served}
+    bodies = {
+        (m, v): [json.dumps(oip_body(r, outs)) for r in rows[m]]
+        for m in served
+        for v, outs in variants.items()
+    }
+    results: dict[tuple[str, str, str], Any] = {}
+
+    def load(server: str, base_url: str) -> None:
+        for (m, v), body in bodies.items():
+            url = f"{base_url}/v2/models/{m}/infer"
+            httpx.post(url, content=body[0], timeout=10).raise_for_status()
+            measure(url, body, concurrency=concurrency, seconds=1)  # warm-up
+            r = measure(url, body, concurrency=concurrency, seconds=seconds)
+            results[(server, m, v)] = r
+            print(f"  {server:<9} {m:<20} outputs={v:<8} {r.line()}", flush=True)
+
+    home = Path(os.environ["BENTOML_HOME"])
+    entries = (f"  - {{name: {m}, tag: {m}, placement: inline}}\n" for m in served)
+    config = "models:\n" + "".join(entries)
+    with tempfile.TemporaryDirectory(prefix="servery-peer-") as tmp:
+        router = start_server(home, config, Path(tmp))
+        try:
+            load("servery", router.url)
+        finally:
+            router.stop()
+    with running(repo) as server:
+        load("mlserver", server.url)
+    print(f"\nc={concurrency}, {seconds} s, wrk, OIP V2 REST JSON, 1 row per request")
+    head = ("model", "outputs", "servery rps", "p99", "mlserver rps", "p99", "rps x", "p99 x")
+    print("{:<20} {:<8} {:>11} {:>7} {:>12} {:>7} {:>6} {:>6}".format(*head))
+    for m, v in bodies:
+        s, p = results[("servery", m, v)], results[("mlserver", m, v)]
+        print(
+            f"{m:<20} {v:<8} {s.ok_rps:11.0f} {s.p99_ms:7.1f} {p.ok_rps:12.0f} {p.p99_ms:7.1f} "
+            f"{s.ok_rps / p.ok_rps:6.2f} {s.p99_ms / p.p99_ms:6.2f}  errors {s.errors}/{p.errors}"
+        )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.mlserver_peer", description=__doc__)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--setup", action="store_true", help="create .venv-mlserver only")
+    mode.add_argument("--check", action="store_true", help="setup, export, start, infer, stop")
+    mode.add_argument("--compare", action="store_true", help="one informal wrk side by side")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="store names, comma list")
+    p.add_argument("--repo", type=Path, help="keep the MLServer repository here (default: temp)")
+    p.add_argument("-c", "--concurrency", type=int, default=64)
+    p.add_argument("--duration", type=int, default=5, help="seconds per --compare run")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    if args.setup:
+        setup()
+        problems = pip_check()
+        print(f"{VENV}: pip check " + ("; ".join(problems) if problems else "ok"), flush=True)
+        print("  (ignored, expected: 'mlserver-xgboost ... " + EXPECTED_PIP_CHECK + "')")
+        return 1 if problems else 0
+    models = [m for m in args.models.split(",") if m]
+    with contextlib.ExitStack() as stack:
+        repo = args.repo or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if args.check:
+            return 0 if check(repo, models) else 1
+        compare(repo, models, args.concurrency, args.duration)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
