@@ -270,19 +270,24 @@ def check_model(server: MLServer, name: str) -> dict[str, Any]:
         grpc_labels, grpc_proba = result.as_numpy("predict"), result.as_numpy("predict_proba")
     finally:
         client.close()
+    # MLServer answers `predict` as [n, 1] (ours: [n]): compare values, report shapes.
+    rest_labels = np.asarray(rest["predict"]["data"]).ravel()
     rest_proba = np.asarray(rest["predict_proba"]["data"]).reshape(proba.shape)
     report = {
         "model": name,
-        "default_outputs": default.json()["outputs"],
+        "default_outputs": [
+            {k: o[k] for k in ("name", "datatype", "shape", "data")}
+            for o in default.json()["outputs"]
+        ],
         "both_outputs": [{k: o[k] for k in ("name", "datatype", "shape")} for o in rest.values()],
+        "grpc_shapes": {"predict": grpc_labels.shape, "predict_proba": grpc_proba.shape},
         "ours": {"predict": labels.tolist(), "predict_proba": proba.tolist()},
-        "rest_match": rest["predict"]["data"] == labels.tolist()
+        "default_match": default.json()["outputs"][0]["data"] == labels.tolist(),
+        "rest_match": rest_labels.tolist() == labels.tolist()
         and np.allclose(rest_proba, proba, rtol=0, atol=1e-6),
-        "grpc": {"predict": grpc_labels.tolist(), "predict_proba": grpc_proba.tolist()},
-        "grpc_match": grpc_labels.tolist() == labels.tolist()
-        and np.allclose(grpc_proba, proba, rtol=0, atol=1e-6),
+        "grpc_match": grpc_labels.ravel().tolist() == labels.tolist()
+        and np.allclose(grpc_proba.reshape(proba.shape), proba, rtol=0, atol=1e-6),
     }
-    report["default_match"] = report["default_outputs"][0]["data"] == labels.tolist()
     return report
 
 
@@ -295,7 +300,7 @@ def check(repo: Path, models: Sequence[str]) -> bool:
         print(f"MLServer ready at {server.url} (gRPC {server.grpc_url})", flush=True)
         for name in served:
             report = check_model(server, name)
-            print(json.dumps(report, indent=2), flush=True)
+            print(json.dumps(report), flush=True)
             ok &= report["rest_match"] and report["grpc_match"] and report["default_match"]
     return ok
 
