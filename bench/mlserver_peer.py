@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.server import ROOT, free_port
+from bench.server import ROOT, ServerProcess, free_port
 
 VENV = ROOT / ".venv-mlserver"
 STAMP = VENV / ".servery-peer-installed"
@@ -157,29 +156,10 @@ def prepare_repository(models: Sequence[str], dest: Path) -> list[str]:
 
 
 @dataclass
-class MLServer:
+class MLServer(ServerProcess):
     """A running ``mlserver start`` (own process group); ``url`` REST, ``grpc_url`` gRPC."""
 
-    url: str
-    grpc_url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, timeout: float = 30) -> None:
-        """Stop MLServer and every worker it started (its process group)."""
-        if self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+    grpc_url: str = ""
 
 
 def start_mlserver(repo: Path, venv: Path = VENV, ready_timeout: float = 120) -> MLServer:

@@ -29,20 +29,12 @@ def free_port() -> int:
 
 
 @dataclass
-class Server:
-    """A running ``bentoml serve`` of the Bento; ``url`` is its base URL."""
+class ServerProcess:
+    """A server started in its own process group, logging to ``log``."""
 
     url: str
     proc: subprocess.Popen[bytes]
     log: Path
-    env: dict[str, str] = field(repr=False)
-    grpc_port: int | None = None
-    """Port of the router's OIP gRPC server (``SERVERY_GRPC_PORT``)."""
-
-    @property
-    def grpc_url(self) -> str:
-        """``host:port`` of the OIP gRPC server, as gRPC clients take it."""
-        return f"127.0.0.1:{self.grpc_port}"
 
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -59,6 +51,20 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+@dataclass
+class Server(ServerProcess):
+    """A running ``bentoml serve`` of the Bento; ``url`` is its base URL."""
+
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    grpc_port: int | None = None
+    """Port of the router's OIP gRPC server (``SERVERY_GRPC_PORT``)."""
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the OIP gRPC server, as gRPC clients take it."""
+        return f"127.0.0.1:{self.grpc_port}"
 
 
 def start_server(
