@@ -6,9 +6,12 @@ any app, and stays cheap: torch and xgboost load only when a model of theirs is 
 
 from __future__ import annotations
 
-from services import patches
+from services import fastpath, patches
+from services.settings import SETTINGS
 
 patches.apply()
+if SETTINGS.fast_path and not SETTINGS.trace_predictions:
+    fastpath.install(timeout_s=SETTINGS.request_timeout_s)
 
 from services.router import Router  # noqa: E402
 from services.sklearn_service import SklearnService  # noqa: E402

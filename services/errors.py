@@ -74,6 +74,13 @@ class ModelNotReady(ServeryError):
     error_type = "model_not_ready"
 
 
+class RequestTimeout(ServeryError):
+    """The request was not answered within the traffic timeout; its work is cancelled."""
+
+    status_code = 504
+    error_type = "timeout"
+
+
 class Overloaded(ServeryError):
     status_code = 503
     error_type = "overloaded"

@@ -31,3 +31,9 @@ REQUESTS = Counter(
 )
 
 UNKNOWN_MODEL = "_unknown"
+REQUEST_SECONDS = Histogram(
+    "servery_request_duration_seconds",
+    "End-to-end time of prediction requests on the router's fast path, by route",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)

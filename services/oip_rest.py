@@ -203,7 +203,8 @@ def encode_infer_response(
     )
 
 
-async def _infer(request: Request, name: str, version: str | None) -> Response:
+async def infer_request(request: Request, name: str, version: str | None) -> Response:
+    """Serve one infer request (also called by services.fastpath, outside FastAPI)."""
     model, model_version = metrics.UNKNOWN_MODEL, ""
     try:
         registry = _registry(request)
@@ -225,13 +226,13 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
 @router.post("/models/{name}/infer", summary="OIP V2 inference", **INFER_ROUTE)
 async def infer(request: Request, name: str) -> Response:
     """Infer with the served version of model ``name`` (JSON or binary tensors)."""
-    return await _infer(request, name, None)
+    return await infer_request(request, name, None)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="OIP V2 inference", **INFER_ROUTE)
 async def infer_version(request: Request, name: str, version: str) -> Response:
     """Infer with model ``name`` at ``version`` (404 unless that version is served)."""
-    return await _infer(request, name, version)
+    return await infer_request(request, name, version)
 
 
 @router.get("", response_model=V2ServerMetadata, summary="OIP server metadata")

@@ -214,6 +214,9 @@ def _remote(dependency: Any, framework: Framework) -> RemotePredict:
 class Router:
     """Entry service: validates, micro-batches and routes every prediction."""
 
+    # services/fastpath.py serves this service's prediction routes outside BentoML's middleware.
+    __servery_fast_path__ = True
+
     sklearn = bentoml.depends(SklearnService)
     xgboost = bentoml.depends(XGBoostService)
     torch = bentoml.depends(TorchService)

@@ -165,3 +165,25 @@ def test_service_placement_rejects_bad_rows_before_the_service(server) -> None:
     assert_error(
         post(server, {"model": "iris-svc", "inputs": [[1, 2, 3, None]]}), 422, "invalid_input"
     )
+
+
+def test_prediction_routes_take_the_fast_path(server) -> None:
+    """/predict and /v2 infer skip BentoML's middleware and record servery's own metrics."""
+    row = [5.1, 3.5, 1.4, 0.2]
+    assert post(server, {"model": "iris", "inputs": [row]}).status_code == 200
+    infer = {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": row}]}
+    assert httpx.post(f"{server.url}/v2/models/iris/infer", json=infer).status_code == 200
+    assert httpx.get(f"{server.url}/models").status_code == 200
+    text = httpx.get(f"{server.url}/metrics").text
+    for route in ("/predict", "/v2/models/infer"):
+        assert f'servery_request_duration_seconds_count{{route="{route}"}}' in text
+    # BentoML's traffic middleware still counts the other routes, but never the fast ones.
+    bentoml_lines = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("bentoml_service_request_total") and 'runner_name="router"' in ln
+    ]
+    assert any('endpoint="/models"' in ln for ln in bentoml_lines)
+    assert not any('endpoint="/predict"' in ln or "/infer" in ln for ln in bentoml_lines)
+    log = server.log.read_text()
+    assert "(scheme=http,method=POST,path=/predict) (status=200" in log

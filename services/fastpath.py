@@ -1,0 +1,156 @@
+"""The router's fast path: prediction routes served without BentoML's per-request middleware.
+
+On this project's 2-core machines BentoML's front end, not the model, bounds throughput: a py-spy
+profile of the router at c=64 put the ``/predict`` handler and the model at about 11 % of the
+CPU, and BentoML's middleware stack (request context, traffic metrics, OpenTelemetry, access log,
+timeout, routing into the mounted app) at most of the rest (STACK.md, "Where the time goes").
+BentoML offers no per-route way out of that stack (``add_asgi_middleware`` runs inside it), so
+this module wraps the router's ASGI app as BentoML builds it: ``POST /predict`` and
+``POST /v2/models/{name}[/versions/{version}]/infer`` go straight to the same FastAPI handler
+functions, and everything else (lifespan, health, metrics, docs, model listing, errors for other
+methods) goes through BentoML untouched.
+
+What the bypassed middleware did is kept where it matters, at a fraction of the cost: the handlers
+count requests per model/version/status (``servery_requests_total``), this module records the
+latency per route (``servery_request_duration_seconds``) and writes one access-log line per
+request to BentoML's ``bentoml.access`` logger (when BentoML's access log is on), and a request
+not answered within ``SERVERY_REQUEST_TIMEOUT_S`` is cancelled and answered 504. Not kept: an
+OpenTelemetry span per request (``SERVERY_TRACE_PREDICTIONS=true`` turns the fast path off) and
+BentoML's own ``bentoml_service_request_*`` series for these two routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services import metrics
+from services.errors import RequestTimeout
+
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+# A route handler: the parsed request and the path's match -> the response (never raises).
+Handler = Callable[[Request, "re.Match[str]"], Awaitable[Response]]
+# Maps a timeout to the route's own error envelope.
+OnTimeout = Callable[[RequestTimeout], Response]
+
+
+class Route:
+    """One fast-path route: a POST path pattern, its handler and its timeout answer."""
+
+    def __init__(self, name: str, pattern: str, handler: Handler, on_timeout: OnTimeout) -> None:
+        self.name = name
+        self.pattern = re.compile(pattern)
+        self.handler = handler
+        self.on_timeout = on_timeout
+        self.seconds = metrics.REQUEST_SECONDS.labels(name)
+
+
+class FastPath:
+    """ASGI wrapper: POSTs matching ``routes`` skip ``app``'s middleware; the rest pass through.
+
+    ``api`` is the FastAPI app whose handlers serve the routes (``request.app`` in them).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        api: Any,
+        routes: list[Route],
+        *,
+        timeout_s: float,
+        access_log: bool,
+    ) -> None:
+        self.app = app
+        self.api = api
+        self.routes = routes
+        self.timeout_s = timeout_s
+        self.access = logging.getLogger("bentoml.access") if access_log else None
+
+    def _match(self, scope: dict[str, Any]) -> tuple[Route, re.Match[str]] | None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return None
+        path = scope["path"]
+        for route in self.routes:
+            match = route.pattern.match(path)
+            if match is not None:
+                return route, match
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        found = self._match(scope)
+        if found is None:
+            return await self.app(scope, receive, send)
+        route, match = found
+        start = time.perf_counter()
+        scope["app"] = self.api  # what the FastAPI handlers read as request.app
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                response = await route.handler(Request(scope, receive), match)
+        except TimeoutError:
+            response = route.on_timeout(
+                RequestTimeout(f"request not answered within {self.timeout_s} s")
+            )
+        await response(scope, receive, send)
+        elapsed = time.perf_counter() - start
+        route.seconds.observe(elapsed)
+        if self.access is not None:
+            client = scope.get("client")
+            self.access.info(
+                "%s (scheme=%s,method=POST,path=%s) (status=%d,length=%s) %.3fms",
+                f"{client[0]}:{client[1]}" if client else "-",
+                scope.get("scheme", "http"),
+                scope["path"],
+                response.status_code,
+                response.headers.get("content-length", "-"),
+                elapsed * 1000.0,
+            )
+
+
+def prediction_routes() -> list[Route]:
+    """The router's two prediction routes, served by the same functions as their FastAPI routes."""
+    from services import errors, oip_rest, router
+
+    async def predict(request: Request, _: re.Match[str]) -> Response:
+        return await router.predict(request)
+
+    async def infer(request: Request, match: re.Match[str]) -> Response:
+        return await oip_rest.infer_request(request, match["name"], match["version"])
+
+    return [
+        Route("/predict", r"^/predict$", predict, errors.error_response),
+        Route(
+            "/v2/models/infer",
+            r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$",
+            infer,
+            oip_rest.error_response,
+        ),
+    ]
+
+
+def install(*, timeout_s: float) -> None:
+    """Wrap the app BentoML builds for services marked ``__servery_fast_path__`` (the Router)."""
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from bentoml._internal.container import BentoMLContainer
+
+    original = ServiceAppFactory.__call__
+    if getattr(original, "__servery_fast_path__", False):
+        return
+
+    def __call__(self: Any) -> Any:
+        app = original(self)
+        if not (self.is_main and getattr(self.service.inner, "__servery_fast_path__", False)):
+            return app
+        from services.router import app as api
+
+        access = bool(BentoMLContainer.api_server_config.logging.access.enabled.get())
+        return FastPath(app, api, prediction_routes(), timeout_s=timeout_s, access_log=access)
+
+    __call__.__servery_fast_path__ = True  # type: ignore[attr-defined]
+    ServiceAppFactory.__call__ = __call__  # type: ignore[method-assign]

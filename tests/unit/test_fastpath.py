@@ -1,0 +1,149 @@
+"""services.fastpath: which requests skip BentoML's middleware, timeouts, logging, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.errors import error_response, json_response
+from services.fastpath import FastPath, Route, prediction_routes
+
+
+def scope(method: str = "POST", path: str = "/predict", type_: str = "http") -> dict[str, Any]:
+    return {
+        "type": type_,
+        "method": method,
+        "path": path,
+        "scheme": "http",
+        "client": ("127.0.0.1", 5000),
+        "headers": [(b"content-type", b"application/json")],
+        "query_string": b"",
+    }
+
+
+async def receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b'{"x": 1}', "more_body": False}
+
+
+class Sent:
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+    @property
+    def status(self) -> int:
+        return self.messages[0]["status"]
+
+    @property
+    def body(self) -> Any:
+        return json.loads(b"".join(m.get("body", b"") for m in self.messages[1:]))
+
+
+class Inner:
+    """The BentoML app stand-in: records what reached it."""
+
+    def __init__(self) -> None:
+        self.scopes: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scopes.append(scope)
+        await json_response({"inner": True})(scope, receive, send)
+
+
+def make(handler_delay: float = 0.0, timeout_s: float = 5.0, access_log: bool = False):
+    seen: list[tuple[Any, dict[str, Any], bytes]] = []
+
+    async def handler(request: Request, match: re.Match[str]) -> Response:
+        seen.append((request.app, match.groupdict(), await request.body()))
+        await asyncio.sleep(handler_delay)
+        return json_response({"handled": match.groupdict()})
+
+    routes = [
+        Route("/predict", r"^/predict$", handler, error_response),
+        Route("t/infer", r"^/v2/models/(?P<name>[^/]+)/infer$", handler, error_response),
+    ]
+    inner = Inner()
+    api = object()
+    app = FastPath(inner, api, routes, timeout_s=timeout_s, access_log=access_log)
+    return app, inner, api, seen
+
+
+def call(app: FastPath, sc: dict[str, Any]) -> Sent:
+    sent = Sent()
+    asyncio.run(app(sc, receive, sent))
+    return sent
+
+
+def test_prediction_posts_skip_the_inner_app() -> None:
+    app, inner, api, seen = make()
+    sent = call(app, scope(path="/v2/models/iris/infer"))
+    assert sent.status == 200 and sent.body == {"handled": {"name": "iris"}}
+    assert inner.scopes == []
+    assert seen == [(api, {"name": "iris"}, b'{"x": 1}')]  # request.app is the FastAPI app
+
+
+@pytest.mark.parametrize(
+    "sc",
+    [
+        scope(method="GET"),
+        scope(path="/predict/extra"),
+        scope(path="/models"),
+        scope(path="/v2/models/iris/ready", method="GET"),
+        scope(type_="lifespan"),
+    ],
+)
+def test_everything_else_goes_through_bentoml(sc: dict[str, Any]) -> None:
+    app, inner, _, seen = make()
+    if sc["type"] == "lifespan":
+        asyncio.run(app(sc, receive, Sent()))
+    else:
+        assert call(app, sc).body == {"inner": True}
+    assert inner.scopes == [sc] and seen == []
+
+
+def test_slow_request_is_cancelled_and_answered_504() -> None:
+    app, *_ = make(handler_delay=5.0, timeout_s=0.05)
+    sent = call(app, scope())
+    assert sent.status == 504
+    assert sent.body["error"]["type"] == "timeout"
+
+
+def test_access_log_line_and_latency_metric(caplog: pytest.LogCaptureFixture) -> None:
+    app, *_ = make(access_log=True)
+    labels = {"route": "/predict"}
+    before = REGISTRY.get_sample_value("servery_request_duration_seconds_count", labels) or 0.0
+    with caplog.at_level(logging.INFO, logger="bentoml.access"):
+        call(app, scope())
+    after = REGISTRY.get_sample_value("servery_request_duration_seconds_count", labels)
+    assert after == before + 1
+    (record,) = [r for r in caplog.records if r.name == "bentoml.access"]
+    line = record.getMessage()
+    assert "127.0.0.1:5000" in line and "path=/predict" in line and "status=200" in line
+
+
+def test_no_access_log_when_bentoml_access_log_is_off(caplog: pytest.LogCaptureFixture) -> None:
+    app, *_ = make(access_log=False)
+    with caplog.at_level(logging.INFO, logger="bentoml.access"):
+        call(app, scope())
+    assert not [r for r in caplog.records if r.name == "bentoml.access"]
+
+
+def test_prediction_routes_patterns() -> None:
+    predict, infer = prediction_routes()
+    assert predict.pattern.match("/predict") and not predict.pattern.match("/predicts")
+    m = infer.pattern.match("/v2/models/iris/versions/abc/infer")
+    assert m is not None and m["name"] == "iris" and m["version"] == "abc"
+    m = infer.pattern.match("/v2/models/iris/infer")
+    assert m is not None and m["version"] is None
+    assert not infer.pattern.match("/v2/models/iris/ready")
+    assert not infer.pattern.match("/v2/models/a/b/infer")
