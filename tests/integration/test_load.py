@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
 
 from bench.loadgen import run_load
-from tests.integration.conftest import PLACEMENTS, dataset
+from bench.server import Server, start_server
+from tests.integration.conftest import MIXED_CONFIG, PLACEMENTS, dataset
 
 
 def batch_histogram(server, model: str) -> tuple[float, float, float]:
@@ -101,14 +103,32 @@ def test_one_bad_request_in_a_burst_fails_alone(server, local_predict) -> None:
     pytest.fail("requests never shared a batch in three bursts")
 
 
-def test_router_memory_does_not_grow_with_requests(server) -> None:
-    """RSS of the router workers is flat across thousands of requests.
+@pytest.fixture(scope="module")
+def bentoml_path_server(demo_store, tmp_path_factory) -> Iterator[Server]:
+    """The same Bento with the fast path off: /predict goes through BentoML's middleware."""
+    srv = start_server(
+        demo_store,
+        MIXED_CONFIG,
+        tmp_path_factory.mktemp("bentoml-path"),
+        env={"SERVERY_FAST_PATH": "false"},
+    )
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("path", ["fast", "bentoml"])
+def test_router_memory_does_not_grow_with_requests(request, path: str) -> None:
+    """RSS of the router workers is flat across thousands of requests, on both request paths.
 
     Calibrated here: with BentoML's TimeoutMiddleware timer leak (services/patches.py) the two
     workers grew ~20 MiB per 4,000 requests (~5 KB a request, held for traffic.timeout = 60 s);
-    patched, under 1 MiB.
+    patched, under 1 MiB. The "bentoml" case serves /predict through that middleware.
     """
     import psutil
+
+    server = request.getfixturevalue("server" if path == "fast" else "bentoml_path_server")
 
     workers = [
         p
@@ -127,3 +147,17 @@ def test_router_memory_does_not_grow_with_requests(server) -> None:
     start = phase()
     end = [phase() for _ in range(2)][-1]
     assert end - start < 4.0, f"router RSS grew {end - start:.1f} MiB over 8,000 requests"
+
+
+def test_bentoml_path_answers_like_the_fast_path(bentoml_path_server, local_predict) -> None:
+    """With SERVERY_FAST_PATH=false the same handlers answer through BentoML's middleware."""
+    rows = dataset("iris")[:5]
+    labels, _ = local_predict("iris", rows)
+    resp = httpx.post(
+        f"{bentoml_path_server.url}/predict", json={"model": "iris", "inputs": rows.tolist()}
+    )
+    assert resp.status_code == 200 and resp.json()["predictions"] == labels.tolist()
+    bad = httpx.post(f"{bentoml_path_server.url}/predict", json={"model": "nope", "inputs": [[1]]})
+    assert bad.status_code == 404 and bad.json()["error"]["type"] == "model_not_found"
+    text = httpx.get(f"{bentoml_path_server.url}/metrics").text
+    assert 'endpoint="/predict",http_response_code="200",runner_name="router"' in text
