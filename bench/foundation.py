@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import sys
@@ -38,7 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bench.report import fmt, run_line, table
+from bench.report import (
+    finish_run_arguments,
+    fmt,
+    run_arguments,
+    run_line,
+    table,
+    use_project_store,
+)
 from bench.report import machine as report_machine
 from bench.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
 
@@ -328,16 +334,10 @@ def machine(command: str, client: str) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(ALL_MODELS), help="comma-separated store names")
-    p.add_argument("--concurrency", default="1,16,64", help="comma-separated, default 1,16,64")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
-    p.add_argument("--quick", action="store_true", help="2 s runs, fewer in-process rows")
+    run_arguments(p, ",".join(ALL_MODELS), "2 s runs, fewer in-process rows")
     p.add_argument("--client", choices=("wrk", "aiohttp"), default="wrk")
     args = p.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    if args.quick:
-        args.duration = 2.0
+    finish_run_arguments(args)
     if args.client == "wrk" and wrk_path() is None:
         print(f"WARNING: {INSTALL_HINT}\nFalling back to --client aiohttp.", file=sys.stderr)
         args.client = "aiohttp"
@@ -348,9 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and write bench/out/foundation.json and bench/RESULTS.md."""
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
-    # Like `make`: the project's store unless the caller named one (set before BentoML loads).
-    home = Path(os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml")))
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    home = use_project_store(ROOT)
     meta = machine(" ".join(["python -m bench.foundation", *map(shlex.quote, raw)]), args.client)
     print(f"model store: {home / 'models'}; client: {meta['client']}", flush=True)
 

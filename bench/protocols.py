@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shlex
 import sys
@@ -43,7 +42,15 @@ from tritonclient.grpc import service_pb2 as pb
 from bench.foundation import N_BODIES, Subject, bodies, load_subject, logged_errors, verify
 from bench.grpc_load import infer_request, measure_grpc
 from bench.loadgen import LoadResult
-from bench.report import fmt, machine, run_line, table
+from bench.report import (
+    finish_run_arguments,
+    fmt,
+    machine,
+    run_arguments,
+    run_line,
+    table,
+    use_project_store,
+)
 from bench.server import Server, start_server
 from bench.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
 
@@ -288,15 +295,9 @@ def report(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated names")
-    p.add_argument("--concurrency", default="1,16,64", help="comma-separated, default 1,16,64")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
-    p.add_argument("--quick", action="store_true", help="2 s runs")
+    run_arguments(p, ",".join(DEFAULT_MODELS), "2 s runs")
     args = p.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    if args.quick:
-        args.duration = 2.0
+    finish_run_arguments(args)
     return args
 
 
@@ -304,9 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and write bench/out/protocols.json and bench/PROTOCOLS.md."""
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
-    # Like `make`: the project's store unless the caller named one (set before BentoML loads).
-    home = Path(os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml")))
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    home = use_project_store(ROOT)
     has_wrk = wrk_path() is not None
     if not has_wrk:
         print(f"WARNING: {INSTALL_HINT}\nnative REST runs through aiohttp.", file=sys.stderr)

@@ -58,3 +58,27 @@ def run_line(meta: dict[str, Any]) -> str:
         f"`{meta['command']}` — {meta['date']}; {meta['nproc']} CPUs ({meta['cpu']}); "
         f"Python {meta['python']}, BentoML {meta['bentoml']}; client {meta['client']}."
     )
+
+
+def run_arguments(parser: Any, default_models: str, quick_help: str) -> None:
+    """The options every benchmark takes: models, concurrency levels, run length."""
+    parser.add_argument("--models", default=default_models, help="comma-separated store names")
+    parser.add_argument("--concurrency", default="1,16,64", help="comma-separated, default 1,16,64")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+
+
+def finish_run_arguments(args: Any) -> Any:
+    """Split the comma-separated options; ``--quick`` means 2 s runs."""
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.quick:
+        args.duration = 2.0
+    return args
+
+
+def use_project_store(root: Path) -> Path:
+    """Like ``make``: the project's model store unless BENTOML_HOME names one (set before
+    BentoML loads); returns the store's home."""
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    return Path(os.environ.setdefault("BENTOML_HOME", str(root / ".bentoml")))
