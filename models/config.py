@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=65536)
     """Most rows the router's micro-batcher merges into one ``predict`` call."""
 
+    batch_hold_ms: float = Field(2.0, ge=0, le=100)
+    """How long the micro-batcher may hold a lone request for company when that pays (under load:
+    gRPC calls reach a router worker one at a time, so without a hold every call is its own
+    batch). Holds that gather nobody back off, so sequential traffic is almost never held. 0
+    turns holds off; uvloop timers have 1 ms resolution, so values under 1 mean off."""
+
     max_rows_per_request: int = Field(1024, ge=1)
     """Most rows one request may carry; more is rejected with 413."""
 

@@ -95,6 +95,7 @@ def build_registry(
             predict,
             max_batch_size=config.batch_size_of(entry, settings),
             is_async=is_async,
+            hold_s=settings.batch_hold_ms / 1000.0,
             on_batch=_batch_hook(info, placement),
         )
         served[entry.name] = ServedModel(info=info, placement=placement, batcher=batcher)

@@ -390,3 +390,128 @@ def test_broken_hook_or_result_never_leaves_a_request_hanging(is_async: bool, br
     else:  # a malformed result fails the request at once (not TimeoutError: it is answered)
         with pytest.raises((RuntimeError, TypeError)):
             asyncio.run(main())
+
+
+# --- holds: a lone request may wait for company under load --------------------------------------
+
+HOLD_S = 0.05  # long enough that "arrived during the hold" is unambiguous on a busy CI machine
+
+
+def test_hold_gathers_requests_arriving_on_later_ticks() -> None:
+    """Like gRPC calls: one per loop turn, a few ms apart; the hold merges them into one call."""
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=64, hold_s=HOLD_S)
+
+    async def main() -> None:
+        async def late(i: int) -> Result:
+            await asyncio.sleep(0.005 * i)
+            return await batcher.submit(rows(i + 1))
+
+        results = await asyncio.gather(*(late(i) for i in range(4)))
+        for i, r in enumerate(results):
+            check_own_rows(rows(i + 1), r)
+
+    run(main())
+    assert predict.sizes == [4]
+    assert (batcher.holds, batcher.useful_holds) == (1, 1)
+
+
+def test_without_hold_later_ticks_are_separate_batches() -> None:
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=64)
+
+    async def main() -> None:
+        async def late(i: int) -> Result:
+            await asyncio.sleep(0.005 * i)
+            return await batcher.submit(rows(i + 1))
+
+        await asyncio.gather(*(late(i) for i in range(4)))
+
+    run(main())
+    assert predict.sizes == [1, 1, 1, 1]
+    assert batcher.holds == 0
+
+
+def test_wasted_holds_back_off_for_sequential_traffic() -> None:
+    """c=1: each hold gathers nobody, so the batcher holds after 1, 2, 4, ... skipped flushes."""
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=64, hold_s=0.001)
+
+    async def main() -> None:
+        for i in range(40):
+            check_own_rows(rows(i), await batcher.submit(rows(i)))
+
+    run(main())
+    assert predict.sizes == [1] * 40
+    # held: request 1, then after skipping 1, 2, 4, 8, 16 flushes: requests 3, 6, 11, 20, 37
+    assert (batcher.holds, batcher.useful_holds) == (6, 0)
+
+
+def test_useful_hold_resets_the_backoff() -> None:
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=64, hold_s=HOLD_S)
+
+    async def main() -> None:
+        for i in range(3):  # holds at 1 and 3 waste; the backoff is now 2 flushes
+            await batcher.submit(rows(i))
+        await batcher.submit(rows(3))  # skipped (backoff 2 -> 1)
+        await batcher.submit(rows(4))  # skipped (backoff 1 -> 0)
+
+        async def late(i: int) -> Result:
+            await asyncio.sleep(0.005 * i)
+            return await batcher.submit(rows(10 + i))
+
+        await asyncio.gather(*(late(i) for i in range(3)))  # held, gathers 3: backoff reset
+        await asyncio.gather(*(late(i) for i in range(2)))  # held again at once, gathers 2
+
+    run(main())
+    assert predict.sizes == [1, 1, 1, 1, 1, 3, 2]
+    assert (batcher.holds, batcher.useful_holds) == (4, 2)
+
+
+def test_hold_ends_early_when_a_full_batch_waits() -> None:
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=4, hold_s=10.0)  # run() gives up after 5 s
+
+    async def main() -> None:
+        async def late(i: int) -> Result:
+            await asyncio.sleep(0.002 * i)
+            return await batcher.submit(rows(i))
+
+        await asyncio.gather(*(late(i) for i in range(4)))
+
+    run(main())
+    assert predict.sizes == [4]
+
+
+def test_several_requests_on_the_first_tick_are_not_held() -> None:
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=64, hold_s=10.0)
+
+    async def main() -> None:
+        await asyncio.gather(*(batcher.submit(rows(i)) for i in range(3)))
+
+    run(main())
+    assert predict.sizes == [3]
+    assert batcher.holds == 0
+
+
+def test_async_batchers_never_hold() -> None:
+    calls: list[int] = []
+
+    async def predict(x: np.ndarray) -> Result:
+        calls.append(len(x))
+        return x.sum(axis=1), x * 10
+
+    batcher = MicroBatcher(predict, max_batch_size=64, is_async=True, hold_s=10.0)
+
+    async def main() -> None:
+        check_own_rows(rows(1), await batcher.submit(rows(1)))
+
+    run(main())
+    assert calls == [1] and batcher.holds == 0
+
+
+def test_negative_hold_is_rejected() -> None:
+    with pytest.raises(ValueError, match="hold_s must be >= 0"):
+        MicroBatcher(RowSums(), max_batch_size=4, hold_s=-1)
