@@ -183,7 +183,18 @@ def _sklearn_predictor(estimator: Any, threads: int) -> Predictor:
         )
     if hasattr(estimator, "n_jobs"):
         estimator.n_jobs = threads
-    return estimator.predict_proba
+    import sklearn
+
+    predict_proba = estimator.predict_proba
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        # Rows reaching a runtime are already validated (runtimes.to_matrix: finite numbers of
+        # the right shape), so sklearn's own finiteness scan and parameter validation are skipped:
+        # about 20 % of a one-row LogisticRegression call (112 -> 90 us here).
+        with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+            return predict_proba(x)
+
+    return predict
 
 
 def _xgboost_predictor(booster: Any, threads: int) -> Predictor:
