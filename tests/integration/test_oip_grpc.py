@@ -213,6 +213,43 @@ def test_async_client_many_concurrent_infers(server, local_predict) -> None:
     assert batches < len(rows), "no two gRPC calls shared a batch"
 
 
+def grpc_timed_calls(server) -> float:
+    """``servery_request_duration_seconds_count{route="grpc:ModelInfer"}`` on /metrics."""
+    text = httpx.get(f"{server.url}/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("servery_request_duration_seconds_count{") and (
+            'route="grpc:ModelInfer"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_infer_calls_are_timed_and_access_logged(server, client) -> None:
+    """Each ModelInfer, answered or refused, lands in the latency histogram and the access log."""
+    rows = dataset("iris")[:1]
+    marker = f"test-{time.time_ns()}"  # a model name no other test uses
+    before_timed = grpc_timed_calls(server)
+    before_log = server.log.read_text(errors="replace").count("scheme=grpc,method=ModelInfer")
+    for _ in range(5):
+        client.infer("iris", [infer_input(rows, "FP64")])
+    with pytest.raises(InferenceServerException):
+        client.infer(marker, [infer_input(rows, "FP64")])
+    assert grpc_timed_calls(server) - before_timed == 6
+    deadline = time.monotonic() + 10  # the log file is written by the worker processes
+    while time.monotonic() < deadline:
+        log = server.log.read_text(errors="replace")
+        lines = [x for x in log.splitlines() if "scheme=grpc,method=ModelInfer" in x]
+        if len(lines) - before_log >= 6:
+            break
+        time.sleep(0.2)
+    new = lines[before_log:]
+    assert sum("model=iris," in x and "(status=200)" in x for x in new) >= 5
+    # an unknown model is logged under the bounded placeholder, never the client's string
+    assert any("model=_unknown," in x and "(status=404)" in x for x in new)
+    assert not any(marker in x for x in new)
+
+
 def test_grpc_and_rest_requests_share_the_batchers(server, meta, local_predict) -> None:
     """~200 gRPC and ~200 REST /predict requests for one model at once: all exact, batched."""
     name = "iris"
