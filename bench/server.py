@@ -117,12 +117,15 @@ def start_server(
         grpc_port=int(full_env["SERVERY_GRPC_PORT"]),
     )
     deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
-        time.sleep(0.3)
-    server.stop()
-    raise RuntimeError(f"server not ready after {ready_timeout}s:\n{server.log_tail()}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                    return server
+            time.sleep(0.3)
+        raise RuntimeError(f"server not ready after {ready_timeout}s:\n{server.log_tail()}")
+    except BaseException:  # a timeout, Ctrl-C or any error while waiting: never leak a server
+        server.stop()
+        raise
