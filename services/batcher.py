@@ -15,7 +15,13 @@ uvloop's resolution is 1 ms, so shorter holds are no holds). A hold that gathers
 wasted: the batcher then skips the next 1, 2, 4, ... up to ``MAX_BACKOFF`` single-request
 flushes before it tries again, so sequential traffic (c=1) is almost never held, while under
 load holds keep paying and stay on. A hold ends early once ``max_batch_size`` rows are waiting.
-Batches of two or more at the first tick (REST under load) are flushed at once, as before.
+
+The same hold covers clients coming back. Under load the requests of one batch are answered
+together and their clients (closed loop: each waits for its answer) send the next requests within
+a round trip, a few at a time: a flush on the next tick would pay a model call for the first few
+and another for the rest right after. So a flush that finds fewer than half as many requests as
+the previous batch had waits ``hold_s`` too (measured with the 8.5 M-parameter MLP at c=64: mean
+batch 10 -> 16 rows, +20 % req/s). Sequential traffic (batches of one) is never held by this rule.
 
 Batches are bounded: requests are packed in arrival order into chunks of at most
 ``max_batch_size`` rows; a single request larger than that forms a chunk of its own (requests are
@@ -82,6 +88,7 @@ class MicroBatcher:
         # Remote (async) batchers already gather while a batch is in flight: no holds there.
         self._hold_s = 0.0 if is_async else hold_s
         self._hold: asyncio.TimerHandle | None = None
+        self._last_batch = 0  # requests in the previous flush
         self._backoff = 0  # single-request flushes to skip before the next hold
         self._next_backoff = 1
         self.holds = 0
@@ -132,13 +139,22 @@ class MicroBatcher:
             yield chunk
 
     def _flush(self, held: bool = False) -> None:
-        if self._hold_s and not held and len(self._pending) == 1:
-            if self._backoff:
-                self._backoff -= 1
-            else:
+        n = len(self._pending)
+        if self._hold_s and not held and n < self._max:
+            if 2 * n < self._last_batch:
+                # The requests of the last batch were answered and most have not come back yet:
+                # in a closed loop they are on their way, so wait for them instead of paying a
+                # model call for a handful now and another for the rest right after.
                 self._hold = asyncio.get_running_loop().call_later(self._hold_s, self._end_hold)
                 return
+            if n == 1:
+                if self._backoff:
+                    self._backoff -= 1
+                else:  # probe: does a lone request find company?
+                    self._hold = asyncio.get_running_loop().call_later(self._hold_s, self._end_hold)
+                    return
         self._scheduled = False
+        self._last_batch = n
         pending, self._pending = self._pending, []
         chunks = list(self._chunks(pending))
         for n, chunk in enumerate(chunks):

@@ -515,3 +515,26 @@ def test_async_batchers_never_hold() -> None:
 def test_negative_hold_is_rejected() -> None:
     with pytest.raises(ValueError, match="hold_s must be >= 0"):
         MicroBatcher(RowSums(), max_batch_size=4, hold_s=-1)
+
+
+def test_closed_loop_clients_coming_back_are_awaited() -> None:
+    """After a batch of 8 is answered, its clients return a few ms apart: one batch, not four."""
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=64, hold_s=HOLD_S)
+
+    async def main() -> None:
+        await asyncio.gather(*(batcher.submit(rows(i)) for i in range(8)))
+
+        async def back(i: int) -> Result:
+            await asyncio.sleep(0.003 * i)
+            return await batcher.submit(rows(i))
+
+        # two arrive on the first tick: the lone-request probe would not hold them (n > 1),
+        # but 2 * 2 < 8 (the last batch) does, and the three that follow join them
+        results = await asyncio.gather(
+            batcher.submit(rows(9)), batcher.submit(rows(10)), *(back(i) for i in range(1, 4))
+        )
+        check_own_rows(rows(9), results[0])
+
+    run(main())
+    assert predict.sizes == [8, 5]
