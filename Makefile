@@ -11,7 +11,7 @@
 #               On a GPU machine: make serve TORCH_SPEC=torch==2.13.0
 #   HOST, PORT  where `make serve` listens (default 127.0.0.1:3000)
 #   BENTOML_HOME  the model store; project-local and git-ignored by default
-#   BENCH_ARGS  extra arguments for `make bench` / `make bench-protocols`
+#   BENCH_ARGS  extra arguments for `make bench` / `make bench-protocols` / `make bench-peers`
 #               (e.g. BENCH_ARGS="--quick --models iris")
 
 PYTHON ?= python3.11
@@ -25,7 +25,7 @@ export BENTOML_DO_NOT_TRACK ?= True
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.servery-installed
 
-.PHONY: serve test models models-large bench bench-protocols peer-mlserver lint clean help
+.PHONY: serve test models models-large bench bench-protocols bench-peers peer-mlserver lint clean help
 
 help:
 	@awk '/^#/ {print; next} {exit}' Makefile
@@ -64,7 +64,7 @@ bench: models-large
 		echo "wrk not installed (apt-get install -y wrk); falling back to the Python client"
 	$(PY) -m bench.foundation $(BENCH_ARGS)
 
-# Native REST vs OIP V2 REST vs OIP V2 gRPC on one router (bench/PROTOCOLS.md).
+# Native REST vs OIP V2 REST vs OIP V2 gRPC on one router (bench/RESULTS.md, "protocols" section).
 bench-protocols: models-large
 	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
 		echo "wrk not installed (apt-get install -y wrk); falling back to the Python client"
@@ -73,6 +73,15 @@ bench-protocols: models-large
 # MLServer 1.7 (the peer of issue 4) in its own venv, .venv-mlserver (bench/mlserver_peer.py).
 peer-mlserver: $(STAMP)
 	$(PY) -m bench.mlserver_peer --setup
+
+# servery vs MLServer vs bare uvicorn + Starlette, OIP V2 REST (wrk) and gRPC (h2load), c=1/16/64,
+# 3 repeats (bench/RESULTS.md, "peers" section). About 15 minutes.
+bench-peers: models-large peer-mlserver
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
+		{ echo "bench-peers needs wrk: apt-get install -y wrk"; exit 1; }
+	@command -v h2load >/dev/null 2>&1 || apt-get install -y nghttp2-client >/dev/null 2>&1 || \
+		{ echo "bench-peers needs h2load: apt-get install -y nghttp2-client"; exit 1; }
+	$(PY) -m bench.peers $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

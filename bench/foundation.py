@@ -15,8 +15,9 @@ concurrency, through:
 
 One router serves (a), (b) and (d); then one standalone service per framework serves (c); never
 two servers at once. Each configuration is checked with one request (200, the in-process
-prediction) before it is loaded. Writes bench/out/foundation.json (raw numbers) and
-bench/RESULTS.md. The store is $BENTOML_HOME (default: the project's .bentoml, as ``make`` sets).
+prediction) before it is loaded. Writes bench/out/foundation.json (raw numbers) and the
+"foundation" section of bench/RESULTS.md. The store is $BENTOML_HOME (default: the project's
+.bentoml, as ``make`` sets).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from bench.report import (
     run_line,
     table,
     use_project_store,
+    write_section,
 )
 from bench.report import machine as report_machine
 from bench.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
@@ -383,14 +385,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
     checks = [{"result": mark, "target": what} for mark, what in target_checks(results)]
     OUT_JSON.write_text(json.dumps({**meta, "models": results, "targets": checks}, indent=2))
-    RESULTS_MD.write_text(
-        "# Foundation benchmark\n\n"
+    write_section(
+        RESULTS_MD,
+        "foundation",
+        "## Foundation benchmark\n\n"
         f"{run_line(meta)}\n\n"
         "Single-row requests; req/s (successful 2xx answers per second: fast 503s are not "
         "throughput) and latency per configuration and concurrency; ratios of req/s measured in "
         "this run against (c), the framework service called directly, and (d), the router with "
         "batching off; `err` counts every non-2xx answer and socket error. Raw numbers: "
-        "`bench/out/foundation.json`.\n\n" + report(results, args.concurrency, markdown=True)
+        "`bench/out/foundation.json`.\n\n" + report(results, args.concurrency, markdown=True),
     )
     print(f"wrote {OUT_JSON.relative_to(ROOT)} and {RESULTS_MD.relative_to(ROOT)}")
     return 0

@@ -160,6 +160,7 @@ class MLServer(ServerProcess):
     """A running ``mlserver start`` (own process group); ``url`` REST, ``grpc_url`` gRPC."""
 
     grpc_url: str = ""
+    metrics_url: str = ""
 
 
 def start_mlserver(repo: Path, venv: Path = VENV, ready_timeout: float = 120) -> MLServer:
@@ -180,6 +181,7 @@ def start_mlserver(repo: Path, venv: Path = VENV, ready_timeout: float = 120) ->
     server = MLServer(
         url=f"http://127.0.0.1:{settings['http_port']}",
         grpc_url=f"127.0.0.1:{settings['grpc_port']}",
+        metrics_url=f"http://127.0.0.1:{settings['metrics_port']}{settings['metrics_endpoint']}",
         proc=proc,
         log=log,
     )

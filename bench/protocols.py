@@ -18,7 +18,7 @@ wrk is compiled; the two Python clients take CPU from the server on a 2-core mac
 compared with OIP REST *through the Python client* (ratio gRPC/REST), and OIP REST with native REST
 through wrk (ratio OIP-REST/native). Every protocol is checked with one request (the in-process
 prediction for that row) before it is loaded. Writes bench/out/protocols.json (raw numbers) and
-bench/PROTOCOLS.md.
+the "protocols" section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -50,13 +50,14 @@ from bench.report import (
     run_line,
     table,
     use_project_store,
+    write_section,
 )
 from bench.server import Server, start_server
 from bench.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_JSON = ROOT / "bench" / "out" / "protocols.json"
-RESULTS_MD = ROOT / "bench" / "PROTOCOLS.md"
+RESULTS_MD = ROOT / "bench" / "RESULTS.md"
 DEFAULT_MODELS = ("iris", "breast_cancer_large")
 PROTOCOLS = {
     "native": "native REST wrk",
@@ -302,7 +303,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark and write bench/out/protocols.json and bench/PROTOCOLS.md."""
+    """Run the benchmark; write bench/out/protocols.json and bench/RESULTS.md ("protocols")."""
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
     home = use_project_store(ROOT)
@@ -348,14 +349,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
     record = {**meta, "note": PY_CLIENT_NOTE, "protocols": labels, "models": results}
     OUT_JSON.write_text(json.dumps(record, indent=2))
-    RESULTS_MD.write_text(
-        "# Protocols benchmark\n\n"
+    write_section(
+        RESULTS_MD,
+        "protocols",
+        "## Protocols benchmark\n\n"
         f"{run_line(meta)}\n\n"
         "One router, every model inline; single-row requests per protocol and concurrency: "
         "successful answers per second, latency, and `err` (every non-OK answer or socket "
         "error); ratios of ok req/s measured in this run; client CPU is the cores the load "
         "generator itself used (wrk, or this Python process). Raw numbers: "
-        "`bench/out/protocols.json`.\n\n" + report(results, labels, args.concurrency, markdown=True)
+        "`bench/out/protocols.json`.\n\n"
+        + report(results, labels, args.concurrency, markdown=True),
     )
     print(f"wrote {OUT_JSON.relative_to(ROOT)} and {RESULTS_MD.relative_to(ROOT)}")
     return 0

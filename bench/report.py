@@ -82,3 +82,21 @@ def use_project_store(root: Path) -> Path:
     BentoML loads); returns the store's home."""
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
     return Path(os.environ.setdefault("BENTOML_HOME", str(root / ".bentoml")))
+
+
+def write_section(path: Path, key: str, markdown: str) -> None:
+    """Replace the section ``key`` of the Markdown file ``path`` (or append it), keeping the rest.
+
+    Each benchmark owns one section of bench/RESULTS.md, delimited by HTML comments, so running
+    one benchmark never erases another's tables.
+    """
+    start, end = f"<!-- bench:{key} -->", f"<!-- /bench:{key} -->"
+    block = f"{start}\n{markdown.rstrip()}\n{end}\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip() + "\n\n" + block
+    path.write_text(text)

@@ -1,0 +1,82 @@
+"""The baseline of issue 4: bare uvicorn + Starlette serving servery's own OIP V2 REST handler.
+
+No BentoML: one Starlette route, ``POST /v2/models/{name}/infer``, calls the router's handler
+(:func:`services.oip_rest.infer_request`: the same parsing, validation, :class:`MicroBatcher`,
+runtime and encoding), with the models loaded inline from the same model config and store, in the
+same number of uvicorn workers (uvloop + httptools) as the router. What remains is what a Python
+HTTP front end costs at the least on this machine, so servery's req/s over this server's is the
+share of that limit BentoML leaves us (target: at least 0.5x).
+
+    python -m bench.bare_server --models-file models.yaml --port 3100 --workers 2
+
+``GET /v2/health/ready`` answers 200 once the worker has loaded its models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+ENV_MODELS_FILE = "SERVERY_MODELS_FILE"
+
+
+def create_app() -> Any:
+    """The Starlette app (a uvicorn factory: each worker builds its own registry)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from models.config import load_model_config
+    from services import oip_rest
+    from services.registry import build_registry
+    from services.settings import SETTINGS
+
+    config = load_model_config(SETTINGS.models_file)
+    registry = build_registry(config, SETTINGS, remote={})
+
+    async def infer(request: Request) -> Response:
+        return await oip_rest.infer_request(request, request.path_params["name"], None)
+
+    async def ready(_: Request) -> Response:
+        return JSONResponse({"ready": True})
+
+    app = Starlette(
+        routes=[
+            Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+            Route("/v2/health/ready", ready, methods=["GET"]),
+        ]
+    )
+    app.state.registry = registry
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import uvicorn
+
+    p = argparse.ArgumentParser(prog="python -m bench.bare_server", description=__doc__)
+    p.add_argument("--models-file", required=True, help="model config (inline models only)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+    os.environ[ENV_MODELS_FILE] = args.models_file  # read by each worker's Settings
+    uvicorn.run(
+        "bench.bare_server:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level="warning",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
