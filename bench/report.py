@@ -48,7 +48,7 @@ def machine(command: str, client: str | None) -> dict[str, Any]:
         "python": platform.python_version(),
         "bentoml": version("bentoml"),
         "client": client,
-        "bentoml_home": os.environ["BENTOML_HOME"],
+        "bentoml_home": os.environ.get("BENTOML_HOME"),
     }
 
 
