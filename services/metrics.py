@@ -37,3 +37,35 @@ REQUEST_SECONDS = Histogram(
     ["route"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+
+GC_PAUSE_SECONDS = Histogram(
+    "servery_gc_pause_seconds",
+    "Time the router worker spent in each garbage collection, by generation",
+    ["generation"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+
+
+def watch_gc() -> None:
+    """Record every collection's pause in ``servery_gc_pause_seconds`` (idempotent).
+
+    A stop-the-world collection stalls every request of the worker; this shows whether pauses grow
+    with the number of requests served (they should not: the heap is frozen after start-up, see
+    services.patches.freeze_heap). Cost: two calls into this callback per collection.
+    """
+    import gc
+    import time
+
+    if any(getattr(cb, "__servery_gc__", False) for cb in gc.callbacks):
+        return
+    children = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            children[info["generation"]].observe(time.perf_counter() - started[0])
+
+    on_gc.__servery_gc__ = True  # type: ignore[attr-defined]
+    gc.callbacks.append(on_gc)

@@ -231,6 +231,7 @@ class Router:
         self.registry = build_registry(config, SETTINGS, remote)
         app.state.registry = self.registry
         freeze_heap()
+        metrics.watch_gc()
 
     @bentoml.on_startup
     async def _start_grpc(self) -> None:
