@@ -11,7 +11,7 @@ to ``xgboost-cpu`` (its ``xgboost`` requirement pulls the CUDA/NCCL wheel) and `
 the interpreter running this module, so the pickled/serialised models load identically.
 
 The repository serves iris (``mlserver_sklearn.SKLearnModel``) and breast_cancer_large (the
-1,000-tree XGBoost, ``mlserver_xgboost.XGBoostModel``) from $BENTOML_HOME (default the project's
+300-tree XGBoost, ``mlserver_xgboost.XGBoostModel``) from $BENTOML_HOME (default the project's
 ``.bentoml``) with adaptive batching ``max_batch_size 64`` / ``max_batch_time 0.01``. PyTorch
 models have no MLServer runtime installed here and are skipped.
 """

@@ -96,11 +96,14 @@ class Peer:
         for metric, labels, value in METRIC_LINE.findall(text):
             fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
             if metric == "servery_requests_total":  # servery: HTTP-equivalent status per model
-                bad = fields.get("model") == model and fields.get("status") != "200"
+                # 499: the client reset the stream (h2load does so for the calls in flight when
+                # its time is up); a client's choice, not a failure of the server
+                bad = fields.get("model") == model and fields.get("status") not in ("200", "499")
             elif metric == "model_infer_request_failure_total":  # MLServer, per model
                 bad = fields.get("model") == model
             elif metric == "grpc_server_handled_total":  # MLServer's gRPC interceptor
-                bad = fields.get("grpc_method") == "ModelInfer" and fields.get("grpc_code") != "OK"
+                code = fields.get("grpc_code")
+                bad = fields.get("grpc_method") == "ModelInfer" and code not in ("OK", "CANCELLED")
             else:
                 bad = False
             total += float(value) if bad else 0.0
