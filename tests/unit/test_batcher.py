@@ -538,3 +538,21 @@ def test_closed_loop_clients_coming_back_are_awaited() -> None:
 
     run(main())
     assert predict.sizes == [8, 5]
+
+
+def test_coming_back_hold_ends_once_the_last_batch_is_back() -> None:
+    """No waiting out the timer when everyone expected has arrived (run() gives up after 5 s)."""
+    predict = RowSums()
+    batcher = MicroBatcher(predict, max_batch_size=64, hold_s=10.0)
+
+    async def main() -> None:
+        await asyncio.gather(*(batcher.submit(rows(i)) for i in range(4)))
+
+        async def back(i: int) -> Result:
+            await asyncio.sleep(0.002 * i)
+            return await batcher.submit(rows(i))
+
+        await asyncio.gather(batcher.submit(rows(7)), *(back(i) for i in range(1, 4)))
+
+    run(main())
+    assert predict.sizes == [4, 4]
