@@ -325,7 +325,6 @@ async def drive(
     mode a call counts when it starts inside the window, and the window ends when the last such
     call has answered.
     """
-    import numpy as np
 
     from bench.loadgen import LoadResult
 
@@ -349,20 +348,8 @@ async def drive(
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t_start
-    ms = np.asarray(latencies or [0.0]) * 1000.0
-    n, ok = len(latencies), len(extras)
-    result = LoadResult(
-        concurrency=concurrency,
-        requests=n,
-        seconds=elapsed,
-        ok=ok,
-        errors=n - ok,
-        status=dict(status),
-        rps=n / elapsed if elapsed else 0.0,
-        p50_ms=float(np.percentile(ms, 50)),
-        p95_ms=float(np.percentile(ms, 95)),
-        p99_ms=float(np.percentile(ms, 99)),
-        max_ms=float(ms.max()),
+    result = LoadResult.from_latencies(
+        latencies, concurrency=concurrency, seconds=elapsed, ok=len(extras), status=dict(status)
     )
     return result, extras
 

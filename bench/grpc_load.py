@@ -112,21 +112,12 @@ async def run_grpc_load(
     finally:
         await asyncio.gather(*(c.close() for c in chans))
 
-    ms = np.asarray(latencies or [0.0]) * 1000.0
-    requests = len(latencies)
-    elapsed = last_end - t_start
-    return LoadResult(
+    return LoadResult.from_latencies(
+        latencies,
         concurrency=concurrency,
-        requests=requests,
-        seconds=elapsed,
+        seconds=last_end - t_start,
         ok=status["OK"],
-        errors=requests - status["OK"],
         status=dict(status),
-        rps=requests / elapsed if elapsed else 0.0,
-        p50_ms=float(np.percentile(ms, 50)),
-        p95_ms=float(np.percentile(ms, 95)),
-        p99_ms=float(np.percentile(ms, 99)),
-        max_ms=float(ms.max()),
     )
 
 
@@ -223,29 +214,21 @@ def parse_h2load(stdout: str, rows: list[list[str]], concurrency: int) -> LoadRe
     if finished is None or counts is None:
         raise RuntimeError(f"cannot parse h2load output:\n{stdout}")
     status: Counter[str] = Counter(r[1] for r in rows)
-    ok = status.get("200", 0)
-    requests = len(rows)
-    ms = np.asarray([int(r[2]) for r in rows] or [0], dtype=np.float64) / 1000.0
+    latencies = [int(r[2]) / 1e6 for r in rows]  # µs in the log
     # the measured window: first start to last end in the log (h2load's "finished in" includes
     # the warm-up)
-    starts = np.asarray([int(r[0]) for r in rows] or [0], dtype=np.float64)
-    ends = starts + ms * 1000.0
-    elapsed = float(ends.max() - starts.min()) / 1e6 if rows else 0.0
+    starts = [int(r[0]) / 1e6 for r in rows]
+    ends = [s + d for s, d in zip(starts, latencies, strict=True)]
+    elapsed = max(ends) - min(starts) if rows else 0.0
     for key, n in (("failed", counts[4]), ("errored", counts[5]), ("timeout", counts[6])):
         if int(n):
             status[f"h2load-{key}"] = int(n)
-    return LoadResult(
+    return LoadResult.from_latencies(
+        latencies,
         concurrency=concurrency,
-        requests=requests,
         seconds=elapsed,
-        ok=ok,
-        errors=requests - ok,
+        ok=status.get("200", 0),
         status=dict(status),
-        rps=requests / elapsed if elapsed else 0.0,
-        p50_ms=float(np.percentile(ms, 50)),
-        p95_ms=float(np.percentile(ms, 95)),
-        p99_ms=float(np.percentile(ms, 99)),
-        max_ms=float(ms.max()),
     )
 
 

@@ -42,6 +42,33 @@ class LoadResult:
         """Successful (2xx) responses per second: fast 503s must not look like throughput."""
         return self.ok / self.seconds if self.seconds else 0.0
 
+    @classmethod
+    def from_latencies(
+        cls,
+        latencies_s: Any,
+        *,
+        concurrency: int,
+        seconds: float,
+        ok: int,
+        status: dict[str, int],
+    ) -> LoadResult:
+        """A result from per-request latencies (seconds; every request sent, answered or not)."""
+        ms = np.asarray(latencies_s if len(latencies_s) else [0.0], dtype=np.float64) * 1000.0
+        requests = len(latencies_s)
+        return cls(
+            concurrency=concurrency,
+            requests=requests,
+            seconds=seconds,
+            ok=ok,
+            errors=requests - ok,
+            status=dict(status),
+            rps=requests / seconds if seconds else 0.0,
+            p50_ms=float(np.percentile(ms, 50)),
+            p95_ms=float(np.percentile(ms, 95)),
+            p99_ms=float(np.percentile(ms, 99)),
+            max_ms=float(ms.max()),
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok_rps": self.ok_rps}
 
@@ -105,19 +132,8 @@ async def run_load(
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t_start
 
-    ms = latencies * 1000.0
-    return LoadResult(
-        concurrency=concurrency,
-        requests=requests,
-        seconds=elapsed,
-        ok=ok,
-        errors=requests - ok,
-        status=dict(status),
-        rps=requests / elapsed,
-        p50_ms=float(np.percentile(ms, 50)),
-        p95_ms=float(np.percentile(ms, 95)),
-        p99_ms=float(np.percentile(ms, 99)),
-        max_ms=float(ms.max()),
+    return LoadResult.from_latencies(
+        latencies, concurrency=concurrency, seconds=elapsed, ok=ok, status=dict(status)
     )
 
 
