@@ -1,0 +1,247 @@
+"""Model aliases: named pointers (``production``, ``staging``, ...) at versions in the model store.
+
+BentoML's open-source store has immutable ``name:version`` tags and one ``latest`` pointer. servery
+adds aliases, kept per model in ``$BENTOML_HOME/models/<name>/servery-aliases.json`` beside the
+versions and BentoML's own ``latest`` file (BentoML lists only the directories there, so it never
+sees it): the aliases travel with the store, a mounted volume in Kubernetes included.
+
+The file holds the current aliases and the history of every change (time, alias, new and previous
+version, action), so ``rollback`` is one call::
+
+    {"servery_aliases": 1,
+     "aliases": {"production": "davxplxkdco64ax4"},
+     "history": [{"at": "2026-11-27T08:00:00+00:00", "action": "promote", "alias": "production",
+                  "version": "davxplxkdco64ax4", "previous": null}]}
+
+Writes are atomic (a temporary file in the same directory, fsync, ``os.replace``): a crash
+mid-write leaves the old file or the new one, never a torn one. Every change is a
+read-modify-write under an exclusive ``flock`` on ``servery-aliases.lock``, so two concurrent
+promotes (two processes, two machines on one NFS volume with working locks) never lose one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ALIAS_FILE = "servery-aliases.json"
+LOCK_FILE = "servery-aliases.lock"
+FORMAT = 1
+ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}\Z")
+RESERVED = frozenset({"latest"})  # BentoML's own pointer
+DEFAULT_ALIAS = "production"
+
+
+class AliasError(ValueError):
+    """A promote, rollback or lookup that cannot be done; the message says why."""
+
+
+@dataclass
+class Aliases:
+    """One model's aliases and the history of their changes (oldest first)."""
+
+    aliases: dict[str, str] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        doc = {"servery_aliases": FORMAT, "aliases": self.aliases, "history": self.history}
+        return json.dumps(doc, indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> Aliases:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise AliasError(f"{source} is not valid JSON: {e}") from None
+        if not isinstance(doc, dict) or doc.get("servery_aliases") != FORMAT:
+            raise AliasError(f"{source} is not a servery alias file (format {FORMAT})")
+        aliases, history = doc.get("aliases", {}), doc.get("history", [])
+        if not isinstance(aliases, dict) or not isinstance(history, list):
+            raise AliasError(f"{source}: 'aliases' must be an object and 'history' a list")
+        return cls({str(k): str(v) for k, v in aliases.items()}, history)
+
+
+def check_alias(alias: str) -> str:
+    if alias in RESERVED or not ALIAS_RE.match(alias):
+        raise AliasError(
+            f"invalid alias {alias!r}: lowercase letters, digits, '-' and '_', starting with a "
+            "letter, at most 63 characters, and not 'latest'"
+        )
+    return alias
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+class AliasStore:
+    """Aliases of the models in one BentoML model store directory (``$BENTOML_HOME/models``)."""
+
+    def __init__(self, models_dir: Path | str | None = None) -> None:
+        if models_dir is None:
+            from bentoml._internal.configuration.containers import BentoMLContainer
+
+            models_dir = BentoMLContainer.model_store_dir.get()
+        self.models_dir = Path(models_dir)
+
+    # --- the store's versions ---------------------------------------------------------------
+
+    def versions(self, name: str) -> list[str]:
+        """Stored versions of ``name``, oldest first (by the creation time BentoML recorded)."""
+        import bentoml
+
+        try:
+            models = bentoml.models.list(name)
+        except bentoml.exceptions.NotFound:
+            return []
+        return [m.tag.version for m in sorted(models, key=lambda m: m.info.creation_time)]
+
+    def latest(self, name: str) -> str | None:
+        versions = self.versions(name)
+        return versions[-1] if versions else None
+
+    def resolve_version(self, name: str, ref: str) -> str:
+        """A stored version of ``name`` from a version id or a unique prefix of one."""
+        versions = self.versions(name)
+        if not versions:
+            raise AliasError(f"no model named {name!r} in the store ({self.models_dir})")
+        if ref in versions:
+            return ref
+        matches = [v for v in versions if v.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise AliasError(f"version prefix {ref!r} of {name!r} is ambiguous: {matches}")
+        raise AliasError(f"{name!r} has no version {ref!r}; stored: {versions}")
+
+    def resolve(self, name: str, ref: str | None = None) -> tuple[str, str]:
+        """``(version, how)`` for ``ref``: an alias, ``latest``, a version or a unique prefix.
+
+        No ``ref`` means the ``production`` alias, or ``latest`` where it is not set; ``how``
+        names what decided (``alias:production``, ``latest``, ``version``).
+        """
+        if ref is None:
+            current = self.read(name).aliases.get(DEFAULT_ALIAS)
+            if current is not None:
+                return current, f"alias:{DEFAULT_ALIAS}"
+            ref = "latest"
+        if ref == "latest":
+            latest = self.latest(name)
+            if latest is None:
+                raise AliasError(f"no model named {name!r} in the store ({self.models_dir})")
+            return latest, "latest"
+        current = self.read(name).aliases.get(ref)
+        if current is not None:
+            return current, f"alias:{ref}"
+        return self.resolve_version(name, ref), "version"
+
+    # --- the alias file ---------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        return self.models_dir / name / ALIAS_FILE
+
+    def read(self, name: str) -> Aliases:
+        path = self.path(name)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return Aliases()
+        return Aliases.from_json(text, str(path))
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[Aliases]:
+        """Read-modify-write of ``name``'s aliases under an exclusive lock; written on success."""
+        folder = self.models_dir / name
+        if not folder.is_dir():
+            raise AliasError(f"no model named {name!r} in the store ({self.models_dir})")
+        with open(folder / LOCK_FILE, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = self.read(name)
+                yield current
+                self._write(name, current)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write(self, name: str, aliases: Aliases) -> None:
+        path = self.path(name)
+        fd, tmp = tempfile.mkstemp(prefix=f".{ALIAS_FILE}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(aliases.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a crash
+        finally:
+            os.close(dir_fd)
+
+    # --- changes ----------------------------------------------------------------------------
+
+    def promote(self, name: str, version: str, alias: str = DEFAULT_ALIAS) -> dict[str, Any]:
+        """Point ``alias`` of ``name`` at ``version`` (id or unique prefix); returns the change."""
+        check_alias(alias)
+        target = self.resolve_version(name, version)
+        with self._locked(name) as current:
+            change = {
+                "at": _now(),
+                "action": "promote",
+                "alias": alias,
+                "version": target,
+                "previous": current.aliases.get(alias),
+            }
+            current.aliases[alias] = target
+            current.history.append(change)
+        return change
+
+    def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> dict[str, Any]:
+        """Undo the latest promote of ``alias`` not yet rolled back; returns the change.
+
+        Repeated rollbacks walk back through the promotes; undoing the first promote of an alias
+        removes it.
+        """
+        check_alias(alias)
+        with self._locked(name) as current:
+            undone = {
+                i
+                for entry in current.history
+                if entry.get("action") == "rollback" and entry.get("alias") == alias
+                for i in [entry.get("undoes")]
+            }
+            for i in range(len(current.history) - 1, -1, -1):
+                entry = current.history[i]
+                if entry.get("alias") == alias and entry.get("action") == "promote":
+                    if i not in undone:
+                        break
+            else:
+                raise AliasError(f"{name!r} has no promote of alias {alias!r} to roll back")
+            target = entry.get("previous")
+            change = {
+                "at": _now(),
+                "action": "rollback",
+                "alias": alias,
+                "version": target,
+                "previous": current.aliases.get(alias),
+                "undoes": i,
+            }
+            if target is None:
+                current.aliases.pop(alias, None)
+            else:
+                current.aliases[alias] = target
+            current.history.append(change)
+        return change

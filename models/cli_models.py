@@ -1,0 +1,96 @@
+"""``servery models``: list stored models and manage their aliases (see :mod:`models.aliases`).
+
+    servery models list
+    servery models show iris
+    servery models promote iris <version or unique prefix> [--alias production]
+    servery models rollback iris [--alias production]
+
+The store is ``$BENTOML_HOME`` (``make`` sets the project's ``./.bentoml``). Changes print one
+line each; ``--json`` prints machine-readable output instead. A mistake (unknown model, version,
+ambiguous prefix, bad alias) is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("models", help="list models, promote and roll back aliases")
+    sub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    ls = sub.add_parser("list", help="every stored model: versions, latest, aliases")
+    ls.add_argument("--json", action="store_true")
+    show = sub.add_parser("show", help="one model: versions, aliases and their history")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    promote = sub.add_parser("promote", help="point an alias at a version")
+    promote.add_argument("name")
+    promote.add_argument("version", help="version id or a unique prefix of one")
+    promote.add_argument("--alias", default="production")
+    promote.add_argument("--json", action="store_true")
+    rollback = sub.add_parser("rollback", help="undo the latest promote of an alias")
+    rollback.add_argument("name")
+    rollback.add_argument("--alias", default="production")
+    rollback.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _model_names(store: Any) -> list[str]:
+    return sorted(p.name for p in store.models_dir.iterdir() if p.is_dir())
+
+
+def describe(store: Any, name: str) -> dict[str, Any]:
+    from models.aliases import AliasError
+
+    versions = store.versions(name)
+    if not versions:
+        raise AliasError(f"no model named {name!r} in the store ({store.models_dir})")
+    aliases = store.read(name)
+    return {
+        "name": name,
+        "versions": versions,
+        "latest": versions[-1],
+        "aliases": aliases.aliases,
+        "history": aliases.history,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.aliases import AliasError, AliasStore
+
+    store = AliasStore()
+    try:
+        if args.models_command == "list":
+            out: Any = [describe(store, n) for n in _model_names(store) if store.versions(n)]
+            text = "\n".join(
+                f"{m['name']}: {len(m['versions'])} version(s), latest {m['latest']}"
+                + "".join(f", {a} -> {v}" for a, v in sorted(m["aliases"].items()))
+                for m in out
+            )
+        elif args.models_command == "show":
+            out = describe(store, args.name)
+            lines = [f"{out['name']} (latest {out['latest']})", "versions (oldest first):"]
+            lines += [f"  {v}" for v in out["versions"]]
+            lines.append("aliases:" if out["aliases"] else "aliases: none")
+            lines += [f"  {a} -> {v}" for a, v in sorted(out["aliases"].items())]
+            if out["history"]:
+                lines.append("history:")
+                lines += [
+                    f"  {h['at']} {h['action']} {h['alias']}: {h['previous']} -> {h['version']}"
+                    for h in out["history"]
+                ]
+            text = "\n".join(lines)
+        elif args.models_command == "promote":
+            out = store.promote(args.name, args.version, args.alias)
+            text = f"{args.name}: {out['alias']} {out['previous']} -> {out['version']}"
+        else:
+            out = store.rollback(args.name, args.alias)
+            text = f"{args.name}: {out['alias']} rolled back {out['previous']} -> {out['version']}"
+    except AliasError as e:
+        print(f"servery models: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, indent=2) if args.json else text)
+    return 0
