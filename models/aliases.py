@@ -245,3 +245,67 @@ class AliasStore:
                 current.aliases[alias] = target
             current.history.append(change)
         return change
+
+
+# --- export / import: BentoML's model archives plus the alias file -------------------------------
+
+EXPORT_SUFFIX = ".bentomodel"
+
+
+def export_model(store: AliasStore, name: str, dest: Path | str) -> list[Path]:
+    """Write every version of ``name`` (``bentoml models export``) and its aliases to ``dest``.
+
+    ``bentoml models export`` carries one version and no aliases; this is its servery equivalent:
+    ``dest/<name>-<version>.bentomodel`` per version plus ``dest/<name>.servery-aliases.json``.
+    """
+    import bentoml
+
+    versions = store.versions(name)
+    if not versions:
+        raise AliasError(f"no model named {name!r} in the store ({store.models_dir})")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for version in versions:
+        path = dest / f"{name}-{version}{EXPORT_SUFFIX}"
+        bentoml.models.export_model(f"{name}:{version}", str(path))
+        written.append(path)
+    aliases = dest / f"{name}.{ALIAS_FILE}"
+    aliases.write_text(store.read(name).to_json())
+    written.append(aliases)
+    return written
+
+
+def import_models(store: AliasStore, src: Path | str) -> dict[str, list[str]]:
+    """Import what :func:`export_model` wrote into ``src``: versions first, then the aliases.
+
+    Versions already in the store are kept as they are. An imported alias file replaces the
+    model's aliases only where the store has none yet (never silently overwrites a live
+    ``production``); otherwise its aliases are reported and left for ``promote``.
+    """
+    import bentoml
+
+    src = Path(src)
+    imported: dict[str, list[str]] = {}
+    for archive in sorted(src.glob(f"*{EXPORT_SUFFIX}")):
+        # <name>-<version>.bentomodel, as export_model names them (versions have no '-')
+        name, _, version = archive.name[: -len(EXPORT_SUFFIX)].rpartition("-")
+        if name and version in store.versions(name):
+            continue  # BentoML refuses an existing version; keep the one in the store
+        model = bentoml.models.import_model(str(archive))
+        imported.setdefault(model.tag.name, []).append(model.tag.version)
+    for alias_file in sorted(src.glob(f"*.{ALIAS_FILE}")):
+        name = alias_file.name[: -len(f".{ALIAS_FILE}")]
+        incoming = Aliases.from_json(alias_file.read_text(), str(alias_file))
+        missing = set(incoming.aliases.values()) - set(store.versions(name))
+        if missing:
+            raise AliasError(f"{alias_file}: aliases point at versions not in the store: {missing}")
+        with store._locked(name) as current:
+            if current.aliases:
+                raise AliasError(
+                    f"{name!r} already has aliases {current.aliases}; not replaced by "
+                    f"{alias_file} (promote by hand)"
+                )
+            current.aliases.update(incoming.aliases)
+            current.history.extend(incoming.history)
+    return imported

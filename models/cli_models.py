@@ -4,6 +4,8 @@
     servery models show iris
     servery models promote iris <version or unique prefix> [--alias production]
     servery models rollback iris [--alias production]
+    servery models export iris DEST_DIR      # every version (.bentomodel) + the alias file
+    servery models import SRC_DIR            # into this store: versions, then aliases
 
 The store is ``$BENTOML_HOME`` (``make`` sets the project's ``./.bentoml``). Changes print one
 line each; ``--json`` prints machine-readable output instead. A mistake (unknown model, version,
@@ -35,6 +37,13 @@ def add_parser(subparsers: Any) -> None:
     rollback.add_argument("name")
     rollback.add_argument("--alias", default="production")
     rollback.add_argument("--json", action="store_true")
+    export = sub.add_parser("export", help="every version of a model and its aliases, to a folder")
+    export.add_argument("name")
+    export.add_argument("dest")
+    export.add_argument("--json", action="store_true")
+    imp = sub.add_parser("import", help="what 'servery models export' wrote: versions, aliases")
+    imp.add_argument("src")
+    imp.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -59,7 +68,7 @@ def describe(store: Any, name: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.aliases import AliasError, AliasStore
+    from models.aliases import AliasError, AliasStore, export_model, import_models
 
     store = AliasStore()
     try:
@@ -86,9 +95,17 @@ def run(args: argparse.Namespace) -> int:
         elif args.models_command == "promote":
             out = store.promote(args.name, args.version, args.alias)
             text = f"{args.name}: {out['alias']} {out['previous']} -> {out['version']}"
-        else:
+        elif args.models_command == "rollback":
             out = store.rollback(args.name, args.alias)
             text = f"{args.name}: {out['alias']} rolled back {out['previous']} -> {out['version']}"
+        elif args.models_command == "export":
+            out = [str(p) for p in export_model(store, args.name, args.dest)]
+            text = "\n".join(out)
+        else:
+            out = import_models(store, args.src)
+            text = "\n".join(f"{n}: imported {', '.join(v)}" for n, v in out.items()) or (
+                "no new versions (aliases imported where the store had none)"
+            )
     except AliasError as e:
         print(f"servery models: {e}", file=sys.stderr)
         return 2

@@ -168,3 +168,22 @@ def test_cli_promote_show_rollback(store, capsys) -> None:
     assert "production" not in aliases.read("iris").aliases
     assert cli.main(["models", "promote", "iris", "nosuchversion"]) == 2
     assert "has no version 'nosuchversion'" in capsys.readouterr().err
+
+
+def test_export_then_import_into_another_store_keeps_versions_and_aliases(store, tmp_path) -> None:
+    from models.aliases import export_model, import_models
+
+    aliases, (v0, v1, v2) = store
+    aliases.promote("iris", v1)
+    aliases.promote("iris", v0, "staging")
+    written = export_model(aliases, "iris", tmp_path / "out")
+    assert len(written) == 4 and written[-1].name == f"iris.{ALIAS_FILE}"
+    with bentoml_store(tmp_path / "other") as home:
+        other = AliasStore(home / "models")
+        assert import_models(other, tmp_path / "out") == {"iris": [v0, v1, v2]}
+        assert other.versions("iris") == [v0, v1, v2]
+        assert other.read("iris").aliases == {"production": v1, "staging": v0}
+        assert other.resolve("iris") == (v1, "alias:production")
+        # importing again: versions are kept, live aliases are never silently replaced
+        with pytest.raises(AliasError, match="already has aliases"):
+            import_models(other, tmp_path / "out")
