@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.server import ROOT, ServerProcess, free_port
+from bench.server import ROOT, ServerProcess, free_port, launch
 
 VENV = ROOT / ".venv-mlserver"
 STAMP = VENV / ".servery-peer-installed"
@@ -169,15 +169,7 @@ def start_mlserver(repo: Path, venv: Path = VENV, ready_timeout: float = 120) ->
     models = [p.parent.name for p in repo.glob("*/model-settings.json")]
     log = repo / f"mlserver-{settings['http_port']}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLSERVER_", "VIRTUAL_ENV"))}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(venv / "bin" / "mlserver"), "start", str(repo)],
-            cwd=repo,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: stop() reaches every worker
-        )
+    proc = launch([str(venv / "bin" / "mlserver"), "start", str(repo)], cwd=repo, env=env, log=log)
     server = MLServer(
         url=f"http://127.0.0.1:{settings['http_port']}",
         grpc_url=f"127.0.0.1:{settings['grpc_port']}",
@@ -186,19 +178,12 @@ def start_mlserver(repo: Path, venv: Path = VENV, ready_timeout: float = 120) ->
         log=log,
     )
     paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]
-    deadline = time.monotonic() + ready_timeout
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlserver exited with {proc.returncode}:\n{server.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if all(httpx.get(server.url + p, timeout=2).status_code == 200 for p in paths):
-                    return server
-            time.sleep(0.3)
-        raise RuntimeError(f"mlserver not ready after {ready_timeout}s:\n{server.log_tail()}")
-    except BaseException:
-        server.stop()
-        raise
+    server.wait_ready(
+        lambda: all(httpx.get(server.url + p, timeout=2).status_code == 200 for p in paths),
+        ready_timeout,
+        "mlserver",
+    )
+    return server
 
 
 @contextlib.contextmanager

@@ -34,10 +34,8 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -60,7 +58,7 @@ from bench.report import (
     use_project_store,
     write_section,
 )
-from bench.server import ROOT, ServerProcess, free_port, start_server
+from bench.server import ROOT, ServerProcess, free_port, launch, start_server
 from bench.wrk import INSTALL_HINT, wrk_path, wrk_version
 
 OUT_JSON = ROOT / "bench" / "out" / "peers.json"
@@ -118,40 +116,20 @@ def start_bare(config_file: Path, workdir: Path, workers: int, timeout: float = 
     port = free_port()
     log = workdir / f"bare-{port}.log"
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.bare_server",
-                "--models-file",
-                str(config_file),
-                "--port",
-                str(port),
-                "--workers",
-                str(workers),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: stop() reaches both workers
-        )
-    server = ServerProcess(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
-    deadline = time.monotonic() + timeout
-    ready = 0
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bare server exited {proc.returncode}:\n{server.log_tail()}")
-        with contextlib.suppress(httpx.HTTPError):
-            # each connection may land on another worker: several answers in a row
-            ok = httpx.get(server.url + "/v2/health/ready", timeout=2).status_code == 200
-            ready = ready + 1 if ok else 0
-            if ready >= 2 * workers:
-                return Peer("bare", server, None)
-        time.sleep(0.3)
-    server.stop()
-    raise RuntimeError(f"bare server not ready after {timeout}s:\n{server.log_tail()}")
+    cmd = [sys.executable, "-m", "bench.bare_server", "--models-file", str(config_file)]
+    cmd += ["--port", str(port), "--workers", str(workers)]
+    server = ServerProcess(
+        url=f"http://127.0.0.1:{port}", proc=launch(cmd, cwd=ROOT, env=env, log=log), log=log
+    )
+    answers = [0]  # ready answers in a row: each connection may land on another worker
+
+    def ready() -> bool:
+        ok = httpx.get(server.url + "/v2/health/ready", timeout=2).status_code == 200
+        answers[0] = answers[0] + 1 if ok else 0
+        return answers[0] >= 2 * workers
+
+    server.wait_ready(ready, timeout, "bare server")
+    return Peer("bare", server, None)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own process group (a stop reaches every worker), output to ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 @dataclass
@@ -51,6 +60,28 @@ class ServerProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+    def wait_ready(self, is_ready: Callable[[], bool], timeout: float, what: str) -> None:
+        """Poll ``is_ready()`` (HTTP errors count as not ready) until it holds.
+
+        Raises RuntimeError with the log's tail if the process exits or ``timeout`` passes; on
+        that or any other interruption (Ctrl-C included) the server is stopped, never leaked.
+        """
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{what} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if is_ready():
+                        return
+                time.sleep(0.3)
+            raise RuntimeError(f"{what} not ready after {timeout}s:\n{self.log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
 
 
 @dataclass
@@ -100,32 +131,17 @@ def start_server(
     full_env["SERVERY_GRPC_PORT"] = str(free_port())
     full_env.update(env or {})
     log = workdir / f"serve-{port}.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # own process group: stop() reaches every worker
-        )
+    cmd = [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     server = Server(
         url=f"http://127.0.0.1:{port}",
-        proc=proc,
+        proc=launch(cmd, cwd=ROOT, env=full_env, log=log),
         log=log,
         env=full_env,
         grpc_port=int(full_env["SERVERY_GRPC_PORT"]),
     )
-    deadline = time.monotonic() + ready_timeout
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                    return server
-            time.sleep(0.3)
-        raise RuntimeError(f"server not ready after {ready_timeout}s:\n{server.log_tail()}")
-    except BaseException:  # a timeout, Ctrl-C or any error while waiting: never leak a server
-        server.stop()
-        raise
+    server.wait_ready(
+        lambda: httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200,
+        ready_timeout,
+        "server",
+    )
+    return server
