@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shlex
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from bench.report import (
     finish_run_arguments,
     fmt,
     machine,
+    metric_samples,
     run_arguments,
     run_line,
     table,
@@ -89,10 +89,8 @@ class Peer:
         """
         if self.metrics_url is None:
             raise RuntimeError(f"{self.name} exports no failure counters")
-        text = httpx.get(self.metrics_url, timeout=10).text
         total = 0.0
-        for metric, labels, value in METRIC_LINE.findall(text):
-            fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        for metric, fields, value in metric_samples(self.metrics_url):
             if metric == "servery_requests_total":  # servery: HTTP-equivalent status per model
                 # 499: the client reset the stream (h2load does so for the calls in flight when
                 # its time is up); a client's choice, not a failure of the server
@@ -104,11 +102,8 @@ class Peer:
                 bad = fields.get("grpc_method") == "ModelInfer" and code not in ("OK", "CANCELLED")
             else:
                 bad = False
-            total += float(value) if bad else 0.0
+            total += value if bad else 0.0
         return total
-
-
-METRIC_LINE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)$", re.M)
 
 
 def start_bare(config_file: Path, workdir: Path, workers: int, timeout: float = 120) -> Peer:
@@ -301,14 +296,11 @@ def measure_all(
 
 def servery_observability(peer: Peer, models: Sequence[str]) -> dict[str, Any]:
     """What servery's metrics and access log recorded during the run (proof they were on)."""
-    text = httpx.get(peer.process.url + "/metrics", timeout=10).text
     counts: dict[str, float] = {}
-    pattern = re.compile(r"^servery_requests_total\{([^}]*)\}\s+([0-9.e+]+)$", re.M)
-    for labels, value in pattern.findall(text):
-        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
-        if fields.get("model") in models:
+    for metric, fields, value in metric_samples(peer.process.url + "/metrics"):
+        if metric == "servery_requests_total" and fields.get("model") in models:
             key = f"{fields['model']} status={fields.get('status', '?')}"
-            counts[key] = counts.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0.0) + value
     log = peer.process.log.read_text(errors="replace")
     lines = log.splitlines()
     access_lines = sum(1 for line in lines if "/v2/models/" in line and "status=" in line)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import sys
 import tempfile
@@ -30,14 +29,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 
 from bench.foundation import load_subject
 from bench.grpc_load import H2LOAD_INSTALL_HINT, h2load_path, h2load_version, run_h2load
 from bench.mlserver_peer import OIP_DATATYPES, oip_body
 from bench.peers import grpc_messages
-from bench.report import fmt, machine, run_line, table, use_project_store, write_section
+from bench.report import (
+    fmt,
+    machine,
+    metric_samples,
+    run_line,
+    table,
+    use_project_store,
+    write_section,
+)
 from bench.server import ROOT, Server, start_server
 from bench.wrk import INSTALL_HINT, run_wrk, wrk_path, wrk_version
 
@@ -47,7 +53,6 @@ RSS_TOLERANCE_MB = 8.0
 GC_GROWTH = 1.5
 GC_NOISE_MS = 0.05
 N_BODIES = 64
-SAMPLE = re.compile(r"^(\w+)\{([^}]*)\}\s+(\S+)$", re.M)
 
 
 def processes(server: Server) -> dict[str, psutil.Process]:
@@ -78,17 +83,15 @@ def rss_mb(procs: dict[str, psutil.Process]) -> dict[str, float]:
 
 def scrape(server: Server, model: str) -> dict[str, Any]:
     """Requests by status for ``model`` and GC collections/pause seconds by generation."""
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
     requests: dict[str, float] = {}
     gc: dict[str, dict[str, float]] = {}
-    for metric, labels, value in SAMPLE.findall(text):
-        fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    for metric, fields, value in metric_samples(f"{server.url}/metrics"):
         if metric == "servery_requests_total" and fields.get("model") == model:
             status = fields.get("status", "?")
-            requests[status] = requests.get(status, 0.0) + float(value)
+            requests[status] = requests.get(status, 0.0) + value
         elif metric in ("servery_gc_pause_seconds_count", "servery_gc_pause_seconds_sum"):
             entry = gc.setdefault(fields["generation"], {"count": 0.0, "seconds": 0.0})
-            entry["count" if metric.endswith("_count") else "seconds"] += float(value)
+            entry["count" if metric.endswith("_count") else "seconds"] += value
     return {"requests": requests, "gc": gc}
 
 
