@@ -96,14 +96,43 @@ class AliasStore:
     # --- the store's versions ---------------------------------------------------------------
 
     def versions(self, name: str) -> list[str]:
-        """Stored versions of ``name``, oldest first (by the creation time BentoML recorded)."""
-        import bentoml
+        """Stored versions of ``name``, oldest first (by the creation time BentoML recorded).
 
-        try:
-            models = bentoml.models.list(name)
-        except bentoml.exceptions.NotFound:
+        A version directory whose ``model.yaml`` cannot be read yet (BentoML creates the directory
+        first and copies the files into it) is left out rather than failing the whole listing, so
+        a server polling the store never trips over a save in progress.
+        """
+        from bentoml._internal.models.model import Model
+
+        folder = self.models_dir / name
+        if not folder.is_dir():
             return []
-        return [m.tag.version for m in sorted(models, key=lambda m: m.info.creation_time)]
+        found = []
+        for d in folder.iterdir():
+            if not d.is_dir():
+                continue
+            try:
+                created = Model.from_path(d).info.creation_time
+            except Exception:  # incomplete or damaged: not a servable version
+                continue
+            found.append((created, d.name))
+        return [version for _, version in sorted(found)]
+
+    def fingerprint(self, name: str) -> tuple[object, ...]:
+        """Cheap change detector for ``name``: stats of its folder, ``latest`` and alias files.
+
+        A new or deleted version changes the folder; BentoML rewrites ``latest`` when a save
+        completes; promote/rollback replace the alias file (new inode).
+        """
+        folder = self.models_dir / name
+        out: list[object] = []
+        for path in (folder, folder / "latest", folder / ALIAS_FILE):
+            try:
+                st = path.stat()
+                out.append((st.st_mtime_ns, st.st_ino, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
 
     def latest(self, name: str) -> str | None:
         versions = self.versions(name)

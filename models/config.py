@@ -17,6 +17,14 @@ Example ``models.yaml``::
         tag: iris:latest       # BentoML store tag (default: "<name>:latest")
       - name: digits
         placement: service     # run in the PyTorch service process instead
+        version_policy:        # which stored versions to serve (default: latest: 1)
+          latest: 2            # or  all: true  or  specific: [<version>, ...]
+        routing:               # optional traffic split over aliases / versions
+          split: {production: 90, staging: 10}
+          shadow: candidate    # gets a copy of the traffic; answers recorded, never returned
+
+Every version an alias points at is served too (``servery models promote``), and the models file,
+the store and the aliases are re-read while serving (``SERVERY_RELOAD_INTERVAL_S``).
 """
 
 from __future__ import annotations
@@ -111,6 +119,15 @@ class Settings(BaseSettings):
     grpc_host: str = "127.0.0.1"
     """Address the gRPC server binds: loopback by default, ``0.0.0.0`` to accept remote clients."""
 
+    reload_interval_s: float = Field(2.0, ge=0.2, le=3600)
+    """How often every serving process checks the models file, the store and the aliases for
+    changes (a few ``stat`` calls per model) and, when something changed, loads the versions now
+    needed, switches atomically and unloads the rest. A new version or a moved alias answers
+    within this delay plus its load time; ``POST /admin/reload`` reloads at once."""
+
+    admin_token: str | None = Field(None, min_length=16)
+    """When set, ``POST /admin/reload`` needs ``Authorization: Bearer <token>``."""
+
     grpc_port: int = Field(3001, ge=1, le=65535)
     """Port of the gRPC server. Every router worker binds it (``SO_REUSEPORT``) and the kernel
     spreads client connections, not single calls, across the workers."""
@@ -121,6 +138,67 @@ class ModelDefaults(BaseModel):
 
     placement: Placement = Placement.INLINE
     max_batch_size: int | None = Field(None, ge=1)
+
+
+class VersionPolicy(BaseModel):
+    """Which stored versions a model serves, as in Triton's ``version_policy``.
+
+    At most one of ``latest`` (the newest N by creation time), ``all`` or ``specific`` (version
+    ids or unique prefixes); none means ``latest: 1``. Versions named by an alias or by the
+    model's routing table are served in addition.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    latest: int | None = Field(None, ge=1, le=1024)
+    all: bool = False
+    specific: list[str] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VersionPolicy:
+        kinds = [
+            k
+            for k, on in (("latest", self.latest), ("all", self.all), ("specific", self.specific))
+            if on
+        ]
+        if len(kinds) > 1:
+            raise ValueError(f"version_policy takes one of latest, all, specific; got {kinds}")
+        if not kinds:
+            self.latest = 1
+        return self
+
+    def describe(self) -> str:
+        if self.all:
+            return "all"
+        if self.specific:
+            return "specific: " + ", ".join(self.specific)
+        return f"latest: {self.latest}"
+
+
+class Routing(BaseModel):
+    """A model's routing table: weighted split over versions/aliases and an optional shadow.
+
+    Targets are alias names, version ids, unique version prefixes or ``latest``. Weights are
+    relative (90/10 and 0.9/0.1 are the same split). A request without ``version`` is assigned a
+    target at random by weight, or, when it carries ``X-Servery-Route-Key``, by a hash of the key,
+    so one key always lands on the same target while the table is unchanged.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: dict[str, float] | None = Field(None, min_length=1)
+    shadow: str | None = None
+
+    @field_validator("split")
+    @classmethod
+    def _check_weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if any(w < 0 or w != w or w == float("inf") for w in v.values()):
+            raise ValueError("split weights must be finite numbers >= 0")
+        if sum(v.values()) <= 0:
+            raise ValueError("split weights must not all be 0")
+        return v
 
 
 class ModelEntry(BaseModel):
@@ -135,6 +213,21 @@ class ModelEntry(BaseModel):
     )
     placement: Placement | None = None
     max_batch_size: int | None = Field(None, ge=1)
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    routing: Routing | None = None
+
+    @model_validator(mode="after")
+    def _pinned_tag_is_a_policy(self) -> ModelEntry:
+        # "tag: iris:<version>" (the foundation's way to pin) is "version_policy: specific".
+        pinned = self.pinned_version
+        if pinned is not None:
+            if "version_policy" in self.model_fields_set:
+                raise ValueError(
+                    f"model {self.name!r}: tag {self.tag!r} pins a version; use either a "
+                    "versioned tag or version_policy, not both"
+                )
+            self.version_policy = VersionPolicy(specific=[pinned])
+        return self
 
     @field_validator("name")
     @classmethod
@@ -149,6 +242,16 @@ class ModelEntry(BaseModel):
     def store_tag(self) -> str:
         tag = self.tag or self.name
         return tag if ":" in tag else f"{tag}:latest"
+
+    @property
+    def store_name(self) -> str:
+        """The model's name in the BentoML store (the tag without its version)."""
+        return self.store_tag.split(":", 1)[0]
+
+    @property
+    def pinned_version(self) -> str | None:
+        version = self.store_tag.split(":", 1)[1]
+        return None if version == "latest" else version
 
 
 class ModelConfig(BaseModel):

@@ -69,3 +69,21 @@ def watch_gc() -> None:
 
     on_gc.__servery_gc__ = True  # type: ignore[attr-defined]
     gc.callbacks.append(on_gc)
+
+
+SHADOW_REQUESTS = Counter(
+    "servery_shadow_requests",
+    "Copies of routed requests sent to a model's shadow version, by outcome: agree/disagree "
+    "(same predicted classes as the answer returned or not), error, dropped (too many in flight)",
+    ["model", "version", "outcome"],
+)
+RELOADS = Counter(
+    "servery_reloads",
+    "Model reloads by router workers (ok, or failed: some model kept its previous versions)",
+    ["outcome"],
+)
+LOAD_FAILURES = Counter(
+    "servery_model_load_failures",
+    "Model versions that failed to load (the previous version kept serving)",
+    ["model", "version"],
+)

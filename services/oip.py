@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from services.errors import InvalidInput, PayloadTooLarge
-from services.registry import Registry, ServedModel
+from services.registry import ModelRoutes, Registry, ServedModel
 from services.runtimes import ModelInfo
 
 INPUT_NAME = "input-0"
@@ -68,13 +68,15 @@ def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
 
-def model_metadata(info: ModelInfo) -> dict[str, Any]:
-    """OIP model metadata (``GET /v2/models/{name}``, gRPC ``ModelMetadata``)."""
+def model_metadata(info: ModelInfo, versions: Sequence[str] = ()) -> dict[str, Any]:
+    """OIP model metadata (``GET /v2/models/{name}``, gRPC ``ModelMetadata``).
+
+    ``versions``: every served version of the model (default: just ``info``'s)."""
     n_classes = len(info.class_names) or -1
     dtype = oip_datatype(info.dtype)
     return {
         "name": info.name,
-        "versions": [info.version],
+        "versions": list(versions) or [info.version],
         "platform": info.framework.value,
         "inputs": [{"name": INPUT_NAME, "datatype": dtype, "shape": [-1, info.n_features]}],
         "outputs": [
@@ -197,15 +199,16 @@ def output_tensors(
 
 async def infer(
     registry: Registry,
-    name: str,
-    version: str | None,
+    routes: ModelRoutes,
+    served: ServedModel,
     inputs: Sequence[InputTensor],
     outputs: Sequence[str] | None,
     max_rows: int,
-) -> tuple[ServedModel, list[OutputTensor]]:
-    """Run one OIP inference through the model's micro-batcher."""
-    served = registry.get(name, version or None)
+    *,
+    routed: bool,
+) -> list[OutputTensor]:
+    """Run one OIP inference on ``served`` (chosen by ``registry.route``) through its batcher."""
     names = requested_outputs(outputs)
     x = rows_from_inputs(inputs, served.info, max_rows)
-    labels, proba = await served.batcher.submit(x)
-    return served, output_tensors(served.info, labels, proba, names)
+    labels, proba = await registry.submit(routes, served, x, routed=routed)
+    return output_tensors(served.info, labels, proba, names)

@@ -54,7 +54,7 @@ from services.errors import (
     PayloadTooLarge,
     ServeryError,
 )
-from services.registry import Registry
+from services.registry import ROUTE_KEY_HEADER, Registry
 from services.runtimes import ModelInfo
 
 logger = logging.getLogger("servery")
@@ -162,12 +162,18 @@ def _from_contents(t: pb.ModelInferRequest.InferInputTensor) -> Any:
 
 
 def encode_response(
-    request: pb.ModelInferRequest, info: ModelInfo, outputs: Sequence[oip.OutputTensor]
+    request: pb.ModelInferRequest,
+    info: ModelInfo,
+    outputs: Sequence[oip.OutputTensor],
+    routed_by: str | None = None,
 ) -> pb.ModelInferResponse:
-    """The reply: output metadata plus one little-endian ``raw_output_contents`` buffer each."""
+    """The reply: output metadata plus one little-endian ``raw_output_contents`` buffer each;
+    ``parameters["routed_by"]`` says what chose the version (as over REST)."""
     response = pb.ModelInferResponse(
         model_name=info.name, model_version=info.version, id=request.id
     )
+    if routed_by is not None:
+        response.parameters["routed_by"].string_param = routed_by
     for t in outputs:
         response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
         data = t.data.astype(t.data.dtype.newbyteorder("<"), copy=False)
@@ -215,8 +221,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
-        # The server starts after the worker loaded the registry, so serving means ready.
-        return pb.ServerReadyResponse(ready=len(self._registry) > 0)
+        return pb.ServerReadyResponse(ready=self._registry.ready())
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
@@ -239,7 +244,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             served = self._registry.get(request.name, request.version or None)
         except Exception as e:
             await context.abort(*status_of(e))
-        meta = oip.model_metadata(served.info)
+        versions = () if request.version else self._registry.routes(request.name).ordered
+        meta = oip.model_metadata(served.info, versions)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=meta["name"],
@@ -259,17 +265,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model, version, status = metrics.UNKNOWN_MODEL, "", 200
         try:
             # Model first, so an unknown model is NOT_FOUND whatever its tensors look like.
-            info = self._registry.get(request.model_name, request.model_version or None).info
+            routes = self._registry.routes(request.model_name)
+            pinned = request.model_version or None
+            key = route_key(context) if pinned is None and routes.split is not None else None
+            served, how = routes.route(pinned, key)
+            info = served.info
             model, version = info.name, info.version
-            _, outputs = await oip.infer(
+            outputs = await oip.infer(
                 self._registry,
-                info.name,
-                info.version,
+                routes,
+                served,
                 decode_inputs(request),
                 [o.name for o in request.outputs],
                 self._max_rows,
+                routed=pinned is None,
             )
-            return encode_response(request, info, outputs)
+            return encode_response(request, info, outputs, how)
         except Exception as e:
             status = _http_status(e)
             code, message = status_of(e)
@@ -290,6 +301,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     status,
                     elapsed * 1000.0,
                 )
+
+
+def route_key(context: grpc.aio.ServicerContext) -> str | None:
+    """The ``x-servery-route-key`` metadata value of a call, if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key == ROUTE_KEY_HEADER:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
 
 
 def rpc_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:

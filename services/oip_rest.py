@@ -43,7 +43,7 @@ from services.oip_schemas import (
     V2RequestInput,
     V2ServerMetadata,
 )
-from services.registry import Registry
+from services.registry import ROUTE_KEY_HEADER, Registry
 from services.runtimes import ModelInfo
 from services.settings import SETTINGS
 
@@ -175,9 +175,15 @@ def output_plan(req: V2InferenceRequest) -> tuple[list[str] | None, set[str]]:
 
 
 def encode_infer_response(
-    info: ModelInfo, request_id: str | None, outputs: list[oip.OutputTensor], binary: set[str]
+    info: ModelInfo,
+    request_id: str | None,
+    outputs: list[oip.OutputTensor],
+    binary: set[str],
+    routed_by: str | None = None,
 ) -> Response:
-    """JSON response, or JSON header + raw output bytes when any output is binary."""
+    """JSON response, or JSON header + raw output bytes when any output is binary.
+
+    ``parameters.routed_by`` says what chose the version (see ``POST /predict``)."""
     entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for t in outputs:
@@ -192,6 +198,8 @@ def encode_infer_response(
     body: dict[str, Any] = {"model_name": info.name, "model_version": info.version}
     if request_id is not None:
         body["id"] = request_id
+    if routed_by is not None:
+        body["parameters"] = {"routed_by": routed_by}
     body["outputs"] = entries
     if not chunks:
         return json_response(body)
@@ -208,15 +216,25 @@ async def infer_request(request: Request, name: str, version: str | None) -> Res
     model, model_version = metrics.UNKNOWN_MODEL, ""
     try:
         registry = _registry(request)
-        info = registry.get(name, version).info
+        routes = registry.routes(name)
+        headers = request.headers
+        key = headers.get(ROUTE_KEY_HEADER) if routes.split is not None else None
+        served, how = routes.route(version, key)
+        info = served.info
         model, model_version = info.name, info.version
-        _check_encoding(request.headers.get("content-encoding"))
-        req, inputs = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH))
+        _check_encoding(headers.get("content-encoding"))
+        req, inputs = parse_infer_request(await request.body(), headers.get(HEADER_LENGTH))
         names, binary = output_plan(req)
-        served, outputs = await oip.infer(
-            registry, name, version, inputs, names, SETTINGS.max_rows_per_request
+        outputs = await oip.infer(
+            registry,
+            routes,
+            served,
+            inputs,
+            names,
+            SETTINGS.max_rows_per_request,
+            routed=version is None,
         )
-        response = encode_infer_response(served.info, req.id, outputs, binary)
+        response = encode_infer_response(info, req.id, outputs, binary, how)
     except Exception as e:
         response = error_response(e)
     metrics.REQUESTS.labels(model, model_version, str(response.status_code)).inc()
@@ -259,10 +277,13 @@ async def ready(request: Request) -> Response:
 
 def _model(request: Request, name: str, version: str | None, ready: bool) -> Response:
     try:
-        info = _registry(request).get(name, version).info
+        routes = _registry(request).routes(name)
+        info = (routes.default if version is None else routes.resolve(version)[0]).info
     except Exception as e:
         return error_response(e)
-    return json_response({"name": info.name, "ready": True} if ready else oip.model_metadata(info))
+    if ready:
+        return json_response({"name": info.name, "ready": True})
+    return json_response(oip.model_metadata(info, routes.ordered if version is None else ()))
 
 
 _NOT_FOUND = {code: ERRORS[code] for code in (404, "default")}

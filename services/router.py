@@ -4,7 +4,13 @@ Routes (a FastAPI app mounted into the BentoML service, so BentoML merges them i
 and keeps ``/livez``, ``/readyz`` and ``/metrics``):
 
 * ``POST /predict`` — ``{"model", "version"?, "inputs": [[...], ...]}`` → predictions
-* ``GET /models`` and ``GET /models/{name}`` — served models with versions, schema and metrics
+* ``GET /models`` and ``GET /models/{name}`` — served models with versions, aliases, routing,
+  load errors, schema and metrics
+* ``POST /admin/reload`` — re-read the models file, the store and the aliases now
+
+A model serves several store versions at once (``services/registry.py``): a request names one
+(``version``: id, unique prefix or alias) or the model's routing table picks one (split, else the
+``production`` alias, else the newest); the response names the exact version and ``routed_by``.
 
 Each model is served ``inline`` (loaded in every router worker, requests merged by the
 :class:`~services.batcher.MicroBatcher`) or in its framework ``service`` (the router validates,
@@ -14,6 +20,8 @@ micro-batches, and sends each batch with one ``bentoml.depends`` call). See the 
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import logging
 from typing import Annotated, Any
 
@@ -25,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from models.config import Framework, load_model_config
+from models.config import Framework
 from services import metrics, oip_rest
 from services.errors import (
     BadRequest,
@@ -37,7 +45,13 @@ from services.errors import (
     json_response,
 )
 from services.patches import freeze_heap
-from services.registry import Registry, RemotePredict, build_registry
+from services.registry import (
+    ROUTE_KEY_HEADER,
+    Loader,
+    Registry,
+    RemotePredict,
+    RemotePrepare,
+)
 from services.settings import SETTINGS
 from services.sklearn_service import SklearnService
 from services.torch_service import TorchService
@@ -59,7 +73,12 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="Served model name (see GET /models)")
-    version: str | None = Field(None, description="Exact version id; default: the served version")
+    version: str | None = Field(
+        None,
+        description="Version id, unique prefix, alias (production, staging, ...) or 'latest'; "
+        "default: the model's routing table (split, else the production alias, else latest)",
+        max_length=128,
+    )
     # Validated by the model's own rules (shape, dtype, finiteness) in one numpy pass, not by
     # pydantic per element; the schema still documents the shape for clients and fuzzers.
     inputs: Annotated[Any, WithJsonSchema(_ROWS_SCHEMA)] = Field(description="Rows to predict")
@@ -68,6 +87,10 @@ class PredictRequest(BaseModel):
 class PredictResponse(BaseModel):
     model: str = Field(description="Served model name")
     version: str = Field(description="The exact version that answered")
+    routed_by: str = Field(
+        description="What chose the version: 'alias:production' or 'latest' (the default), "
+        "'split:<target>' (the routing table), 'version' or 'alias:<name>' (the request)"
+    )
     predictions: list[int] = Field(description="Predicted class index per row")
     labels: list[str] = Field(description="Predicted class name per row")
     probabilities: list[list[float]] = Field(description="Class probabilities per row")
@@ -140,11 +163,17 @@ async def predict(request: Request) -> Response:
             body = PredictRequest.model_validate_json(await request.body())
         except ValidationError as e:
             raise from_validation_error(e) from e
-        served = _registry(request).get(body.model, body.version)
+        registry = _registry(request)
+        routes = registry.routes(body.model)
+        pinned = body.version
+        key = None
+        if pinned is None and routes.split is not None:
+            key = request.headers.get(ROUTE_KEY_HEADER)
+        served, how = routes.route(pinned, key)
         info = served.info
         model, version = info.name, info.version
         x = info.validate(body.inputs, SETTINGS.max_rows_per_request)
-        labels, proba = await served.batcher.submit(x)
+        labels, proba = await registry.submit(routes, served, x, routed=pinned is None)
     except Exception as e:
         response = error_response(e)
         metrics.REQUESTS.labels(model, version, str(response.status_code)).inc()
@@ -156,6 +185,7 @@ async def predict(request: Request) -> Response:
         {
             "model": model,
             "version": version,
+            "routed_by": how,
             "predictions": idx,
             "labels": [names[i] if i < len(names) else str(i) for i in idx],
             "probabilities": proba.tolist(),
@@ -164,17 +194,52 @@ async def predict(request: Request) -> Response:
 
 
 @app.get("/models", summary="List served models")
-async def list_models(request: Request) -> dict[str, list[dict[str, Any]]]:
-    """Every served model with its version, framework, input schema and training metrics."""
-    return {"models": _registry(request).describe()}
+async def list_models(request: Request) -> dict[str, Any]:
+    """Every served model: versions, aliases, routing, load errors, schema and training metrics.
+
+    Models configured but not served (nothing loaded) are listed with ``ready: false`` and the
+    reason; ``last_reload`` is this worker's latest reload report."""
+    registry = _registry(request)
+    return {"models": registry.describe(), "last_reload": registry.last_reload}
 
 
 @app.get("/models/{name}", responses={404: _ERRORS[404]}, summary="Describe one served model")
 async def get_model(request: Request, name: str) -> Response:
     try:
-        return json_response(_registry(request).get(name).describe())
+        return json_response(_registry(request).routes(name).describe())
     except ServeryError as e:
         return error_response(e)
+
+
+@app.post(
+    "/admin/reload",
+    responses={401: {"model": ErrorResponse, "description": "Missing or wrong admin token"}},
+    summary="Reload models now",
+)
+async def admin_reload(request: Request) -> Response:
+    """Re-read the models file, the store and the aliases, load what is new, switch, unload.
+
+    Reloads the router worker that receives the call at once and retries versions that failed
+    before; the other workers see the same change on their next poll
+    (``SERVERY_RELOAD_INTERVAL_S``).
+    The report says what was loaded, unloaded and what failed (``ok: false``: a model kept its
+    previous versions). Needs ``Authorization: Bearer <SERVERY_ADMIN_TOKEN>`` when that is set.
+    """
+    try:
+        _check_admin(request)
+        report = await _registry(request).reload(force=True)
+    except Exception as e:
+        return error_response(e)
+    return json_response(report)
+
+
+def _check_admin(request: Request) -> None:
+    token = SETTINGS.admin_token
+    if token is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise ServeryError.with_status(401, "admin endpoints need 'Authorization: Bearer <token>'")
 
 
 # Open Inference Protocol V2 over REST (/v2/...), same registry and batchers as /predict.
@@ -202,6 +267,15 @@ def _remote(dependency: Any, framework: Framework) -> RemotePredict:
     return call
 
 
+def _prepare(dependency: Any) -> RemotePrepare:
+    """Ask a framework service to load a version before the router routes to it."""
+
+    async def prepare(name: str, version: str) -> None:
+        await dependency.to_async.prepare(model=name, version=version)
+
+    return prepare
+
+
 @bentoml.service(
     name="router",
     workers=SETTINGS.router_workers,
@@ -222,16 +296,32 @@ class Router:
     torch = bentoml.depends(TorchService)
 
     def __init__(self) -> None:
-        config = load_model_config(SETTINGS.models_file)
-        remote = {
-            Framework.SKLEARN: _remote(self.sklearn, Framework.SKLEARN),
-            Framework.XGBOOST: _remote(self.xgboost, Framework.XGBOOST),
-            Framework.PYTORCH: _remote(self.torch, Framework.PYTORCH),
+        services = {
+            Framework.SKLEARN: self.sklearn,
+            Framework.XGBOOST: self.xgboost,
+            Framework.PYTORCH: self.torch,
         }
-        self.registry = build_registry(config, SETTINGS, remote)
+        loader = Loader(
+            SETTINGS,
+            remote={f: _remote(dep, f) for f, dep in services.items()},
+            prepare={f: _prepare(dep) for f, dep in services.items()},
+        )
+        self.registry = loader.initial()
         app.state.registry = self.registry
         freeze_heap()
         metrics.watch_gc()
+
+    def __is_ready__(self) -> bool:
+        """``/readyz``: every configured model has a version serving (a failed reload that kept
+        the old version serving stays ready; a model with nothing loaded is not)."""
+        return self.registry.ready()
+
+    @bentoml.on_startup
+    async def _watch_models(self) -> None:
+        """Poll the models file, the store and the aliases, and reload on change."""
+        self._watcher = asyncio.get_running_loop().create_task(
+            self.registry.watch(SETTINGS.reload_interval_s)
+        )
 
     @bentoml.on_startup
     async def _start_grpc(self) -> None:
@@ -248,7 +338,10 @@ class Router:
 
     @bentoml.on_shutdown
     async def _stop_grpc(self) -> None:
-        """Stop accepting gRPC calls; in-flight ones get a short grace period."""
+        """Stop accepting gRPC calls (in-flight ones get a short grace period) and the watcher."""
+        watcher = getattr(self, "_watcher", None)
+        if watcher is not None:
+            watcher.cancel()
         server = getattr(self, "_grpc_server", None)
         if server is not None:
             from services import oip_grpc

@@ -142,9 +142,11 @@ class Runtime:
         return proba.argmax(axis=1), proba
 
 
-def load_info(entry: ModelEntry) -> tuple[ModelInfo, Any]:
-    """Resolve ``entry`` in the model store; returns the info and the store's model handle."""
-    bento_model = get_model(entry.store_tag)
+def load_info(entry: ModelEntry, version: str | None = None) -> tuple[ModelInfo, Any]:
+    """Resolve ``entry`` (at ``version``, default its tag's) in the model store.
+
+    Returns the info and the store's model handle."""
+    bento_model = get_model(f"{entry.store_name}:{version}" if version else entry.store_tag)
     framework = framework_of(bento_model, entry.framework)
     meta = dict(bento_model.info.metadata)
     schema = meta.get("input_schema") or {}
@@ -165,9 +167,9 @@ def load_info(entry: ModelEntry) -> tuple[ModelInfo, Any]:
     return info, bento_model
 
 
-def load_runtime(entry: ModelEntry, threads: int = 1) -> Runtime:
-    """Load ``entry`` from the store into a ready-to-call :class:`Runtime`."""
-    info, bento_model = load_info(entry)
+def load_runtime(entry: ModelEntry, threads: int = 1, version: str | None = None) -> Runtime:
+    """Load ``entry`` (at ``version``) from the store into a ready-to-call :class:`Runtime`."""
+    info, bento_model = load_info(entry, version)
     obj = load_object(bento_model, info.framework, threads)
     predict_proba = _PREDICTORS[info.framework](obj, threads)
     runtime = Runtime(info=info, predict_proba=predict_proba)

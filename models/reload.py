@@ -1,0 +1,63 @@
+"""What the serving processes should serve now: the models file, the store and the aliases, read
+together into one :class:`Desired` state, plus a cheap fingerprint to notice when it changes.
+
+BentoML resolves ``name:latest`` once, when a service starts (bentoml#754 asks for more); servery's
+processes poll instead: every ``SERVERY_RELOAD_INTERVAL_S`` they compare :func:`fingerprint` (a few
+``stat`` calls per model, no file reads) with the last one and only on a change read everything
+again (:func:`desired`) and reconcile (``services/registry.py``, ``services/framework.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.aliases import AliasError, AliasStore
+from models.config import ModelConfig, load_model_config
+from models.versions import ModelPlan, PlanError, plan_model
+
+
+@dataclass(frozen=True)
+class Desired:
+    """The config and, per served name, its plan or the reason it has none."""
+
+    config: ModelConfig
+    plans: dict[str, ModelPlan]
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def desired(config: ModelConfig, aliases: AliasStore) -> Desired:
+    """Plan every model of ``config`` against the store (errors are per model, never raised)."""
+    plans: dict[str, ModelPlan] = {}
+    errors: dict[str, str] = {}
+    for entry in config.models:
+        try:
+            plans[entry.name] = plan_model(
+                entry,
+                aliases.versions(entry.store_name),
+                aliases.read(entry.store_name).aliases,
+            )
+        except (PlanError, AliasError) as e:
+            errors[entry.name] = str(e)
+    return Desired(config=config, plans=plans, errors=errors)
+
+
+def read_desired(models_file: Path | str, aliases: AliasStore) -> Desired:
+    """:func:`desired` for the config in ``models_file`` (raises ``ConfigError`` if unreadable)."""
+    return desired(load_model_config(models_file), aliases)
+
+
+def fingerprint(
+    models_file: Path | str, config: ModelConfig | None, aliases: AliasStore
+) -> tuple[object, ...]:
+    """Changes whenever the models file, a model's versions or its aliases change."""
+    try:
+        st = os.stat(models_file)  # follows symlinks: a Kubernetes ConfigMap swap shows here
+        out: list[object] = [(st.st_mtime_ns, st.st_ino, st.st_size)]
+    except OSError:
+        out = [None]
+    if config is not None:
+        for name in sorted({m.store_name for m in config.models}):
+            out.append(aliases.fingerprint(name))
+    return tuple(out)
