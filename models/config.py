@@ -221,7 +221,8 @@ class ModelEntry(BaseModel):
         # "tag: iris:<version>" (the foundation's way to pin) is "version_policy: specific".
         pinned = self.pinned_version
         if pinned is not None:
-            if "version_policy" in self.model_fields_set:
+            same = self.version_policy.specific == [pinned]
+            if "version_policy" in self.model_fields_set and not same:
                 raise ValueError(
                     f"model {self.name!r}: tag {self.tag!r} pins a version; use either a "
                     "versioned tag or version_policy, not both"

@@ -9,7 +9,7 @@ The rules:
 * **Served versions** are the model's ``version_policy`` (``latest: N``, ``all`` or ``specific``)
   plus every version an alias points at plus every target of its routing table.
 * **Default** (a request without ``version`` and no routing table): the ``production`` alias, or
-  the newest served version where ``production`` is not set (``routed_by`` says which).
+  the newest version the policy selects where ``production`` is not set (``routed_by`` says which).
 * **Split**: a weighted table over targets (aliases, versions, prefixes, ``latest``). A target
   that does not resolve (an alias not set yet) is left out and the rest keep their relative
   weights; the plan carries a warning. **Shadow**: one target that receives a copy of traffic.
@@ -99,6 +99,7 @@ def plan_model(entry: ModelEntry, store_versions: list[str], aliases: dict[str, 
                 raise PlanError(f"version_policy of '{entry.name}': {e}") from None
     else:
         chosen = set(stored[-(policy.latest or 1) :])
+    by_policy = set(chosen)
     chosen.update(live_aliases.values())
 
     def target(ref: str, role: str) -> tuple[str, str] | None:
@@ -134,7 +135,9 @@ def plan_model(entry: ModelEntry, store_versions: list[str], aliases: dict[str, 
     if DEFAULT_ALIAS in live_aliases:
         default, how = live_aliases[DEFAULT_ALIAS], f"alias:{DEFAULT_ALIAS}"
     else:
-        default, how = versions[-1], LATEST
+        # newest by the policy: a version served only as an alias, split or shadow target (a
+        # staging candidate, say) never becomes the default by being newer
+        default, how = max(by_policy, key=stored.index), LATEST
     return ModelPlan(
         name=entry.name,
         store_name=entry.store_name,

@@ -316,3 +316,172 @@ def test_shipped_default_file() -> None:
         "digits:latest",
     ]
     assert all(cfg.placement_of(m) is Placement.INLINE for m in cfg.models)
+
+
+# --- version_policy, routing, pinned tags -------------------------------------------------------
+
+
+def test_version_policy_defaults_to_latest_one() -> None:
+    (entry,) = config({"name": "iris"}).models
+    assert entry.version_policy.latest == 1
+    assert entry.version_policy.all is False
+    assert entry.version_policy.specific is None
+    assert entry.version_policy.describe() == "latest: 1"
+    assert entry.routing is None
+    # an explicit but empty policy, or all: false, is the default too
+    for policy in ({}, {"all": False}, {"latest": None}):
+        (e,) = config({"name": "iris", "version_policy": policy}).models
+        assert e.version_policy.latest == 1 and e.version_policy.describe() == "latest: 1"
+
+
+@pytest.mark.parametrize(
+    ("policy", "described"),
+    [
+        ({"latest": 3}, "latest: 3"),
+        ({"latest": 1024}, "latest: 1024"),
+        ({"all": True}, "all"),
+        ({"specific": ["abc", "def123"]}, "specific: abc, def123"),
+        ({"all": False, "specific": ["abc"]}, "specific: abc"),
+    ],
+)
+def test_version_policy_kinds(policy: dict[str, Any], described: str) -> None:
+    (entry,) = config({"name": "iris", "version_policy": policy}).models
+    assert entry.version_policy.describe() == described
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"latest": 2, "all": True},
+        {"latest": 2, "specific": ["abc"]},
+        {"all": True, "specific": ["abc"]},
+        {"latest": 1, "all": True, "specific": ["abc"]},
+    ],
+)
+def test_version_policy_takes_one_kind(policy: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="version_policy takes one of latest, all, specific"):
+        config({"name": "iris", "version_policy": policy})
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"latest": 0},
+        {"latest": -1},
+        {"latest": 1025},
+        {"specific": []},
+        {"specific": "abc"},  # a list, not a string
+        {"newest": 2},
+        "latest",
+    ],
+)
+def test_invalid_version_policies_rejected(policy: Any) -> None:
+    with pytest.raises(ConfigError, match="version_policy"):
+        config({"name": "iris", "version_policy": policy})
+
+
+@pytest.mark.parametrize(
+    ("tag", "store_name", "pinned"),
+    [
+        (None, "iris", None),
+        ("iris", "iris", None),
+        ("iris:latest", "iris", None),
+        ("iris_v2", "iris_v2", None),
+        ("iris:abc123", "iris", "abc123"),
+        ("other:def", "other", "def"),
+    ],
+)
+def test_store_name_and_pinned_version(
+    tag: str | None, store_name: str, pinned: str | None
+) -> None:
+    (entry,) = config({"name": "iris", "tag": tag}).models
+    assert entry.store_name == store_name
+    assert entry.pinned_version == pinned
+
+
+def test_pinned_tag_is_a_specific_policy() -> None:
+    (entry,) = config({"name": "iris", "tag": "iris:abc123"}).models
+    assert entry.version_policy.specific == ["abc123"]
+    assert entry.version_policy.latest is None and entry.version_policy.all is False
+    assert entry.version_policy.describe() == "specific: abc123"
+
+
+def test_pinned_entry_round_trips_through_model_dump() -> None:
+    (entry,) = config({"name": "iris", "tag": "iris:abc123"}).models
+    again = type(entry).model_validate(entry.model_dump())
+    assert again.version_policy.specific == ["abc123"]
+
+
+@pytest.mark.parametrize("policy", [{"latest": 2}, {"all": True}, {"specific": ["other"]}, {}])
+def test_pinned_tag_and_version_policy_together_rejected(policy: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="pins a version; use either") as info:
+        config({"name": "iris", "tag": "iris:abc123", "version_policy": policy})
+    assert "'iris:abc123'" in str(info.value)
+
+
+def test_unpinned_tag_with_version_policy_is_fine() -> None:
+    (entry,) = config(
+        {"name": "iris", "tag": "iris:latest", "version_policy": {"all": True}}
+    ).models
+    assert entry.version_policy.all is True
+
+
+def test_routing_split_and_shadow() -> None:
+    (entry,) = config(
+        {
+            "name": "iris",
+            "routing": {"split": {"production": 90, "staging": 10}, "shadow": "candidate"},
+        }
+    ).models
+    assert entry.routing is not None
+    assert entry.routing.split == {"production": 90.0, "staging": 10.0}  # kept as written
+    assert entry.routing.shadow == "candidate"
+    (entry,) = config({"name": "iris", "routing": {"shadow": "candidate"}}).models
+    assert entry.routing is not None and entry.routing.split is None
+    (entry,) = config({"name": "iris", "routing": {"split": {"a": 0, "b": 0.5}}}).models
+    assert entry.routing is not None and entry.routing.split == {"a": 0.0, "b": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("split", "message"),
+    [
+        ({"production": -1, "staging": 10}, "finite numbers >= 0"),
+        ({"production": float("nan"), "staging": 10}, "finite numbers >= 0"),
+        ({"production": float("inf"), "staging": 10}, "finite numbers >= 0"),
+        ({"production": -float("inf")}, "finite numbers >= 0"),
+        ({"production": 0, "staging": 0}, "must not all be 0"),
+        ({"production": 0}, "must not all be 0"),
+        ({}, "at least 1 item"),
+        ({"production": "lots"}, "valid number"),
+    ],
+)
+def test_invalid_split_weights_rejected(split: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config({"name": "iris", "routing": {"split": split}})
+
+
+def test_routing_rejects_unknown_keys() -> None:
+    with pytest.raises(ConfigError, match="Extra inputs are not permitted"):
+        config({"name": "iris", "routing": {"split": {"a": 1}, "mirror": "b"}})
+
+
+def test_versions_and_routing_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "models:\n"
+        "  - name: digits\n"
+        "    version_policy:\n"
+        "      latest: 2\n"
+        "    routing:\n"
+        "      split: {production: 90, staging: 10}\n"
+        "      shadow: candidate\n"
+        "  - name: iris\n"
+        "    tag: iris:abc123\n"
+    )
+    digits, iris = load_model_config(path).models
+    assert digits.version_policy.describe() == "latest: 2"
+    assert digits.routing is not None and digits.routing.split == {"production": 90, "staging": 10}
+    assert iris.version_policy.describe() == "specific: abc123"
+    path.write_text("models:\n  - name: iris\n    routing:\n      split: {a: .nan, b: 1}\n")
+    with pytest.raises(ConfigError, match="finite numbers >= 0"):
+        load_model_config(path)
