@@ -3,6 +3,8 @@
 -- POSTs JSON bodies round-robin, one body per line of the file named by $WRK_BODIES, so a run
 -- sends many distinct rows rather than one cached body. done() prints one machine-readable line
 -- with the numbers bench/wrk.py parses: request count, error counts and latency percentiles (us).
+-- With $WRK_KEY_HEADER set (e.g. X-Servery-Route-Key), body i is sent with that header set to
+-- "key-<i>", so a run carries as many distinct route keys as bodies.
 
 local prepared = {}
 local next_index = 0
@@ -12,10 +14,14 @@ function init(args)
   if path == nil then
     error("WRK_BODIES is not set: bench/wrk.py names the file of request bodies")
   end
+  local key_header = os.getenv("WRK_KEY_HEADER")
   for line in io.lines(path) do
     if #line > 0 then
       -- wrk.format fills in Host and Content-Length; one pre-built request per body.
       local headers = { ["Content-Type"] = "application/json" }
+      if key_header ~= nil and #key_header > 0 then
+        headers[key_header] = "key-" .. (#prepared + 1)
+      end
       prepared[#prepared + 1] = wrk.format("POST", nil, headers, line)
     end
   end

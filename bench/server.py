@@ -106,13 +106,15 @@ def start_server(
     env: dict[str, str] | None = None,
     target: str = "services:Router",
     ready_timeout: float = 120,
+    root: Path = ROOT,
 ) -> Server:
     """Start ``bentoml serve TARGET`` on a free loopback port and wait for ``/readyz``.
 
     ``models_yaml`` is written to a model config for this server; None serves the shipped
     default (models/models.yaml), as ``make serve`` does. The OIP gRPC server gets a free port
     too unless ``env`` names ``SERVERY_GRPC_PORT`` (every worker binds it with SO_REUSEPORT, so
-    two servers on one fixed port would silently share it).
+    two servers on one fixed port would silently share it). ``root`` is the source tree served
+    (another checkout of the project, e.g. an older commit for a before/after benchmark).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -134,7 +136,7 @@ def start_server(
     cmd = [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     server = Server(
         url=f"http://127.0.0.1:{port}",
-        proc=launch(cmd, cwd=ROOT, env=full_env, log=log),
+        proc=launch(cmd, cwd=root, env=full_env, log=log),
         log=log,
         env=full_env,
         grpc_port=int(full_env["SERVERY_GRPC_PORT"]),

@@ -78,9 +78,17 @@ def parse_wrk(stdout: str, concurrency: int) -> LoadResult:
 
 
 def run_wrk(
-    url: str, bodies: Sequence[str], *, concurrency: int, seconds: int, timeout_s: int = 10
+    url: str,
+    bodies: Sequence[str],
+    *,
+    concurrency: int,
+    seconds: int,
+    timeout_s: int = 10,
+    key_header: str | None = None,
 ) -> LoadResult:
-    """One wrk run of ``seconds`` (whole seconds: wrk's -d takes no fractions)."""
+    """One wrk run of ``seconds`` (whole seconds: wrk's -d takes no fractions).
+
+    ``key_header``: send body i with that header set to ``key-<i>`` (e.g. a route key)."""
     path = wrk_path()
     if path is None:
         raise RuntimeError(INSTALL_HINT)
@@ -103,7 +111,7 @@ def run_wrk(
             cmd,
             capture_output=True,
             text=True,
-            env={**os.environ, "WRK_BODIES": str(body_file)},
+            env={**os.environ, "WRK_BODIES": str(body_file), "WRK_KEY_HEADER": key_header or ""},
             timeout=seconds + timeout_s + 30,
         )
     if proc.returncode != 0:

@@ -6,10 +6,15 @@ any app, and stays cheap: torch and xgboost load only when a model of theirs is 
 
 from __future__ import annotations
 
+import logging
+
 from services import fastpath, patches
 from services.settings import SETTINGS
 
 patches.apply()
+# BentoML's server logging leaves the root logger at WARNING; servery's own INFO lines (models
+# loaded and reloaded, shadow answers on "servery.shadow") are part of what an operator reads.
+logging.getLogger("servery").setLevel(logging.INFO)
 if SETTINGS.fast_path and not SETTINGS.trace_predictions:
     fastpath.install(timeout_s=SETTINGS.request_timeout_s)
 

@@ -394,6 +394,8 @@ def test_shadow_is_counted_never_returned(env: Env) -> None:
     assert after.get("disagree", 0) - before.get("disagree", 0) == n
     assert after.get("error", 0) == before.get("error", 0)
     assert after.get("agree", 0) == before.get("agree", 0)
+    # and each copy is logged (logger servery.shadow) with both versions
+    assert f"primary={v1} shadow={v0} rows=1 outcome=disagree" in env.server.log.read_text()
 
 
 def test_admin_reload_applies_at_once(env: Env) -> None:
@@ -401,6 +403,7 @@ def test_admin_reload_applies_at_once(env: Env) -> None:
     servery_cli(env.home, "promote", NAME, v0)
     report = env.client.post("/admin/reload").json()
     assert report["ok"] is True, report
+    assert "models reloaded" in env.server.log.read_text()
     # the worker that took the call switched already; the other follows within its poll
     env.wait(env.answers_with(v0, "alias:production"), "both workers after /admin/reload")
 

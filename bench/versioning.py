@@ -1,0 +1,313 @@
+"""What versioning costs the router: routing-table overhead, and before/after throughput.
+
+    python -m bench.versioning [--baseline-rev REV] [--concurrency 1,64] [--duration 5]
+                               [--repeats 3] [--quick]
+
+Single-row ``POST /predict`` requests for an iris classifier with wrk, on these router setups,
+all serving the same temporary store (two versions; ``production`` -> the older, ``staging`` ->
+the newer):
+
+* ``before`` — the project at ``--baseline-rev`` (default: the last commit before versioning),
+  checked out with ``git worktree`` and served from there: the hot path without versioning;
+* ``default`` — this tree, no routing table (the ``production`` alias answers);
+* ``split`` — this tree, ``split: {production: 90, staging: 10}``;
+* ``split+key`` — the ``split`` server, every request carrying ``X-Servery-Route-Key`` (16
+  distinct keys), so the key is hashed per request;
+* ``shadow`` — this tree, ``shadow: staging`` (every request also runs on the shadow version:
+  shown for its cost, not part of the routing overhead).
+
+Each (setup, concurrency) cell runs ``--repeats`` times in rotated order; the median is reported
+with its range. The targets (issue 5): versioning costs at most 5 % of c=64 throughput
+(``default`` vs ``before``), and the added p50/p99 of a split is reported. Writes
+bench/out/versioning.json and the "versioning" section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.report import fmt, machine, run_line, table, write_section
+from bench.server import ROOT, Server, start_server
+from bench.wrk import INSTALL_HINT, measure, run_wrk, wrk_path, wrk_version
+
+OUT_JSON = ROOT / "bench" / "out" / "versioning.json"
+RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+BASELINE_REV = "e426c6d"
+"""The last commit before model versioning reached the router (issue 5)."""
+ROUTE_KEY = "X-Servery-Route-Key"
+N_BODIES = 16
+
+SETUPS = ("before", "default", "split", "split+key", "shadow")
+ROUTING = {
+    "default": None,
+    "split": "split: {production: 90, staging: 10}",
+    "shadow": "shadow: staging",
+}
+
+
+def models_yaml(routing: str | None) -> str:
+    # both versions are served through their aliases; the same file suits the 'before' tree
+    text = "models:\n  - name: iris\n"
+    if routing:
+        text += f"    routing: {{{routing}}}\n"
+    return text
+
+
+def make_store(home: Path) -> list[str]:
+    """Two versions of an iris LogisticRegression (same cost per call); returns them, oldest
+    first, with ``production`` on the older and ``staging`` on the newer."""
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    from models.aliases import AliasStore
+    from models.store import data_sha256, save_model
+    from tests.conftest import bentoml_store
+
+    x, y = load_iris(return_X_y=True)
+    versions = []
+    with bentoml_store(home):
+        for c in (1.0, 2.0):
+            clf = LogisticRegression(C=c, max_iter=500).fit(x, y)
+            saved = save_model(
+                "iris",
+                "sklearn",
+                clf,
+                feature_names=[f"f{i}" for i in range(4)],
+                class_names=["setosa", "versicolor", "virginica"],
+                metrics={},
+                params={"C": c},
+                data_hash=data_sha256(x, y),
+                dtype="float32",
+            )
+            versions.append(saved.tag.version)
+    aliases = AliasStore(home / "models")
+    aliases.promote("iris", versions[0], "production")
+    aliases.promote("iris", versions[1], "staging")
+    return versions
+
+
+@contextlib.contextmanager
+def worktree(rev: str, tmp: Path) -> Iterator[Path]:
+    """A checkout of ``rev`` (``git worktree``), removed afterwards."""
+    path = tmp / f"tree-{rev}"
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(path), rev],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, capture_output=True
+        )
+
+
+@contextlib.contextmanager
+def servers(home: Path, tmp: Path, rev: str, wanted: Sequence[str]) -> Iterator[dict[str, Server]]:
+    started: dict[str, Server] = {}
+    with contextlib.ExitStack() as stack:
+        try:
+            for name in ("before", "default", "split", "shadow"):
+                if name not in wanted and not (name == "split" and "split+key" in wanted):
+                    continue
+                root = stack.enter_context(worktree(rev, tmp)) if name == "before" else ROOT
+                routing = None if name == "before" else ROUTING[name]
+                work = tmp / f"serve-{name.replace('+', '-')}"
+                started[name] = start_server(home, models_yaml(routing), work, root=root)
+                print(f"started {name}: {started[name].url}", flush=True)
+            if "split+key" in wanted:
+                started["split+key"] = started["split"]
+            yield started
+        finally:
+            for srv in started.values():
+                srv.stop()
+
+
+def bodies() -> list[str]:
+    from sklearn.datasets import load_iris
+
+    rows = load_iris().data[np.arange(N_BODIES) * 9 % 150]
+    return [json.dumps({"model": "iris", "inputs": [row.tolist()]}) for row in rows]
+
+
+def check(name: str, srv: Server, versions: list[str]) -> None:
+    """One request per setup: 200, and the version that setup must answer with."""
+    r = httpx.post(f"{srv.url}/predict", json=json.loads(bodies()[0]), timeout=30)
+    r.raise_for_status()
+    got = r.json()["version"]
+    want = versions[1] if name == "before" else None  # before: BentoML's latest (the newer)
+    if name in ("default", "shadow"):
+        want = versions[0]  # the production alias
+    if want is not None and got != want:
+        raise RuntimeError(f"{name} answered with version {got}, expected {want}")
+    if name == "before" and "routed_by" in r.json():
+        raise RuntimeError("the 'before' server runs versioned code: wrong tree served")
+
+
+def run_cell(srv: Server, setup: str, concurrency: int, seconds: float) -> dict[str, Any]:
+    url = f"{srv.url}/predict"
+    key = ROUTE_KEY if setup == "split+key" else None
+    result = run_wrk(
+        url, bodies(), concurrency=concurrency, seconds=max(1, round(seconds)), key_header=key
+    )
+    return result.as_dict()
+
+
+def measure_all(
+    started: dict[str, Server], concurrency: Sequence[int], seconds: float, repeats: int
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    setups = list(started)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in setups}
+    for c in concurrency:
+        for srv_name in setups:  # warm every server at this concurrency once
+            measure(f"{started[srv_name].url}/predict", bodies(), concurrency=c, seconds=1)
+        for rep in range(repeats):
+            order = setups[rep % len(setups) :] + setups[: rep % len(setups)]
+            for s in order:
+                cell = run_cell(started[s], s, c, seconds)
+                runs[s].setdefault(str(c), []).append(cell)
+                print(
+                    f"c={c} rep {rep + 1} {s:10s} {cell['rps']:8.0f} req/s "
+                    f"p50 {cell['p50_ms']:.2f} ms p99 {cell['p99_ms']:.2f} ms "
+                    f"errors {cell['errors']}",
+                    flush=True,
+                )
+    return runs
+
+
+def median(cells: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(c[key] for c in cells))
+
+
+def report(runs: dict[str, dict[str, list[dict[str, Any]]]], concurrency: Sequence[int]) -> str:
+    header = ["setup", *[f"c={c} {k}" for c in concurrency for k in ("req/s", "p50 ms", "p99 ms")]]
+    rows = []
+    for setup, by_c in runs.items():
+        row = [setup]
+        for c in concurrency:
+            cells = by_c[str(c)]
+            rps = [x["rps"] for x in cells]
+            row += [
+                f"{fmt(median(cells, 'rps'), 0)} ({fmt(min(rps), 0)}-{fmt(max(rps), 0)})",
+                fmt(median(cells, "p50_ms"), 2),
+                fmt(median(cells, "p99_ms"), 2),
+            ]
+        rows.append(row)
+    return table(header, rows, True)
+
+
+def overheads(
+    runs: dict[str, dict[str, list[dict[str, Any]]]], concurrency: Sequence[int]
+) -> list[str]:
+    lines = []
+    top = str(max(concurrency))
+    if "before" in runs and "default" in runs:
+        r = median(runs["default"][top], "rps") / median(runs["before"][top], "rps")
+        ok = "PASS" if r >= 0.95 else "FAIL"
+        lines.append(
+            f"{ok}: c={top} throughput with versioning / before = {r:.3f} (target >= 0.95)"
+        )
+    for c in map(str, concurrency):
+        for setup in ("split", "split+key"):
+            if setup in runs and "default" in runs:
+                d50 = (
+                    median(runs[setup][c], "p50_ms") - median(runs["default"][c], "p50_ms")
+                ) * 1000
+                d99 = (
+                    median(runs[setup][c], "p99_ms") - median(runs["default"][c], "p99_ms")
+                ) * 1000
+                rr = median(runs[setup][c], "rps") / median(runs["default"][c], "rps")
+                lines.append(
+                    f"c={c} {setup} vs default: p50 {d50:+.0f} us, p99 {d99:+.0f} us, "
+                    f"req/s x{rr:.3f}"
+                )
+    errors = sum(x["errors"] for by_c in runs.values() for cells in by_c.values() for x in cells)
+    lines.append(f"{'PASS' if errors == 0 else 'FAIL'}: {errors} failed requests in all runs")
+    return lines
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.versioning",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of 'before'")
+    p.add_argument("--concurrency", default="1,64")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--setups", default=",".join(SETUPS), help="comma list: " + ",".join(SETUPS))
+    p.add_argument("--quick", action="store_true", help="2 s runs, 1 repeat")
+    args = p.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.setups = [s for s in args.setups.split(",") if s]
+    if set(args.setups) - set(SETUPS):
+        p.error(f"unknown setups {sorted(set(args.setups) - set(SETUPS))}")
+    if args.quick:
+        args.duration, args.repeats = 2.0, 1
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw)
+    if wrk_path() is None:
+        raise SystemExit(INSTALL_HINT)
+    meta = machine(
+        " ".join(["python -m bench.versioning", *map(shlex.quote, raw)]), wrk_version() or "wrk"
+    )
+    with tempfile.TemporaryDirectory(prefix="servery-versioning-") as tmp_name:
+        tmp = Path(tmp_name)
+        home = tmp / "bentoml"
+        versions = make_store(home)
+        with servers(home, tmp, args.baseline_rev, args.setups) as started:
+            for name, srv in started.items():
+                check(name, srv, versions)
+            print("answers checked: each setup answers with the version it must", flush=True)
+            runs = measure_all(started, args.concurrency, args.duration, args.repeats)
+    text = report(runs, args.concurrency)
+    lines = overheads(runs, args.concurrency)
+    print("\n" + text + "\n\n" + "\n".join(lines))
+    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
+    OUT_JSON.write_text(
+        json.dumps(
+            {**meta, "baseline_rev": args.baseline_rev, "runs": runs, "summary": lines}, indent=2
+        )
+    )
+    md = "\n".join(
+        [
+            "## Versioning: routing-table overhead and before/after (issue 5)",
+            "",
+            run_line(meta),
+            "",
+            "Single-row `POST /predict` to an iris LogisticRegression, 2 router workers; "
+            f"`before` is commit `{args.baseline_rev}` (no versioning) served from a git "
+            "worktree. Median of "
+            f"{args.repeats} runs of {args.duration:g} s (range in brackets), order rotated.",
+            "",
+            text,
+            "",
+            *[f"- {line}" for line in lines],
+        ]
+    )
+    write_section(RESULTS_MD, "versioning", md)
+    return 0 if all(not line.startswith("FAIL") for line in lines) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
