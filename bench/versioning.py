@@ -4,8 +4,8 @@
                                [--repeats 3] [--quick]
 
 Single-row ``POST /predict`` requests for an iris classifier with wrk, on these router setups,
-all serving the same temporary store (two versions; ``production`` -> the older, ``staging`` ->
-the newer):
+all serving the same temporary store (two versions; ``production`` -> the newer, which is what
+``before`` serves as ``latest``, ``staging`` -> the older):
 
 * ``before`` — the project at ``--baseline-rev`` (default: the last commit before versioning),
   checked out with ``git worktree`` and served from there: the hot path without versioning;
@@ -17,8 +17,9 @@ the newer):
   shown for its cost, not part of the routing overhead).
 
 Each (setup, concurrency) cell runs ``--repeats`` times in rotated order; the median is reported
-with its range. The targets (issue 5): versioning costs at most 5 % of c=64 throughput
-(``default`` vs ``before``), and the added p50/p99 of a split is reported. Writes
+with its range; ratios between setups are medians of per-repeat ratios (adjacent runs). The
+targets (issue 5): versioning costs at most 5 % of c=64 throughput (``default`` vs ``before``),
+and the added p50/p99 of a split is reported. Writes
 bench/out/versioning.json and the "versioning" section of bench/RESULTS.md.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -68,7 +70,8 @@ def models_yaml(routing: str | None) -> str:
 
 def make_store(home: Path) -> list[str]:
     """Two versions of an iris LogisticRegression (same cost per call); returns them, oldest
-    first, with ``production`` on the older and ``staging`` on the newer."""
+    first, with ``production`` on the newer (the one ``before`` serves as latest) and
+    ``staging`` on the older."""
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
 
@@ -94,8 +97,8 @@ def make_store(home: Path) -> list[str]:
             )
             versions.append(saved.tag.version)
     aliases = AliasStore(home / "models")
-    aliases.promote("iris", versions[0], "production")
-    aliases.promote("iris", versions[1], "staging")
+    aliases.promote("iris", versions[1], "production")
+    aliases.promote("iris", versions[0], "staging")
     return versions
 
 
@@ -150,13 +153,77 @@ def check(name: str, srv: Server, versions: list[str]) -> None:
     r = httpx.post(f"{srv.url}/predict", json=json.loads(bodies()[0]), timeout=30)
     r.raise_for_status()
     got = r.json()["version"]
-    want = versions[1] if name == "before" else None  # before: BentoML's latest (the newer)
-    if name in ("default", "shadow"):
-        want = versions[0]  # the production alias
+    # before: BentoML's latest; default and shadow: the production alias; both the newer one
+    want = versions[1] if name in ("before", "default", "shadow") else None
     if want is not None and got != want:
         raise RuntimeError(f"{name} answered with version {got}, expected {want}")
     if name == "before" and "routed_by" in r.json():
         raise RuntimeError("the 'before' server runs versioned code: wrong tree served")
+
+
+# In-process probe of the /predict handler: no HTTP, no BentoML middleware, one request at a time,
+# so what differs between two trees is the handler's own code (routing, validation, batcher, JSON).
+# Runs as `python -c` with the tree first on sys.path, so it imports that tree's modules.
+PROBE = """
+import asyncio, json, os, sys, time
+tree, home, config_file, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+sys.path.insert(0, tree)
+os.environ["BENTOML_HOME"] = home
+from models.config import load_model_config
+from services.registry import build_registry
+from services.settings import SETTINGS
+from services import router
+from starlette.requests import Request
+router.app.state.registry = build_registry(load_model_config(config_file), SETTINGS, {})
+body = json.dumps({"model": "iris", "inputs": [[5.1, 3.5, 1.4, 0.2]]}).encode()
+async def receive():
+    return {"type": "http.request", "body": body, "more_body": False}
+def request():
+    return Request({"type": "http", "method": "POST", "path": "/predict", "query_string": b"",
+                    "headers": [(b"content-type", b"application/json")], "app": router.app},
+                   receive)
+async def main():
+    for _ in range(n // 5):
+        await router.predict(request())
+    runs = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            r = await router.predict(request())
+        runs.append((time.perf_counter() - t) / n * 1e6)
+    assert r.status_code == 200, r.body
+    print(min(runs))
+asyncio.run(main())
+"""
+
+
+def probe_handler(tree: Path, home: Path, routing: str | None, tmp: Path, n: int = 4000) -> float:
+    """Best-of-5 microseconds per ``/predict`` call of ``tree``'s handler, in a fresh process."""
+    config = tmp / f"probe-{abs(hash((str(tree), routing)))}.yaml"
+    config.write_text(models_yaml(routing))
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tree), str(home), str(config), str(n)],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "BENTOML_DO_NOT_TRACK": "True", "SERVERY_MODELS_FILE": str(config)},
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def probe_all(home: Path, tmp: Path, rev: str, rounds: int = 3) -> dict[str, float]:
+    """Handler cost per setup: the minimum over ``rounds`` alternating rounds of best-of-5."""
+    best: dict[str, float] = {}
+    (tmp / "probe").mkdir(exist_ok=True)
+    with worktree(rev, tmp / "probe") as before:
+        setups = {"before": (before, None), **{k: (ROOT, v) for k, v in ROUTING.items()}}
+        for _ in range(rounds):
+            for name, (tree, routing) in setups.items():
+                us = probe_handler(tree, home, routing, tmp)
+                best[name] = min(best.get(name, us), us)
+    print("handler probe (us per request, best):", {k: round(v, 1) for k, v in best.items()})
+    return best
 
 
 def run_cell(srv: Server, setup: str, concurrency: int, seconds: float) -> dict[str, Any]:
@@ -211,27 +278,40 @@ def report(runs: dict[str, dict[str, list[dict[str, Any]]]], concurrency: Sequen
     return table(header, rows, True)
 
 
+def paired(
+    runs: dict[str, dict[str, list[dict[str, Any]]]], a: str, b: str, c: str, key: str
+) -> float:
+    """Median over repeats of ``a``'s value / ``b``'s in the same repeat.
+
+    This VM's speed drifts by tens of percent within minutes; runs of one repeat are adjacent in
+    time, so their ratio cancels most of the drift that a ratio of two medians keeps."""
+    return float(
+        statistics.median(x[key] / y[key] for x, y in zip(runs[a][c], runs[b][c], strict=True))
+    )
+
+
 def overheads(
     runs: dict[str, dict[str, list[dict[str, Any]]]], concurrency: Sequence[int]
 ) -> list[str]:
     lines = []
     top = str(max(concurrency))
     if "before" in runs and "default" in runs:
-        r = median(runs["default"][top], "rps") / median(runs["before"][top], "rps")
+        r = paired(runs, "default", "before", top, "rps")
         ok = "PASS" if r >= 0.95 else "FAIL"
         lines.append(
-            f"{ok}: c={top} throughput with versioning / before = {r:.3f} (target >= 0.95)"
+            f"{ok}: c={top} throughput with versioning / before = {r:.3f} "
+            "(median of paired repeats; target >= 0.95)"
         )
     for c in map(str, concurrency):
-        for setup in ("split", "split+key"):
+        for setup in ("split", "split+key", "shadow"):
             if setup in runs and "default" in runs:
                 d50 = (
                     median(runs[setup][c], "p50_ms") - median(runs["default"][c], "p50_ms")
-                ) * 1000
+                ) * 1e3
                 d99 = (
                     median(runs[setup][c], "p99_ms") - median(runs["default"][c], "p99_ms")
-                ) * 1000
-                rr = median(runs[setup][c], "rps") / median(runs["default"][c], "rps")
+                ) * 1e3
+                rr = paired(runs, setup, "default", c, "rps")
                 lines.append(
                     f"c={c} {setup} vs default: p50 {d50:+.0f} us, p99 {d99:+.0f} us, "
                     f"req/s x{rr:.3f}"
@@ -249,10 +329,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of 'before'")
     p.add_argument("--concurrency", default="1,64")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per run (default 4)")
+    p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--setups", default=",".join(SETUPS), help="comma list: " + ",".join(SETUPS))
     p.add_argument("--quick", action="store_true", help="2 s runs, 1 repeat")
+    p.add_argument("--no-probe", action="store_true", help="skip the in-process handler probe")
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.setups = [s for s in args.setups.split(",") if s]
@@ -275,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = Path(tmp_name)
         home = tmp / "bentoml"
         versions = make_store(home)
+        probe = probe_all(home, tmp, args.baseline_rev) if not args.no_probe else {}
         with servers(home, tmp, args.baseline_rev, args.setups) as started:
             for name, srv in started.items():
                 check(name, srv, versions)
@@ -282,11 +364,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = measure_all(started, args.concurrency, args.duration, args.repeats)
     text = report(runs, args.concurrency)
     lines = overheads(runs, args.concurrency)
+    if probe:
+        lines.insert(
+            1,
+            "handler in-process, one request at a time, best of 3x5 runs (us/request): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in probe.items())
+            + f"; default / before = {probe['default'] / probe['before']:.3f}",
+        )
     print("\n" + text + "\n\n" + "\n".join(lines))
     OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
     OUT_JSON.write_text(
         json.dumps(
-            {**meta, "baseline_rev": args.baseline_rev, "runs": runs, "summary": lines}, indent=2
+            {
+                **meta,
+                "baseline_rev": args.baseline_rev,
+                "runs": runs,
+                "summary": lines,
+                "probe_us": probe,
+            },
+            indent=2,
         )
     )
     md = "\n".join(

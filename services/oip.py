@@ -210,5 +210,7 @@ async def infer(
     """Run one OIP inference on ``served`` (chosen by ``registry.route``) through its batcher."""
     names = requested_outputs(outputs)
     x = rows_from_inputs(inputs, served.info, max_rows)
-    labels, proba = await registry.submit(routes, served, x, routed=routed)
+    labels, proba = await served.batcher.submit(x)
+    if routed and routes.shadow is not None:
+        registry.mirror(routes, served, x, labels)
     return output_tensors(served.info, labels, proba, names)

@@ -259,19 +259,11 @@ class Registry:
         out += [{"name": n, "ready": False, "error": e} for n, e in sorted(self._errors.items())]
         return out
 
-    async def submit(
-        self, routes: ModelRoutes, served: ServedModel, x: np.ndarray, *, routed: bool
-    ) -> Result:
-        """Predict ``x`` with ``served``; a copy goes to the shadow when the table ``routed`` it."""
-        labels, proba = await served.batcher.submit(x)
-        if routed and routes.shadow is not None:
-            self.mirror(routes, served, x, labels)
-        return labels, proba
-
     # --- shadow traffic ------------------------------------------------------------------------
 
     def mirror(self, routes: ModelRoutes, primary: ServedModel, x: np.ndarray, labels: Any) -> None:
-        """Send a copy of a routed request to the model's shadow version, if it has one."""
+        """Send a copy of a request the table routed to ``primary`` to the model's shadow version
+        (callers check ``routes.shadow`` first: the hot path pays one attribute test)."""
         shadow = routes.shadow
         if shadow is None or shadow is primary:
             return

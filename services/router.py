@@ -173,7 +173,9 @@ async def predict(request: Request) -> Response:
         info = served.info
         model, version = info.name, info.version
         x = info.validate(body.inputs, SETTINGS.max_rows_per_request)
-        labels, proba = await registry.submit(routes, served, x, routed=pinned is None)
+        labels, proba = await served.batcher.submit(x)
+        if pinned is None and routes.shadow is not None:
+            registry.mirror(routes, served, x, labels)
     except Exception as e:
         response = error_response(e)
         metrics.REQUESTS.labels(model, version, str(response.status_code)).inc()
