@@ -25,7 +25,7 @@ export BENTOML_DO_NOT_TRACK ?= True
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.servery-installed
 
-.PHONY: serve test models models-large bench bench-protocols bench-peers peer-mlserver lint clean help
+.PHONY: serve test models models-large bench bench-protocols bench-peers bench-versioning peer-mlserver lint clean help
 
 help:
 	@awk '/^#/ {print; next} {exit}' Makefile
@@ -82,6 +82,13 @@ bench-peers: models-large peer-mlserver
 	@command -v h2load >/dev/null 2>&1 || apt-get install -y nghttp2-client >/dev/null 2>&1 || \
 		{ echo "bench-peers needs h2load: apt-get install -y nghttp2-client"; exit 1; }
 	$(PY) -m bench.peers $(BENCH_ARGS)
+
+# What versioning costs the router: this tree vs the commit before it (git worktree), with and
+# without a traffic split and a shadow (bench/RESULTS.md, "versioning" section). About 12 minutes.
+bench-versioning: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
+		{ echo "bench-versioning needs wrk: apt-get install -y wrk"; exit 1; }
+	$(PY) -m bench.versioning $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

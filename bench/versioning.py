@@ -321,6 +321,16 @@ def overheads(
     return lines
 
 
+READING = """How to read it: on this shared 2-core VM one run's req/s swings by +-30 % between
+repeats (ranges above), more than the 5 % being checked, so the target uses the median of
+per-repeat ratios of adjacent runs, and the in-process probe times the handler itself (no HTTP,
+no scheduling noise). The routing table itself costs a few microseconds per request (probe:
+default vs before, split vs default). What a split costs beyond that under load is batching:
+each version has its own micro-batcher, so at c=64 a 90/10 split turns one model call per round
+into two, and the 10 % side's small batches wait out their holds (the p99 difference). A shadow
+runs every routed request twice."""
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.versioning",
@@ -399,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             text,
             "",
             *[f"- {line}" for line in lines],
+            "",
+            READING,
         ]
     )
     write_section(RESULTS_MD, "versioning", md)
