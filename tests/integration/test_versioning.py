@@ -434,3 +434,16 @@ def test_random_pins_never_fail_during_reloads(env: Env) -> None:
             pin = rng.choice([v0, v1])
             r = env.predict(pin)
             assert r.status_code == 200 and r.json()["version"] == pin
+
+
+def test_model_with_nothing_to_serve_makes_readyz_honest(env: Env) -> None:
+    env.write_config(config() + "  - name: ghost\n")  # no such model in the store
+    env.wait(lambda: env.client.get("/readyz").status_code == 503, "/readyz 503")
+    listed = {m["name"]: m for m in env.client.get("/models").json()["models"]}
+    assert listed["ghost"]["ready"] is False and "no versions" in listed["ghost"]["error"]
+    assert listed[NAME]["ready"] is True
+    missing = env.client.post("/predict", json={"model": "ghost", "inputs": ROW})
+    assert missing.status_code == 404 and "no versions" in missing.json()["error"]["message"]
+    assert env.predict().status_code == 200  # the others keep serving
+    env.reset()
+    env.wait(lambda: env.client.get("/readyz").status_code == 200, "/readyz 200 again")
