@@ -32,7 +32,7 @@ def create_app() -> Any:
 
     from models.config import load_model_config
     from services import oip_rest
-    from services.registry import build_registry
+    from services.loader import build_registry
     from services.settings import SETTINGS
 
     config = load_model_config(SETTINGS.models_file)

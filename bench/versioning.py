@@ -170,7 +170,10 @@ tree, home, config_file, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv
 sys.path.insert(0, tree)
 os.environ["BENTOML_HOME"] = home
 from models.config import load_model_config
-from services.registry import build_registry
+try:
+    from services.loader import build_registry
+except ImportError:  # trees before versioning
+    from services.registry import build_registry
 from services.settings import SETTINGS
 from services import router
 from starlette.requests import Request

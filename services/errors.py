@@ -69,6 +69,17 @@ class ModelNotFound(ServeryError):
     error_type = "model_not_found"
 
 
+class ModelLoadFailed(ServeryError):
+    """A stored version exists but cannot be loaded (damaged file, wrong format).
+
+    500, not 503: the router's BentoML client reads 503 as "overloaded, retry shortly", which a
+    broken model file is not. The message names the exception type only; details go to the log.
+    """
+
+    status_code = 500
+    error_type = "model_load_failed"
+
+
 class ModelNotReady(ServeryError):
     status_code = 503
     error_type = "model_not_ready"

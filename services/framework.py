@@ -34,8 +34,6 @@ import logging
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 import bentoml
@@ -47,55 +45,34 @@ from models.aliases import AliasStore
 from models.config import (
     ConfigError,
     Framework,
-    ModelConfig,
     ModelEntry,
     Placement,
     load_model_config,
 )
 from models.reload import fingerprint, read_desired
-from models.versions import ModelPlan
-from services.errors import ModelNotFound, ServeryError, error_response
+from services.errors import ModelLoadFailed, ModelNotFound, ServeryError, error_response
 from services.patches import freeze_heap
 from services.runtimes import Runtime, load_info, load_runtime
+from services.service_versions import (
+    Key,
+    Served,
+    idle_unplanned,
+    served_table,
+    service_entry,
+    service_plans,
+    unload_grace_s,
+)
 from services.settings import SETTINGS
 
 logger = logging.getLogger("servery")
-
-Key = tuple[str, str]
-"""(served name, version)"""
-
-UNLOAD_GRACE_MIN_S = 30.0
 
 # BentoML version ids are lowercase alphanumerics; anything else (``latest``, a path) must not
 # reach the store lookup, where ``latest`` would resolve to some other version.
 _VERSION_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}\Z")
 
 
-class ModelLoadFailed(ServeryError):
-    """A stored version exists but cannot be loaded (damaged file, wrong format).
-
-    500, not 503: the router's BentoML client reads 503 as "overloaded, retry shortly", which a
-    broken model file is not. The message names the exception type only; details go to the log.
-    """
-
-    status_code = 500
-    error_type = "model_load_failed"
-
-
 class _OtherFramework(ModelNotFound):
     """The version exists but belongs to another framework's service."""
-
-
-@dataclass(frozen=True)
-class Served:
-    """One served name's loaded versions, as the row validator sees them (replaced, not mutated)."""
-
-    default: str | None
-    runtimes: Mapping[str, Runtime]
-
-    def get(self, version: str | None) -> Runtime | None:
-        version = version or self.default
-        return None if version is None else self.runtimes.get(version)
 
 
 # Request validators run in BentoML's input parsing, before the service instance is reachable, so
@@ -160,45 +137,6 @@ def service_config() -> dict[str, Any]:
         # lost 10-32 % of requests at c=16-64 (bentoml/BentoML#5540, fix in PR #5541/#5698).
         # Calls go over a local Unix socket, so recycling the session buys nothing: never do it.
         "runner_connection": {"max_requests": 2**62, "max_age": 1e12},
-    }
-
-
-def unload_grace_s(interval_s: float) -> float:
-    """How long an unplanned version must sit unused before it is unloaded."""
-    return max(UNLOAD_GRACE_MIN_S, 5 * interval_s)
-
-
-def served_table(runtimes: Mapping[Key, Runtime], defaults: Mapping[str, str]) -> dict[str, Served]:
-    """What :data:`_LOADED` should hold for these loaded versions and per-name defaults."""
-    by_name: dict[str, dict[str, Runtime]] = defaultdict(dict)
-    for (name, version), runtime in runtimes.items():
-        by_name[name][version] = runtime
-    return {
-        name: Served(defaults[name] if defaults.get(name) in versions else None, versions)
-        for name, versions in by_name.items()
-    }
-
-
-def idle_unplanned(
-    loaded: Iterable[Key], keep: set[Key], last_used: Mapping[Key, float], now: float, grace: float
-) -> list[Key]:
-    """Loaded versions outside ``keep`` that nothing used for ``grace`` seconds."""
-    return [k for k in loaded if k not in keep and now - last_used.get(k, float("-inf")) >= grace]
-
-
-def _service_entry(config: ModelConfig, model: str) -> ModelEntry | None:
-    for entry in config.models:
-        if entry.name == model and config.placement_of(entry) is Placement.SERVICE:
-            return entry
-    return None
-
-
-def service_plans(config: ModelConfig, plans: Mapping[str, ModelPlan]) -> dict[str, ModelPlan]:
-    """The plans of the models placed ``service`` (any framework: it is known per version)."""
-    return {
-        e.name: plans[e.name]
-        for e in config.models
-        if config.placement_of(e) is Placement.SERVICE and e.name in plans
     }
 
 
@@ -301,12 +239,12 @@ class FrameworkService:
 
     async def _entry(self, model: str) -> ModelEntry:
         """The config entry of ``model`` if it is placed ``service``; ModelNotFound otherwise."""
-        entry = _service_entry(self._config, model)
+        entry = service_entry(self._config, model)
         if entry is None:
             # The router may have read a newer models file than this process: look there too.
             with contextlib.suppress(ConfigError):
                 config = await asyncio.to_thread(load_model_config, self._models_file)
-                entry = _service_entry(config, model)
+                entry = service_entry(config, model)
         if entry is None:
             raise ModelNotFound(f"model '{model}' is not served by the {self.framework} service")
         return entry

@@ -44,14 +44,9 @@ from services.errors import (
     from_validation_error,
     json_response,
 )
+from services.loader import Loader
 from services.patches import freeze_heap
-from services.registry import (
-    ROUTE_KEY_HEADER,
-    Loader,
-    Registry,
-    RemotePredict,
-    RemotePrepare,
-)
+from services.registry import ROUTE_KEY_HEADER, Registry, RemotePredict, RemotePrepare
 from services.settings import SETTINGS
 from services.sklearn_service import SklearnService
 from services.torch_service import TorchService
