@@ -72,30 +72,11 @@ def make_store(home: Path) -> list[str]:
     """Two versions of an iris LogisticRegression (same cost per call); returns them, oldest
     first, with ``production`` on the newer (the one ``before`` serves as latest) and
     ``staging`` on the older."""
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-
     from models.aliases import AliasStore
-    from models.store import data_sha256, save_model
-    from tests.conftest import bentoml_store
+    from tests.conftest import bentoml_store, save_iris
 
-    x, y = load_iris(return_X_y=True)
-    versions = []
     with bentoml_store(home):
-        for c in (1.0, 2.0):
-            clf = LogisticRegression(C=c, max_iter=500).fit(x, y)
-            saved = save_model(
-                "iris",
-                "sklearn",
-                clf,
-                feature_names=[f"f{i}" for i in range(4)],
-                class_names=["setosa", "versicolor", "virginica"],
-                metrics={},
-                params={"C": c},
-                data_hash=data_sha256(x, y),
-                dtype="float32",
-            )
-            versions.append(saved.tag.version)
+        versions = [save_iris(c=c, dtype="float32") for c in (1.0, 2.0)]
     aliases = AliasStore(home / "models")
     aliases.promote("iris", versions[1], "production")
     aliases.promote("iris", versions[0], "staging")

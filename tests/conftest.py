@@ -68,3 +68,28 @@ def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with bentoml_store(home):
         ensure("small", progress=False)
         yield home
+
+
+def save_iris(name: str = "iris", c: float = 1.0, dtype: str = "float64") -> str:
+    """Save an iris ``LogisticRegression(C=c)`` as a new version of ``name`` in the current store
+    (see :func:`bentoml_store`); returns the version. Different ``c``: different answers, same
+    cost per call."""
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    from models.store import data_sha256, save_model
+
+    x, y = load_iris(return_X_y=True)
+    clf = LogisticRegression(C=c, max_iter=500).fit(x, y)
+    saved = save_model(
+        name,
+        "sklearn",
+        clf,
+        feature_names=[f"f{i}" for i in range(4)],
+        class_names=["setosa", "versicolor", "virginica"],
+        metrics={},
+        params={"C": c},
+        data_hash=data_sha256(x, y),
+        dtype=dtype,
+    )
+    return saved.tag.version

@@ -18,33 +18,10 @@ import numpy as np
 import pytest
 
 from bench.server import Server, start_server
-from tests.conftest import bentoml_store
+from tests.conftest import bentoml_store, save_iris
 
 CONFIG = "models:\n  - name: iris-svc\n    tag: iris\n    placement: service\n"
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
-
-
-def save_iris(c: float) -> str:
-    """Save an iris LogisticRegression (``C=c``: each version answers differently)."""
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-
-    from models.store import data_sha256, save_model
-
-    x, y = load_iris(return_X_y=True)
-    clf = LogisticRegression(C=c, max_iter=500).fit(x, y)
-    saved = save_model(
-        "iris",
-        "sklearn",
-        clf,
-        feature_names=[f"f{i}" for i in range(4)],
-        class_names=["setosa", "versicolor", "virginica"],
-        metrics={},
-        params={"C": c},
-        data_hash=data_sha256(x, y),
-        dtype="float64",
-    )
-    return saved.tag.version
 
 
 def local_proba(home: Path, version: str) -> np.ndarray:
@@ -68,9 +45,9 @@ class Versioned:
 def versioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Versioned]:
     home = tmp_path_factory.mktemp("versions") / "bentoml"
     with bentoml_store(home):
-        versions = {role: save_iris(c) for role, c in [("older", 0.01), ("old", 0.1)]}
-        versions["broken"] = save_iris(0.5)
-        versions["current"] = save_iris(10.0)
+        versions = {role: save_iris(c=c) for role, c in [("older", 0.01), ("old", 0.1)]}
+        versions["broken"] = save_iris(c=0.5)
+        versions["current"] = save_iris(c=10.0)
     # model.yaml stays intact, so the store lists the version; its model file does not load
     (home / "models" / "iris" / versions["broken"] / "model.joblib").write_bytes(b"not a model")
     srv = start_server(
@@ -263,7 +240,7 @@ def test_a_broken_new_version_leaves_the_default_where_it_was(
     srv, current = versioned.server, versioned.versions["current"]
     staging = tmp_path / "bentoml"
     with bentoml_store(staging):
-        bad = save_iris(1.0)
+        bad = save_iris(c=1.0)
     (staging / "models" / "iris" / bad / "model.joblib").write_bytes(b"not a model")
     # move it in whole (same file system: an atomic rename), so no reload sees it half-broken
     incoming = versioned.home / f".incoming-{bad}"
@@ -288,7 +265,7 @@ def test_new_version_becomes_the_default_without_restart(versioned: Versioned) -
     """Last in this module: it changes the store the other tests read."""
     srv, before = versioned.server, versioned.versions["current"]
     with bentoml_store(versioned.home):
-        newest = save_iris(100.0)
+        newest = save_iris(c=100.0)
     deadline = time.monotonic() + 20  # reload interval 0.5 s plus a load
     seen = before
     while time.monotonic() < deadline and seen != newest:

@@ -12,35 +12,16 @@ import pytest
 
 from models import cli
 from models.aliases import ALIAS_FILE, AliasError, AliasStore
-from tests.conftest import bentoml_store
+from tests.conftest import bentoml_store, save_iris
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AliasStore, list[str]]]:
     """A temporary store with three versions of a tiny iris model (oldest first)."""
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-
-    from models.store import data_sha256, save_model
 
     home = tmp_path_factory.mktemp("aliases") / "bentoml"
-    x, y = load_iris(return_X_y=True)
     with bentoml_store(home):
-        versions = []
-        for c in (0.1, 1.0, 10.0):
-            clf = LogisticRegression(C=c, max_iter=200).fit(x, y)
-            saved = save_model(
-                "iris",
-                "sklearn",
-                clf,
-                feature_names=[f"f{i}" for i in range(4)],
-                class_names=["a", "b", "c"],
-                metrics={},
-                params={"C": c},
-                data_hash=data_sha256(x, y),
-                dtype="float64",
-            )
-            versions.append(saved.tag.version)
+        versions = [save_iris(c=c) for c in (0.1, 1.0, 10.0)]
         yield AliasStore(home / "models"), versions
 
 

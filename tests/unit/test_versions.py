@@ -14,7 +14,7 @@ from models.aliases import AliasStore
 from models.config import ModelEntry, parse_model_config
 from models.reload import Desired, desired, fingerprint, read_desired
 from models.versions import LATEST, ModelPlan, PlanError, plan_model, resolve_ref
-from tests.conftest import bentoml_store
+from tests.conftest import bentoml_store, save_iris
 
 # Four stored versions, oldest first. Two share the prefix "abc" so prefixes can be ambiguous.
 V1, V2, V3, V4 = "abc1x7kq", "abc2m4pz", "def3r8ts", "ghi4w2yn"
@@ -317,35 +317,13 @@ def test_plans_are_immutable_and_comparable() -> None:
 # --- a real store: AliasStore.versions / fingerprint, desired(), fingerprint() --------------------
 
 
-def _save(name: str, c: float = 1.0) -> str:
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-
-    from models.store import data_sha256, save_model
-
-    x, y = load_iris(return_X_y=True)
-    clf = LogisticRegression(C=c, max_iter=200).fit(x, y)
-    saved = save_model(
-        name,
-        "sklearn",
-        clf,
-        feature_names=[f"f{i}" for i in range(4)],
-        class_names=["a", "b", "c"],
-        metrics={},
-        params={"C": c},
-        data_hash=data_sha256(x, y),
-        dtype="float64",
-    )
-    return saved.tag.version
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AliasStore, list[str]]]:
     """A temporary store with two versions of ``iris`` (oldest first); tests that change the store
     use a model name of their own."""
     home = tmp_path_factory.mktemp("versions") / "bentoml"
     with bentoml_store(home):
-        versions = [_save("iris", 0.1), _save("iris", 1.0)]
+        versions = [save_iris("iris", 0.1), save_iris("iris", 1.0)]
         yield AliasStore(home / "models"), versions
 
 
@@ -364,7 +342,7 @@ def test_store_versions_are_oldest_first(store) -> None:
 
 def test_versions_skip_a_half_written_version_directory(store) -> None:
     aliases, _ = store
-    v1 = _save("partial")
+    v1 = save_iris("partial")
     folder = aliases.models_dir / "partial"
     (folder / "zzzzhalfwritten").mkdir()  # BentoML creates the directory before its files
     (folder / "aaaagarbage").mkdir()
@@ -404,7 +382,7 @@ def test_desired_plans_every_model_and_reports_errors_per_model(store) -> None:
 
 def test_desired_reports_a_broken_alias_file_for_that_model_only(store) -> None:
     aliases, _ = store
-    version = _save("broken")
+    version = save_iris("broken")
     aliases.path("broken").write_text("{not json")
     cfg = parse_model_config({"models": [{"name": "broken"}, {"name": "iris"}]})
     state = desired(cfg, aliases)
@@ -416,7 +394,7 @@ def test_desired_reports_a_broken_alias_file_for_that_model_only(store) -> None:
 
 def test_desired_uses_the_aliases_in_the_store(store) -> None:
     aliases, _ = store
-    old, new = _save("aliased", 0.1), _save("aliased", 1.0)
+    old, new = save_iris("aliased", 0.1), save_iris("aliased", 1.0)
     aliases.promote("aliased", old)
     aliases.promote("aliased", new, "staging")
     cfg = parse_model_config(
@@ -462,11 +440,11 @@ def test_fingerprint_is_stable_while_nothing_changes(store, tmp_path) -> None:
 
 def test_fingerprint_changes_when_a_version_is_saved(store, tmp_path) -> None:
     aliases, _ = store
-    _save("grows")
+    save_iris("grows")
     path = write_config(tmp_path / "models.yaml", {"name": "grows"})
     cfg = read_desired(path, aliases).config
     before = fingerprint(path, cfg, aliases)
-    _save("grows")
+    save_iris("grows")
     after = fingerprint(path, cfg, aliases)
     assert after != before
     assert after[0] == before[0]  # the models file did not change
@@ -479,24 +457,24 @@ def test_fingerprint_changes_when_the_first_version_appears(store, tmp_path) -> 
     cfg = read_desired(path, aliases).config
     before = fingerprint(path, cfg, aliases)
     assert before[1] == (None, None, None)
-    _save("newborn")
+    save_iris("newborn")
     assert fingerprint(path, cfg, aliases) != before
 
 
 def test_fingerprint_ignores_models_not_in_the_config(store, tmp_path) -> None:
     aliases, _ = store
-    _save("unlisted")
+    save_iris("unlisted")
     path = write_config(tmp_path / "models.yaml", {"name": "iris"})
     cfg = read_desired(path, aliases).config
     before = fingerprint(path, cfg, aliases)
-    _save("unlisted")
+    save_iris("unlisted")
     aliases.promote("unlisted", aliases.versions("unlisted")[0])
     assert fingerprint(path, cfg, aliases) == before
 
 
 def test_fingerprint_changes_on_promote_and_rollback(store, tmp_path) -> None:
     aliases, _ = store
-    first, second = _save("promoted", 0.1), _save("promoted", 1.0)
+    first, second = save_iris("promoted", 0.1), save_iris("promoted", 1.0)
     path = write_config(tmp_path / "models.yaml", {"name": "promoted"})
     cfg = read_desired(path, aliases).config
     seen = [fingerprint(path, cfg, aliases)]
