@@ -1,0 +1,147 @@
+"""A streaming reverse proxy: the router's ``/v1/*`` (OpenAI API) forwarded to the LLM service.
+
+Clients talk to one port; the LLM service (its own BentoML process, vLLM engine inside) serves
+the OpenAI routes. BentoML's client for a ``bentoml.depends`` service calls its ``@bentoml.api``
+methods, not the routes of an ASGI app mounted in it, so the router forwards raw HTTP to the
+service's address (``BentoMLContainer.remote_runner_mapping``: a Unix socket under ``bentoml
+serve``) with aiohttp, which BentoML's own client also uses.
+
+No buffering: each chunk the service writes (one SSE event per token batch) is sent to the client
+as soon as aiohttp reads it (``iter_any``). A client that goes away mid-stream is noticed on the
+ASGI ``receive`` channel (uvicorn silently drops sends to a closed connection, so writing alone
+never notices): the upstream request is then cancelled and its connection closed, which makes
+vLLM abort the generation in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger("servery")
+
+# RFC 9110 hop-by-hop headers, plus the ones aiohttp sets itself for the upstream request.
+_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+_UNAVAILABLE = (
+    b'{"error": {"message": "the LLM service is not reachable", '
+    b'"type": "ServiceUnavailableError", "param": null, "code": 503}}'
+)
+
+
+class StreamingProxy:
+    """ASGI app forwarding every HTTP request to ``target()`` (``unix:///path`` or ``http://h:p``)."""
+
+    def __init__(self, target: Callable[[], str], *, timeout_s: float | None = None) -> None:
+        self._target = target
+        self._timeout_s = timeout_s
+        self._session: Any = None
+        self._base = ""
+
+    def _client(self) -> Any:
+        import aiohttp
+
+        if self._session is None or self._session.closed:
+            uri = self._target()
+            if uri.startswith("unix://"):
+                connector = aiohttp.UnixConnector(path=uri.removeprefix("unix://"))
+                self._base = "http://llm"
+            else:
+                connector = aiohttp.TCPConnector()
+                self._base = uri.replace("tcp://", "http://", 1).rstrip("/")
+            # no total timeout: a generation may stream for minutes; the engine bounds its length
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout_s)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, auto_decompress=False
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        forward = asyncio.ensure_future(self._forward(scope, bytes(body), send))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            done, _ = await asyncio.wait({forward, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (forward, watch):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+        if forward in done:
+            forward.result()  # re-raise what the forward raised
+
+    async def _forward(self, scope: dict[str, Any], body: bytes, send: Any) -> None:
+        import aiohttp
+
+        path = scope.get("root_path", "") + scope["path"]
+        query = scope.get("query_string", b"").decode("latin-1")
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope.get("headers", [])
+            if k.decode("latin-1").lower() not in _HOP
+        ]
+        started = False
+        try:
+            session = self._client()
+            url = f"{self._base}{path}" + (f"?{query}" if query else "")
+            async with session.request(scope["method"], url, data=body, headers=headers) as resp:
+                out = [
+                    (k.encode("latin-1"), v.encode("latin-1"))
+                    for k, v in resp.headers.items()
+                    if k.lower() not in _HOP
+                ]
+                await send({"type": "http.response.start", "status": resp.status, "headers": out})
+                started = True
+                async for chunk in resp.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (aiohttp.ClientConnectionError, OSError) as e:
+            logger.error("LLM service not reachable: %s", e)
+            if started:  # mid-stream: the status is sent; end the body, the client sees it cut
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": _UNAVAILABLE})
+
+
+async def _disconnected(receive: Any) -> None:
+    """Return once the client has gone away (the request body was read already)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,138 @@
+"""services/llm_proxy.py against real servers: incremental streaming, disconnects, errors.
+
+An upstream Starlette app on a Unix socket (as BentoML runs a dependency service) streams
+chunks slowly; the proxy runs in uvicorn on a loopback port; clients are httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from bench.server import free_port
+from services.llm_proxy import StreamingProxy
+
+CHUNKS = 20
+GAP_S = 0.05
+state: dict[str, float | None] = {"cancelled_at": None}
+
+
+async def stream(request: Request) -> StreamingResponse:
+    body = await request.json()
+
+    async def gen():
+        try:
+            for i in range(CHUNKS):
+                yield f"data: {body['tag']}-{i}\n\n".encode()
+                await asyncio.sleep(GAP_S)
+            yield b"data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            state["cancelled_at"] = time.monotonic()
+            raise
+
+    return StreamingResponse(gen(), media_type="text/event-stream")
+
+
+async def models(request: Request) -> JSONResponse:
+    return JSONResponse({"object": "list", "q": request.url.query}, status_code=200)
+
+
+async def bad(request: Request) -> JSONResponse:
+    return JSONResponse({"error": {"message": "nope", "code": 400}}, status_code=400)
+
+
+UPSTREAM = Starlette(
+    routes=[
+        Route("/v1/stream", stream, methods=["POST"]),
+        Route("/v1/models", models),
+        Route("/v1/bad", bad, methods=["POST"]),
+    ]
+)
+
+
+class Background:
+    def __init__(self, app, **kwargs) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **kwargs))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def proxy_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    sock = Path(tmp_path_factory.mktemp("sock")) / "llm.sock"
+    upstream = Background(UPSTREAM, uds=str(sock))
+    port = free_port()
+    proxy = Background(StreamingProxy(lambda: f"unix://{sock}"), host="127.0.0.1", port=port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proxy.stop()
+        upstream.stop()
+
+
+def test_chunks_arrive_as_they_are_written(proxy_url: str) -> None:
+    arrivals = []
+    with httpx.stream("POST", f"{proxy_url}/v1/stream", json={"tag": "x"}, timeout=30) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for chunk in r.iter_raw():
+            arrivals.append((time.monotonic(), chunk))
+    text = b"".join(c for _, c in arrivals).decode()
+    assert text.startswith("data: x-0\n\n") and text.endswith("data: [DONE]\n\n")
+    times = [t for t, _ in arrivals]
+    # the stream lasts ~1 s upstream; through the proxy it must arrive spread over that time
+    assert times[-1] - times[0] > 0.6 * CHUNKS * GAP_S
+    assert len({round(t, 2) for t in times}) >= CHUNKS // 2
+
+
+def test_client_disconnect_cancels_upstream(proxy_url: str) -> None:
+    state["cancelled_at"] = None
+    with httpx.stream("POST", f"{proxy_url}/v1/stream", json={"tag": "y"}, timeout=30) as r:
+        for n, _ in enumerate(r.iter_raw()):
+            if n == 2:
+                break
+        closed = time.monotonic()
+    deadline = closed + 3
+    while state["cancelled_at"] is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert state["cancelled_at"] is not None, "upstream kept generating after the client left"
+    assert state["cancelled_at"] - closed < 1.0
+
+
+def test_status_body_and_query_pass_through(proxy_url: str) -> None:
+    r = httpx.get(f"{proxy_url}/v1/models?a=1", timeout=10)
+    assert r.status_code == 200 and r.json() == {"object": "list", "q": "a=1"}
+    r = httpx.post(f"{proxy_url}/v1/bad", json={}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "nope"
+
+
+def test_unreachable_service_is_503_json(tmp_path: Path) -> None:
+    port = free_port()
+    proxy = Background(
+        StreamingProxy(lambda: f"unix://{tmp_path}/missing.sock"), host="127.0.0.1", port=port
+    )
+    try:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={}, timeout=10)
+        assert r.status_code == 503
+        assert "not reachable" in r.json()["error"]["message"]
+    finally:
+        proxy.stop()
