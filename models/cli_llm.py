@@ -1,0 +1,153 @@
+"""``servery llm``: put local Hugging Face models into the store and check LLM configs.
+
+    servery llm import-hf DIR --name NAME [--parameters N] [--quantization Q] [--source TEXT]
+    servery llm validate CONFIG.yaml [--gpu-memory-gib G]
+
+``import-hf`` copies a Hugging Face model directory (``config.json``, ``*.safetensors``, a
+tokenizer) into the store as a new version of NAME (see :mod:`models.llm_store`). Without
+``--parameters`` it counts them from the safetensors headers (tensor shapes only, no weights are
+read and torch is not imported: :func:`models.llm_config.safetensors_parameters`); pass the real
+count for packed 4-bit checkpoints (AWQ/GPTQ), whose headers hold packed int32 words.
+
+``validate`` checks an LLM deployment config against the store (see :mod:`models.llm_config`):
+every tag is a stored LLM, ``max_model_len`` fits its context, each engine fits its GPU share.
+Fine: a table, exit 0. Not fine: one line per problem on stderr, exit 2. ``--json`` prints
+machine-readable output on stdout instead of text (also with problems; the exit code says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("llm", help="import Hugging Face LLMs, validate LLM configs")
+    sub = p.add_subparsers(dest="llm_command", required=True, metavar="ACTION")
+    imp = sub.add_parser("import-hf", help="a local Hugging Face model directory, into the store")
+    imp.add_argument("dir", help="directory with config.json, *.safetensors and a tokenizer")
+    imp.add_argument("--name", required=True, help="store name (a new version is added)")
+    imp.add_argument(
+        "--parameters", type=int, help="parameter count (default: from the safetensors headers)"
+    )
+    imp.add_argument("--quantization", help="quantization of the weights (default: none)")
+    imp.add_argument("--source", help="where the model came from (default: the directory)")
+    imp.add_argument("--json", action="store_true")
+    val = sub.add_parser("validate", help="check an LLM config: tags, context lengths, memory")
+    val.add_argument("config", help="LLM config YAML (see models/llm_config.py)")
+    val.add_argument(
+        "--gpu-memory-gib", type=float, help="memory of one GPU (overrides gpu.memory_gib)"
+    )
+    val.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def import_hf(
+    path: Path | str,
+    name: str,
+    *,
+    parameters: int | None = None,
+    quantization: str | None = None,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """Save the Hugging Face directory ``path`` as a new version of ``name``; returns a summary."""
+    from models.llm_config import safetensors_parameters
+    from models.llm_store import check_hf_dir, save_hf_dir
+
+    path = Path(path).resolve()
+    check_hf_dir(path)
+    counted = parameters is None
+    if parameters is None:
+        parameters = safetensors_parameters(path)
+    if parameters <= 0:
+        raise ValueError(f"--parameters must be positive, not {parameters}")
+    bento_model = save_hf_dir(
+        name,
+        path,
+        source=source or f"local directory {path}",
+        parameters=parameters,
+        quantization=quantization,
+        metadata={"parameters_from": "safetensors headers" if counted else "--parameters"},
+    )
+    meta = bento_model.info.metadata
+    return {
+        "tag": str(bento_model.tag),
+        "parameters": meta["parameters"],
+        "parameters_from": meta["parameters_from"],
+        "context_length": meta["context_length"],
+        "architecture": meta["architecture"],
+        "quantization": meta["quantization"],
+        "source": meta["source"],
+    }
+
+
+def format_table(estimates: list[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`models.llm_config.estimate` results, one row per LLM."""
+    head = ("name", "tag", "dtype", "quant", "len x seqs", "weights", "kv", "need", "avail")
+    rows = [
+        (
+            e["name"],
+            e["tag"],
+            e["dtype"],
+            e["quantization"],
+            f"{e['max_model_len']} x {e['max_num_seqs']}",
+            f"{e['weights_gib']:.2f}",
+            f"{e['kv_cache_gib']:.2f}",
+            f"{e['total_gib']:.2f}",
+            f"{e['available_gib']:.2f}" if "available_gib" in e else "-",
+        )
+        for e in estimates
+    ]
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    header = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
+    return "\n".join([f"{header}  (GiB per GPU)", *lines])
+
+
+def _validate(args: argparse.Namespace) -> tuple[int, Any, str]:
+    from models.llm_config import check, load_config
+
+    config = load_config(args.config)
+    problems, estimates = check(config, gpu_memory_gib=args.gpu_memory_gib)
+    out = {"ok": not problems, "problems": problems, "llms": estimates, "tasks": config.tasks}
+    if problems:
+        return 2, out, "\n".join(f"servery llm validate: {p}" for p in problems)
+    lines = [format_table(estimates)]
+    if config.tasks:
+        lines.append("tasks: " + ", ".join(f"{t} -> {m}" for t, m in config.tasks.items()))
+    lines.append(f"{args.config}: OK, {len(estimates)} LLM(s) fit")
+    return 0, out, "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.llm_config import LLMConfigError
+    from models.store import StoreError
+
+    try:
+        if args.llm_command == "import-hf":
+            out = import_hf(
+                args.dir,
+                args.name,
+                parameters=args.parameters,
+                quantization=args.quantization,
+                source=args.source,
+            )
+            text = (
+                f"{out['tag']}: {out['architecture']}, {out['parameters']:,} parameters "
+                f"({out['parameters_from']}), context {out['context_length']}, "
+                f"quantization {out['quantization']}"
+            )
+            code = 0
+        else:
+            code, out, text = _validate(args)
+    except (StoreError, LLMConfigError, ValueError) as e:
+        print(f"servery llm {args.llm_command}: {e}", file=sys.stderr)
+        return 2
+    if args.json:  # on stdout even with problems: scripts read it and check the exit code
+        print(json.dumps(out, indent=2))
+    else:
+        print(text, file=sys.stdout if code == 0 else sys.stderr)
+    return code
