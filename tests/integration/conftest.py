@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,3 +66,58 @@ def local_predict(demo_store: Path):
         return runtime.predict(np.asarray(rows, dtype=runtime.info.dtype))
 
     return predict
+
+
+LLM_NAME = "tiny"
+"""Served name of the tiny test LLM in :func:`llm_server`."""
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A temporary store holding ``tiny-llm`` (training/tiny_llm.py, ~15 s): ``(BENTOML_HOME,
+    the model's Hugging Face directory)``, the latter for tests that count tokens with its
+    tokenizer. Skipped where vLLM is not installed."""
+    pytest.importorskip("vllm")
+    from models.llm_store import hf_dir
+    from training.tiny_llm import save
+
+    home = tmp_path_factory.mktemp("llm-store") / "bentoml"
+    with bentoml_store(home):
+        saved = save("tiny-llm")
+        return home, hf_dir(str(saved.tag))[0]
+
+
+@pytest.fixture(scope="session")
+def llm_server(
+    tiny_llm_store: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """The LLM service alone (``services.llm_service:LLM``, vLLM on CPU) serving the tiny LLM as
+    ``tiny``, with a 1 GiB KV cache and no CUDA graphs / compile; started once per session."""
+    env = {
+        "SERVERY_LLM_MODELS": f"{LLM_NAME}=tiny-llm",
+        "SERVERY_LLM_MODELS_FILE": "",  # a developer's own file would replace the list
+        "SERVERY_LLM_ENFORCE_EAGER": "true",  # ready in ~20 s instead of ~40
+        "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",  # vLLM's legacy variable would override the setting
+        "HF_HUB_OFFLINE": "1",
+    }
+    srv = start_server(
+        tiny_llm_store[0],
+        None,
+        tmp_path_factory.mktemp("llm-serve"),
+        env=env,
+        target="services.llm_service:LLM",
+        ready_timeout=300,
+    )
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        # vLLM's engine and worker processes can outlive the server's main process by a few
+        # busy seconds; later tests should not share the CPU with them.
+        deadline = time.monotonic() + 15
+        with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < deadline:
+                os.killpg(srv.proc.pid, 0)
+                time.sleep(0.2)
+            os.killpg(srv.proc.pid, signal.SIGKILL)

@@ -1,0 +1,287 @@
+"""The LLM service end to end: a real ``bentoml serve services.llm_service:LLM`` (vLLM on CPU) and
+the official ``openai`` client, against the tiny random Llama of ``training/tiny_llm.py``.
+
+The model's text is gibberish by design, so these tests pin the protocol: usage counts against
+its own tokenizer, stop sequences, ``n``, seeds, the OpenAI error envelope and status codes,
+streaming that arrives token by token, and a client disconnect that aborts the generation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.report import metric_samples
+from bench.server import BENTOML, ROOT, Server, ServerProcess, free_port, launch
+from tests.integration.conftest import LLM_NAME
+
+openai = pytest.importorskip("openai")
+
+CONTEXT = 1024  # training/tiny_llm.py
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT = "The capital of France is"
+LONG = {"ignore_eos": True}  # extra_body: generate exactly max_tokens
+
+
+@pytest.fixture(scope="module")
+def client(llm_server: Server) -> Iterator[Any]:
+    with openai.OpenAI(base_url=f"{llm_server.url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llm_store: tuple[Path, Path]) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llm_store[1])
+
+
+def complete(client: Any, **kwargs: Any) -> Any:
+    return client.completions.create(model=LLM_NAME, prompt=PROMPT, **kwargs)
+
+
+def engine_metric(server: Server, name: str) -> float:
+    """A vLLM engine metric of the served model from the service's ``/metrics``."""
+    values = [
+        v
+        for n, labels, v in metric_samples(f"{server.url}/metrics")
+        if n == name and labels.get("model_name") == LLM_NAME
+    ]
+    assert values, f"{name} missing from /metrics"
+    return sum(values)
+
+
+def wait_for(predicate: Any, timeout: float) -> float:
+    """Seconds until ``predicate()`` held; fails after ``timeout``."""
+    start = time.perf_counter()
+    while not predicate():
+        assert time.perf_counter() - start < timeout, f"not within {timeout}s"
+        time.sleep(0.02)
+    return time.perf_counter() - start
+
+
+def test_models_lists_the_served_llm(client: Any) -> None:
+    cards = client.models.list().data
+    assert [c.id for c in cards] == [LLM_NAME]
+    assert cards[0].root.startswith("tiny-llm:")  # the store tag, not a filesystem path
+    assert cards[0].max_model_len == CONTEXT
+
+
+def test_chat_completion_usage_matches_tokenizer(client: Any, tokenizer: Any) -> None:
+    reply = client.chat.completions.create(
+        model=LLM_NAME, messages=CHAT, max_tokens=12, extra_body=LONG
+    )
+    choice = reply.choices[0]
+    assert reply.object == "chat.completion" and reply.model == LLM_NAME
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason == "length"
+    ids = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)["input_ids"]
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.usage.completion_tokens == 12
+    assert reply.usage.total_tokens == len(ids) + 12
+
+
+def test_completion_usage_matches_tokenizer(client: Any, tokenizer: Any) -> None:
+    reply = complete(client, max_tokens=7, extra_body=LONG)
+    assert reply.object == "text_completion" and reply.choices[0].text
+    assert reply.usage.prompt_tokens == len(tokenizer(PROMPT)["input_ids"])
+    assert reply.usage.completion_tokens == 7
+
+
+def test_streamed_chat_equals_the_whole_answer(client: Any) -> None:
+    args = {"model": LLM_NAME, "messages": CHAT, "max_tokens": 20, "seed": 3, "extra_body": LONG}
+    whole = client.chat.completions.create(**args).choices[0].message.content
+    chunks = list(
+        client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
+def test_streamed_completion_ends_with_usage_and_done(llm_server: Server) -> None:
+    body = {
+        "model": LLM_NAME,
+        "prompt": PROMPT,
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **LONG,
+    }
+    with httpx.stream("POST", f"{llm_server.url}/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert '"completion_tokens":5' in events[-2]
+    assert (
+        2 + 1 <= len(events) <= 2 + 5
+    )  # text (a token each unless the reader lags), usage, [DONE]
+
+
+def test_stop_sequence_cuts_the_text(client: Any) -> None:
+    free = complete(client, max_tokens=40, seed=11, extra_body=LONG).choices[0].text
+    words = free.split()
+    stop = words[len(words) // 2]
+    stopped = complete(client, max_tokens=40, seed=11, stop=[stop]).choices[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free[: free.index(stop)]
+
+
+def test_n_returns_distinct_choices(client: Any) -> None:
+    reply = complete(client, max_tokens=16, n=2, temperature=1.0, seed=5, extra_body=LONG)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert reply.choices[0].text != reply.choices[1].text
+    assert reply.usage.completion_tokens == 2 * 16
+
+
+def test_seed_makes_sampling_reproducible(client: Any) -> None:
+    def text(seed: int) -> str:
+        reply = complete(
+            client, max_tokens=24, temperature=1.0, top_p=0.95, seed=seed, extra_body=LONG
+        )
+        return reply.choices[0].text
+
+    assert text(42) == text(42)
+    assert text(42) != text(43)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "param"),
+    [
+        ({"model": "no-such-llm"}, 404, "model"),
+        ({"temperature": -1.0}, 400, "temperature"),
+        ({"max_tokens": 0}, 400, "max_tokens"),
+        ({"max_tokens": CONTEXT + 1}, 400, "max_tokens"),
+        ({"prompt": "France " * (CONTEXT + 10)}, 400, None),
+    ],
+    ids=["unknown-model", "bad-temperature", "zero-max-tokens", "max-tokens-past-context",
+         "prompt-past-context"],
+)  # fmt: skip
+def test_errors_use_the_openai_envelope(
+    client: Any, kwargs: dict[str, Any], status: int, param: str | None
+) -> None:
+    args = {"model": LLM_NAME, "prompt": PROMPT, "max_tokens": 4, **kwargs}
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(**args)
+    assert info.value.status_code == status
+    error = info.value.response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and error["message"]
+    assert error["code"] == status
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_streaming_errors_are_plain_json(client: Any) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="no-such-llm", messages=CHAT, stream=True)
+    assert info.value.response.headers["content-type"].startswith("application/json")
+    assert "no-such-llm" in info.value.response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/v1/completions", b"{not json", 400),
+        ("POST", "/v1/chat/completions", b'{"model": "tiny"}', 400),  # no messages
+        ("GET", "/v1/embeddings", None, 404),
+        ("GET", "/v1/chat/completions", None, 405),
+    ],
+)
+def test_malformed_requests_use_the_openai_envelope(
+    llm_server: Server, method: str, path: str, body: bytes | None, status: int
+) -> None:
+    headers = {"content-type": "application/json"}
+    r = httpx.request(method, llm_server.url + path, content=body, headers=headers, timeout=10)
+    assert r.status_code == status
+    assert r.json()["error"]["code"] == status and r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_stream_arrives_token_by_token(client: Any, attempt: int) -> None:
+    """A 300-token stream reaches the client spread over the generation, not in one burst.
+
+    On 2 cores this failed most runs before the service pinned its processes to cores (the HTTP
+    process went unscheduled until the engine finished); see ``pin_cpus``.
+    """
+    start = time.perf_counter()
+    stream = client.completions.create(
+        model=LLM_NAME, prompt=PROMPT, max_tokens=300, stream=True, extra_body=LONG
+    )
+    arrivals = [time.perf_counter() - start for chunk in stream if chunk.choices[0].text]
+    first, last = arrivals[0], arrivals[-1]
+    spread = {round(t, 3) for t in arrivals}  # distinct arrival milliseconds
+    print(
+        f"\nstream {attempt}: {len(arrivals)} chunks, TTFT {first * 1e3:.0f} ms, "
+        f"{299 / (last - first):.0f} tok/s after it, "
+        f"{len(spread)} distinct arrival ms"
+    )
+    assert len(arrivals) >= 150  # vLLM merges tokens into one chunk only when the reader lags
+    assert first < 0.25 * last, f"first chunk at {first:.3f}s of {last:.3f}s"
+    assert len(spread) >= len(arrivals) // 3, f"{len(spread)} arrival times for {len(arrivals)}"
+    # no stretch of more than half the generation without a chunk
+    gaps = [b - a for a, b in zip([0.0, *arrivals], arrivals, strict=False)]
+    assert max(gaps) < 0.5 * last
+
+
+def test_disconnect_aborts_the_generation(client: Any, llm_server: Server) -> None:
+    running = "vllm:num_requests_running"
+    generated = "vllm:generation_tokens_total"
+    before = engine_metric(llm_server, generated)
+    stream = client.completions.create(
+        model=LLM_NAME, prompt=PROMPT, max_tokens=CONTEXT - 16, stream=True, extra_body=LONG
+    )
+    received = 0
+    for _ in stream:
+        received += 1
+        if received == 5:
+            break
+    assert engine_metric(llm_server, running) == 1  # the metric is live, not a stale 0
+    stream.close()
+    seconds = wait_for(lambda: engine_metric(llm_server, running) == 0, timeout=2.0)
+    time.sleep(0.5)  # a generation still going would keep adding tokens
+    produced = engine_metric(llm_server, generated) - before
+    print(f"\naborted after {seconds * 1e3:.0f} ms; {produced:.0f} of {CONTEXT - 16} tokens made")
+    assert produced < (CONTEXT - 16) / 2
+    # and the engine serves the next request normally
+    assert complete(client, max_tokens=3, extra_body=LONG).usage.completion_tokens == 3
+
+
+def test_missing_model_reports_dead_not_ready(
+    tiny_llm_store: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """An LLM that is not in the store: the service stays up, answers /v1 with a 503 in the
+    OpenAI envelope, and reports itself not ready and not alive (so an orchestrator restarts it
+    instead of routing to it)."""
+    home = tmp_path / "home"  # own home: `serve` wipes the metrics directory of the one it uses
+    home.mkdir()
+    (home / "models").symlink_to(tiny_llm_store[0] / "models", target_is_directory=True)
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(home),
+        "BENTOML_DO_NOT_TRACK": "True",
+        "SERVERY_LLM_MODELS": "gone=not-stored",
+        "SERVERY_LLM_MODELS_FILE": "",
+    }
+    port = free_port()
+    cmd = [BENTOML, "serve", "services.llm_service:LLM", "--host", "127.0.0.1", "--port", str(port)]
+    log = tmp_path / "serve.log"
+    srv = ServerProcess(f"http://127.0.0.1:{port}", launch(cmd, cwd=ROOT, env=env, log=log), log)
+    try:
+        srv.wait_ready(
+            lambda: httpx.get(f"{srv.url}/livez", timeout=2).status_code == 503, 120, "LLM service"
+        )
+        assert httpx.get(f"{srv.url}/readyz", timeout=5).status_code == 503
+        r = httpx.get(f"{srv.url}/v1/models", timeout=5)
+        assert r.status_code == 503 and "failed to start" in r.json()["error"]["message"]
+        assert "not-stored" in srv.log.read_text()  # the log says which model is missing
+    finally:
+        srv.stop()
