@@ -33,7 +33,7 @@ export HF_HUB_OFFLINE ?= 1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.servery-installed
 
-.PHONY: serve test models models-large bench bench-protocols bench-peers bench-versioning peer-mlserver lint clean help
+.PHONY: serve test models models-llm models-large bench bench-protocols bench-peers bench-versioning peer-mlserver lint clean help
 
 help:
 	@awk '/^#/ {print; next} {exit}' Makefile
@@ -55,16 +55,22 @@ $(STAMP): pyproject.toml
 models: $(STAMP)
 	$(PY) -m training.ensure
 
+# SmolLM2-135M-Instruct, the LLM `make serve` answers with (converted once, ~25 s).
+models-llm: $(STAMP)
+	$(PY) -m training.smollm2
+
 models-large: $(STAMP)
 	$(PY) -m training.ensure --size large
 
-serve: models
+serve: models models-llm
 	@echo ""
 	@echo "servery is starting on http://$(HOST):$(PORT)"
 	@echo "  try:    curl -s http://$(HOST):$(PORT)/models"
 	@echo "          curl -s -X POST http://$(HOST):$(PORT)/predict -H 'content-type: application/json' \\"
 	@echo "               -d '{\"model\": \"iris\", \"inputs\": [[5.1, 3.5, 1.4, 0.2]]}'"
 	@echo "  docs:   http://$(HOST):$(PORT)/docs.json   (Swagger UI at http://$(HOST):$(PORT)/)"
+	@echo "  llm:    curl -sN http://$(HOST):$(PORT)/v1/chat/completions -H 'content-type: application/json' \\"
+	@echo "               -d '{\"model\": \"smollm2\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'"
 	@echo "  health: http://$(HOST):$(PORT)/readyz    metrics: http://$(HOST):$(PORT)/metrics"
 	@echo ""
 	$(PY) -m models.check

@@ -131,6 +131,8 @@ def start_server(
         config.write_text(models_yaml)
         full_env["SERVERY_MODELS_FILE"] = str(config)
     full_env["SERVERY_GRPC_PORT"] = str(free_port())
+    # classifier servers by default; a test or bench that wants the LLM service passes it in env
+    full_env["SERVERY_LLM_ENABLED"] = "false"
     full_env.update(env or {})
     log = workdir / f"serve-{port}.log"
     cmd = [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]

@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     timeout on that path. Off when ``trace_predictions`` is on, so traced requests keep BentoML's
     spans."""
 
+    llm_enabled: bool = True
+    """Run the LLM service (``services/llm_service.py``, vLLM) beside the router and serve its
+    OpenAI API on the router's port under ``/v1``. Off: the Bento serves classifiers only and
+    never imports vLLM (the test servers of the classifier suites run that way)."""
+
     grpc_enabled: bool = True
     """Serve the Open Inference Protocol V2 over gRPC from every router worker."""
 

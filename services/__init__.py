@@ -18,9 +18,10 @@ logging.getLogger("servery").setLevel(logging.INFO)
 if SETTINGS.fast_path and not SETTINGS.trace_predictions:
     fastpath.install(timeout_s=SETTINGS.request_timeout_s)
 
+from services.llm_service import LLM  # noqa: E402  (vLLM loads only when engines start)
 from services.router import Router  # noqa: E402
 from services.sklearn_service import SklearnService  # noqa: E402
 from services.torch_service import TorchService  # noqa: E402
 from services.xgboost_service import XGBoostService  # noqa: E402
 
-__all__ = ["Router", "SklearnService", "TorchService", "XGBoostService"]
+__all__ = ["LLM", "Router", "SklearnService", "TorchService", "XGBoostService"]

@@ -45,7 +45,8 @@ _UNAVAILABLE = (
 
 
 class StreamingProxy:
-    """ASGI app forwarding every HTTP request to ``target()`` (``unix:///path`` or ``http://h:p``)."""
+    """ASGI app forwarding every HTTP request to ``target()``: ``file:///path.sock`` or
+    ``unix:///path.sock`` (a Unix socket), or ``http://host:port``."""
 
     def __init__(self, target: Callable[[], str], *, timeout_s: float | None = None) -> None:
         self._target = target
@@ -58,8 +59,12 @@ class StreamingProxy:
 
         if self._session is None or self._session.closed:
             uri = self._target()
-            if uri.startswith("unix://"):
-                connector = aiohttp.UnixConnector(path=uri.removeprefix("unix://"))
+            if uri.startswith(("unix://", "file://")):
+                # BentoML 1.4.40 names a dependency's Unix socket file:///...sock
+                from bentoml._internal.utils.uri import uri_to_path
+
+                path = uri_to_path(uri) if uri.startswith("file://") else uri[len("unix://") :]
+                connector = aiohttp.UnixConnector(path=path)
                 self._base = "http://llm"
             else:
                 connector = aiohttp.TCPConnector()

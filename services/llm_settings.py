@@ -115,6 +115,12 @@ class LLMSettings(EngineKnobs, BaseSettings):
     models_file: Path | None = None
     """YAML file with a ``models:`` list of :class:`LLMEntry` (name, tag, per-model knobs)."""
 
+    cpu_kvcache_gib: float | None = Field(1.0, gt=0)
+    """On CPU: the KV cache size in GiB, service-wide (a model's own value wins). 1 GiB holds
+    about 5 full 8k-token SmolLM2-135M sequences. Without a size vLLM reserves 92 % of the machine's
+    memory (its ``gpu_memory_utilization`` default) and refuses to start wherever other processes
+    hold more than 8 %."""
+
     gpus: int = Field(0, ge=0, le=64)
     """GPUs the service asks BentoML for (``resources={"gpu": N}``); 0 serves on CPU."""
 

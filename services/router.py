@@ -7,6 +7,8 @@ and keeps ``/livez``, ``/readyz`` and ``/metrics``):
 * ``GET /models`` and ``GET /models/{name}`` — served models with versions, aliases, routing,
   load errors, schema and metrics
 * ``POST /admin/reload`` — re-read the models file, the store and the aliases now
+* ``/v1/*`` — the OpenAI API of the LLM service (``services/llm_service.py``), streamed through
+  unbuffered by ``services/llm_proxy.py`` (when ``SERVERY_LLM_ENABLED``)
 
 A model serves several store versions at once (``services/registry.py``): a request names one
 (``version``: id, unique prefix or alias) or the model's routing table picks one (split, else the
@@ -44,6 +46,7 @@ from services.errors import (
     from_validation_error,
     json_response,
 )
+from services.llm_proxy import StreamingProxy
 from services.loader import Loader
 from services.patches import freeze_heap
 from services.registry import ROUTE_KEY_HEADER, Registry, RemotePredict, RemotePrepare
@@ -242,6 +245,23 @@ def _check_admin(request: Request) -> None:
 # Open Inference Protocol V2 over REST (/v2/...), same registry and batchers as /predict.
 app.include_router(oip_rest.router)
 
+if SETTINGS.llm_enabled:
+    from services.llm_service import LLM
+
+    def _llm_address() -> str:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        return BentoMLContainer.remote_runner_mapping.get()[LLM.name]
+
+    # A raw ASGI route (not a FastAPI endpoint): the proxy streams the LLM service's answer as it
+    # is written. BentoML's timeout middleware only bounds the time to the first byte.
+    app.add_route(
+        "/v1/{path:path}",
+        StreamingProxy(_llm_address, timeout_s=5.0),
+        methods=["GET", "POST"],
+        include_in_schema=False,
+    )
+
 
 def _remote(dependency: Any, framework: Framework) -> RemotePredict:
     """Call a framework service's ``predict_batch`` with a whole micro-batch."""
@@ -291,6 +311,8 @@ class Router:
     sklearn = bentoml.depends(SklearnService)
     xgboost = bentoml.depends(XGBoostService)
     torch = bentoml.depends(TorchService)
+    if SETTINGS.llm_enabled:
+        llm = bentoml.depends(LLM)
 
     def __init__(self) -> None:
         services = {

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench.server import Server, free_port, start_server
-from tests.conftest import bentoml_store
+from tests.conftest import bentoml_store, save_iris
 
 DEMOS = ("iris", "breast_cancer", "digits")
 # served name -> store name; "-svc" entries run in their framework service
@@ -84,6 +84,7 @@ def tiny_llm_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     home = tmp_path_factory.mktemp("llm-store") / "bentoml"
     with bentoml_store(home):
         saved = save("tiny-llm")
+        save_iris()  # the router serves at least one classifier
         return home, hf_dir(str(saved.tag))[0]
 
 
@@ -91,9 +92,12 @@ def tiny_llm_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 def llm_server(
     tiny_llm_store: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    """The LLM service alone (``services.llm_service:LLM``, vLLM on CPU) serving the tiny LLM as
-    ``tiny``, with a 1 GiB KV cache and no CUDA graphs / compile; started once per session."""
+    """The Bento (``services:Router``) with the LLM service (vLLM on CPU) serving the tiny LLM as
+    ``tiny``, with a 1 GiB KV cache and no CUDA graphs / compile; started once per session. Every
+    LLM test talks to the router's port, as clients do: ``/v1`` goes through its streaming
+    proxy."""
     env = {
+        "SERVERY_LLM_ENABLED": "true",
         "SERVERY_LLM_MODELS": f"{LLM_NAME}=tiny-llm",
         "SERVERY_LLM_MODELS_FILE": "",  # a developer's own file would replace the list
         "SERVERY_LLM_ENFORCE_EAGER": "true",  # ready in ~20 s instead of ~40
@@ -103,10 +107,9 @@ def llm_server(
     }
     srv = start_server(
         tiny_llm_store[0],
-        None,
+        "models:\n  - name: iris\n",
         tmp_path_factory.mktemp("llm-serve"),
         env=env,
-        target="services.llm_service:LLM",
         ready_timeout=300,
     )
     try:

@@ -1,5 +1,6 @@
-"""The LLM service end to end: a real ``bentoml serve services.llm_service:LLM`` (vLLM on CPU) and
-the official ``openai`` client, against the tiny random Llama of ``training/tiny_llm.py``.
+"""The LLM service end to end: a real ``bentoml serve services:Router`` with the LLM service (vLLM
+on CPU) and the official ``openai`` client on the router's port (``/v1`` goes through its
+streaming proxy), against the tiny random Llama of ``training/tiny_llm.py``.
 
 The model's text is gibberish by design, so these tests pin the protocol: usage counts against
 its own tokenizer, stop sequences, ``n``, seeds, the OpenAI error envelope and status codes,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,48 @@ def test_validate_sizes_the_stored_model(smollm2: str) -> None:
     assert est["weights_bytes"] == pytest.approx(est["parameters"] * 2 * 1.2)
     too_long = {**config, "llms": [{"name": "small", "tag": smollm2, "max_model_len": 9000}]}
     assert "exceeds the model's context length 8192" in check(too_long)[0][0]
+
+
+def test_smollm2_answers_through_the_router(
+    smollm2: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The real model served by vLLM behind the router's port answers a simple question."""
+    pytest.importorskip("vllm")
+    import openai
+
+    from bench.server import start_server
+    from tests.conftest import save_iris
+
+    save_iris()  # the router serves at least one classifier
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    home = BentoMLContainer.bentoml_home.get()
+    env = {
+        "SERVERY_LLM_ENABLED": "true",
+        "SERVERY_LLM_MODELS": f"smollm2={smollm2}",
+        "SERVERY_LLM_MAX_MODEL_LEN": "2048",
+        "SERVERY_LLM_ENFORCE_EAGER": "true",
+        "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    }
+    srv = start_server(
+        Path(home),
+        "models:\n  - name: iris\n",
+        tmp_path_factory.mktemp("smollm2-serve"),
+        env=env,
+        ready_timeout=300,
+    )
+    try:
+        with openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0) as client:
+            answer = client.chat.completions.create(
+                model="smollm2",
+                messages=[
+                    {"role": "user", "content": "What is the capital of France? One sentence."}
+                ],
+                temperature=0,
+                max_tokens=24,
+            )
+        text = answer.choices[0].message.content
+        assert "Paris" in text, text
+    finally:
+        srv.stop()
