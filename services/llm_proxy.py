@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,9 +50,18 @@ class StreamingProxy:
     """ASGI app forwarding every HTTP request to ``target()``: ``file:///path.sock`` or
     ``unix:///path.sock`` (a Unix socket), or ``http://host:port``."""
 
-    def __init__(self, target: Callable[[], str], *, timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        target: Callable[[], str],
+        *,
+        timeout_s: float | None = None,
+        on_done: Callable[[str, int, float], None] | None = None,
+    ) -> None:
+        """``on_done(model, status, seconds)`` is called after every proxied request (the
+        ``model`` of a JSON body, else ``-``; status 499 when the client went away first)."""
         self._target = target
         self._timeout_s = timeout_s
+        self._on_done = on_done
         self._session: Any = None
         self._base = ""
 
@@ -91,7 +102,9 @@ class StreamingProxy:
             body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
-        forward = asyncio.ensure_future(self._forward(scope, bytes(body), send))
+        start = time.perf_counter()
+        status = [499]  # until the upstream answers: the client left first
+        forward = asyncio.ensure_future(self._forward(scope, bytes(body), send, status))
         watch = asyncio.ensure_future(_disconnected(receive))
         try:
             done, _ = await asyncio.wait({forward, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -101,10 +114,14 @@ class StreamingProxy:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+            if self._on_done is not None:
+                self._on_done(_model_of(body), status[0], time.perf_counter() - start)
         if forward in done:
             forward.result()  # re-raise what the forward raised
 
-    async def _forward(self, scope: dict[str, Any], body: bytes, send: Any) -> None:
+    async def _forward(
+        self, scope: dict[str, Any], body: bytes, send: Any, status: list[int]
+    ) -> None:
         import aiohttp
 
         path = scope.get("root_path", "") + scope["path"]
@@ -126,6 +143,7 @@ class StreamingProxy:
                 ]
                 await send({"type": "http.response.start", "status": resp.status, "headers": out})
                 started = True
+                status[0] = resp.status
                 async for chunk in resp.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -134,6 +152,7 @@ class StreamingProxy:
             if started:  # mid-stream: the status is sent; end the body, the client sees it cut
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
+            status[0] = 503
             await send(
                 {
                     "type": "http.response.start",
@@ -142,6 +161,15 @@ class StreamingProxy:
                 }
             )
             await send({"type": "http.response.body", "body": _UNAVAILABLE})
+
+
+def _model_of(body: bytes) -> str:
+    """The ``model`` of an OpenAI request body (bounded: a metrics label), else ``-``."""
+    try:
+        model = json.loads(body).get("model") if body else None
+    except (ValueError, AttributeError):
+        return "-"
+    return model[:64] if isinstance(model, str) and model else "-"
 
 
 async def _disconnected(receive: Any) -> None:

@@ -198,7 +198,7 @@ class ModelDispatch:
                 response = openai_error(413, "request body too large", "BadRequestError")
                 return await response(scope, receive, send)
         body = b"".join(chunks)
-        engine = self.state.route(body)
+        engine, body = self.state.route(body)
         if isinstance(engine, str):  # vLLM's own message, listing every engine's names
             served = ", ".join(self.state.engines)
             message = f"The model `{engine}` does not exist. Valid aliases: {served}."
@@ -220,21 +220,29 @@ class LLMState:
 
     def __init__(self) -> None:
         self.engines: dict[str, Engine] = {}
+        self.tasks: dict[str, str] = dict(SETTINGS.tasks)
         self.ready = False
         self.failed: BaseException | None = None
 
-    def route(self, body: bytes) -> Engine | str:
-        """The engine for the request's ``model``, or the unknown name when several engines
-        serve (with one, its own serving layer answers every name, as ``vllm serve`` does)."""
-        name = None
+    def route(self, body: bytes) -> tuple[Engine | str, bytes]:
+        """The engine for the request's ``model`` (a served name or a task name), and the body to
+        send it; or the unknown name when several engines serve (with one, its own serving layer
+        answers every name, as ``vllm serve`` does). A task name is replaced by its LLM's name
+        in the body, so vLLM sees (and answers with) the model that serves it."""
+        doc: Any = None
         with contextlib.suppress(ValueError, AttributeError):
-            name = json.loads(body).get("model")
+            doc = json.loads(body)
+        name = doc.get("model") if isinstance(doc, dict) else None
         if isinstance(name, str) and name:
+            target = self.tasks.get(name)
+            if target is not None and target in self.engines:
+                doc["model"] = target
+                return self.engines[target], json.dumps(doc).encode()
             if name in self.engines:
-                return self.engines[name]
+                return self.engines[name], body
             if len(self.engines) > 1:
-                return name
-        return next(iter(self.engines.values()))
+                return name, body
+        return next(iter(self.engines.values())), body
 
     def not_ready(self) -> Response | None:
         """503 while the engines start (or after they failed to)."""
@@ -251,6 +259,10 @@ class LLMState:
             listing = await engine.app.state.openai_serving_models.show_available_models()
             for card in listing.data:
                 data.append({**card.model_dump(), "root": engine.tag, "owned_by": "servery"})
+        by_name = {card["id"]: card for card in data}
+        for task, target in self.tasks.items():  # tasks are names a client may send as well
+            if target in by_name:
+                data.append({**by_name[target], "id": task, "parent": target})
         return {"object": "list", "data": data}
 
 

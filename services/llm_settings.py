@@ -146,10 +146,26 @@ class LLMSettings(EngineKnobs, BaseSettings):
     """Extra vLLM engine flags, shell-quoted (``--seed 1 --max-num-batched-tokens 4096``),
     appended last so they win."""
 
+    tasks: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    """Task names clients may send as ``model`` instead of an LLM's name, each mapped to a served
+    LLM: ``SERVERY_LLM_TASKS="small=tiny,large=smollm2,code=smollm2"`` (or a JSON object). The
+    answer names the LLM that served it."""
+
     @field_validator("models", mode="before")
     @classmethod
     def _parse_models(cls, v: Any) -> Any:
         return parse_models(v)
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _parse_tasks(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        text = v.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+        pairs = (item.partition("=") for item in text.split(",") if item.strip())
+        return {k.strip(): t.strip() for k, sep, t in pairs if sep}
 
     @model_validator(mode="after")
     def _check(self) -> LLMSettings:
@@ -160,6 +176,11 @@ class LLMSettings(EngineKnobs, BaseSettings):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"served LLM names repeat: {names}")
+        for task, target in self.tasks.items():
+            if target not in names:
+                raise ValueError(f"task {task!r} points at {target!r}, not a served LLM {names}")
+            if task in names:
+                raise ValueError(f"task {task!r} has the name of a served LLM")
         if self.gpus and self.tensor_parallel_size > self.gpus:
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} > gpus {self.gpus}")
         return self

@@ -87,3 +87,16 @@ LOAD_FAILURES = Counter(
     "Model versions that failed to load (the previous version kept serving)",
     ["model", "version"],
 )
+
+LLM_REQUESTS = Counter(
+    "servery_llm_requests",
+    "OpenAI API requests proxied by the router to the LLM service, by model (or task) as sent "
+    "and HTTP status (499: the client went away before the answer started)",
+    ["model", "status"],
+)
+LLM_SECONDS = Histogram(
+    "servery_llm_request_duration_seconds",
+    "Time from request to the last streamed byte of OpenAI API requests, by model as sent",
+    ["model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)

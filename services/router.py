@@ -255,9 +255,18 @@ if SETTINGS.llm_enabled:
 
     # A raw ASGI route (not a FastAPI endpoint): the proxy streams the LLM service's answer as it
     # is written. BentoML's timeout middleware only bounds the time to the first byte.
+    def _llm_done(model: str, status: int, seconds: float) -> None:
+        # label values are client input: only served names/tasks keep their own series
+        label = model if model in _LLM_NAMES else metrics.UNKNOWN_MODEL
+        metrics.LLM_REQUESTS.labels(label, str(status)).inc()
+        metrics.LLM_SECONDS.labels(label).observe(seconds)
+
+    from services.llm_service import SETTINGS as _LLM_SETTINGS
+
+    _LLM_NAMES = frozenset([m.name for m in _LLM_SETTINGS.models] + list(_LLM_SETTINGS.tasks))
     app.add_route(
         "/v1/{path:path}",
-        StreamingProxy(_llm_address, timeout_s=5.0),
+        StreamingProxy(_llm_address, timeout_s=5.0, on_done=_llm_done),
         methods=["GET", "POST"],
         include_in_schema=False,
     )

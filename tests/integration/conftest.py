@@ -88,17 +88,18 @@ def tiny_llm_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
         return home, hf_dir(str(saved.tag))[0]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def llm_server(
     tiny_llm_store: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """The Bento (``services:Router``) with the LLM service (vLLM on CPU) serving the tiny LLM as
-    ``tiny``, with a 1 GiB KV cache and no CUDA graphs / compile; started once per session. Every
+    ``tiny``, with a 1 GiB KV cache and no CUDA graphs / compile. Every
     LLM test talks to the router's port, as clients do: ``/v1`` goes through its streaming
-    proxy."""
+    proxy. Module-scoped: the engine's processes are gone before the next test module runs."""
     env = {
         "SERVERY_LLM_ENABLED": "true",
         "SERVERY_LLM_MODELS": f"{LLM_NAME}=tiny-llm",
+        "SERVERY_LLM_TASKS": f"small={LLM_NAME}",
         "SERVERY_LLM_MODELS_FILE": "",  # a developer's own file would replace the list
         "SERVERY_LLM_ENFORCE_EAGER": "true",  # ready in ~20 s instead of ~40
         "SERVERY_LLM_CPU_KVCACHE_GIB": "1",

@@ -69,7 +69,7 @@ def wait_for(predicate: Any, timeout: float) -> float:
 
 def test_models_lists_the_served_llm(client: Any) -> None:
     cards = client.models.list().data
-    assert [c.id for c in cards] == [LLM_NAME]
+    assert [c.id for c in cards] == [LLM_NAME, "small"]  # the model, then its task name
     assert cards[0].root.startswith("tiny-llm:")  # the store tag, not a filesystem path
     assert cards[0].max_model_len == CONTEXT
 
@@ -286,3 +286,26 @@ def test_missing_model_reports_dead_not_ready(
         assert "not-stored" in srv.log.read_text()  # the log says which model is missing
     finally:
         srv.stop()
+
+
+def test_a_task_name_routes_to_its_model(llm_server: Server) -> None:
+    """``small`` is a task mapped to ``tiny`` (SERVERY_LLM_TASKS): clients may send either."""
+    with openai.OpenAI(base_url=f"{llm_server.url}/v1", api_key="unused", max_retries=0) as c:
+        answer = c.chat.completions.create(
+            model="small", messages=[{"role": "user", "content": "hi"}], max_tokens=4, seed=1
+        )
+        assert answer.model == LLM_NAME  # the answer names the LLM that served it
+        same = c.chat.completions.create(
+            model=LLM_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4, seed=1
+        )
+        assert answer.choices[0].message.content == same.choices[0].message.content
+        listed = {m.id: m for m in c.models.list().data}
+        assert set(listed) == {LLM_NAME, "small"}
+        assert listed["small"].model_extra["parent"] == LLM_NAME
+    # the router's own per-model view of LLM traffic, beside vLLM's vllm:* series
+    counts = {
+        labels["model"]: value
+        for name, labels, value in metric_samples(f"{llm_server.url}/metrics")
+        if name == "servery_llm_requests_total" and labels.get("status") == "200"
+    }
+    assert counts.get("small", 0) >= 1 and counts.get(LLM_NAME, 0) >= 1, counts

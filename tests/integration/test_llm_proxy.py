@@ -26,6 +26,7 @@ from services.llm_proxy import StreamingProxy
 CHUNKS = 20
 GAP_S = 0.05
 state: dict[str, float | None] = {"cancelled_at": None}
+done: list[tuple[str, int, float]] = []
 
 
 async def stream(request: Request) -> StreamingResponse:
@@ -81,7 +82,11 @@ def proxy_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     sock = Path(tmp_path_factory.mktemp("sock")) / "llm.sock"
     upstream = Background(UPSTREAM, uds=str(sock))
     port = free_port()
-    proxy = Background(StreamingProxy(lambda: f"unix://{sock}"), host="127.0.0.1", port=port)
+    proxy = Background(
+        StreamingProxy(lambda: f"unix://{sock}", on_done=lambda *a: done.append(a)),
+        host="127.0.0.1",
+        port=port,
+    )
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -121,8 +126,15 @@ def test_client_disconnect_cancels_upstream(proxy_url: str) -> None:
 def test_status_body_and_query_pass_through(proxy_url: str) -> None:
     r = httpx.get(f"{proxy_url}/v1/models?a=1", timeout=10)
     assert r.status_code == 200 and r.json() == {"object": "list", "q": "a=1"}
-    r = httpx.post(f"{proxy_url}/v1/bad", json={}, timeout=10)
+    r = httpx.post(f"{proxy_url}/v1/bad", json={"model": "m1"}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["message"] == "nope"
+    # on_done(model as sent, status, seconds) runs once the exchange is over, just after the
+    # client has its answer
+    deadline = time.monotonic() + 2
+    while ("m1", 400) not in [(m, s) for m, s, _ in done] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ("m1", 400) in [(m, s) for m, s, _ in done]
+    assert ("-", 200) in [(m, s) for m, s, _ in done]  # the GET above had no JSON body
 
 
 def test_unreachable_service_is_503_json(tmp_path: Path) -> None:
