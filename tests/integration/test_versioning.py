@@ -10,6 +10,7 @@ the server runs, and wait for the router's polling reload (0.5 s here).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import subprocess
@@ -127,6 +128,25 @@ class Env:
             return ok and (routed_by is None or r.json()["routed_by"] == routed_by)
 
         return check
+
+    @contextlib.contextmanager
+    def corrupt_version(self) -> Iterator[str]:
+        """Save a version whose model file is damaged; yields it once ``GET /models`` reports its
+        failed load, and deletes it from the store afterwards."""
+        bad = save_constant(self.home, 3, corrupt=True)
+        try:
+
+            def reported() -> bool:
+                described = self.client.get(f"/models/{NAME}").json()
+                return any(e["version"] == bad for e in described["load_errors"])
+
+            self.wait(reported, "the failed load shows in /models")
+            yield bad
+        finally:
+            with bentoml_store(self.home):
+                import bentoml
+
+                bentoml.models.delete(f"{NAME}:{bad}")
 
     def reset(self) -> None:
         """No aliases, the default config: the newest version answers."""
@@ -285,14 +305,7 @@ def test_corrupt_version_keeps_old_serving(env: Env) -> None:
     v0, v1 = env.versions
     env.write_config(config(policy="latest: 1"))
     env.wait(lambda: env.predict(v0).status_code == 404, "policy latest: 1")
-    bad = save_constant(env.home, 3, corrupt=True)
-    try:
-
-        def reported() -> bool:
-            described = env.client.get(f"/models/{NAME}").json()
-            return any(e["version"] == bad for e in described["load_errors"])
-
-        env.wait(reported, "the failed load shows in /models")
+    with env.corrupt_version() as bad:
         for _ in range(20):
             r = env.predict()
             assert r.status_code == 200 and r.json()["version"] == v1
@@ -308,11 +321,6 @@ def test_corrupt_version_keeps_old_serving(env: Env) -> None:
             name == "servery_model_load_failures_total" and labels.get("version") == bad
             for name, labels, _ in metric_samples(f"{env.server.url}/metrics")
         )
-    finally:
-        with bentoml_store(env.home):
-            import bentoml
-
-            bentoml.models.delete(f"{NAME}:{bad}")
     env.reset()
     env.wait(env.answers_with(v1, "latest"), "the good version after the bad one is deleted")
 

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import pytest
 
 from bench.server import start_server
-from tests.conftest import bentoml_store
 from tests.integration.test_versioning import NAME, RELOAD_S, Env, save_constant
 
 CONFIG = f"models:\n  - name: {NAME}\n    placement: service\n"
@@ -43,21 +42,9 @@ def test_service_placed_model_follows_promote_and_rollback(env: Env) -> None:
 
 def test_service_placed_corrupt_version_keeps_old(env: Env) -> None:
     v1 = env.versions[1]
-    bad = save_constant(env.home, 3, corrupt=True)
-    try:
-
-        def reported() -> bool:
-            described = env.client.get(f"/models/{NAME}").json()
-            return any(e["version"] == bad for e in described["load_errors"])
-
-        env.wait(reported, "the service's failed load shows in the router's /models")
+    with env.corrupt_version():
         for _ in range(20):
             r = env.predict()
             assert r.status_code == 200 and r.json()["version"] == v1
             assert r.json()["predictions"] == [1]
         assert env.client.get("/readyz").status_code == 200
-    finally:
-        with bentoml_store(env.home):
-            import bentoml
-
-            bentoml.models.delete(f"{NAME}:{bad}")
