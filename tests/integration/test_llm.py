@@ -309,3 +309,31 @@ def test_a_task_name_routes_to_its_model(llm_server: Server) -> None:
         if name == "servery_llm_requests_total" and labels.get("status") == "200"
     }
     assert counts.get("small", 0) >= 1 and counts.get(LLM_NAME, 0) >= 1, counts
+
+
+def test_servery_bench_openai_streaming(llm_server: Server, tmp_path: Path) -> None:
+    """``servery bench --endpoint openai`` end to end: streamed chat through the router port."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("servery")),
+            "bench", "--endpoint", "openai", "--url", llm_server.url, "--model", LLM_NAME,
+            "-c", "1,2", "-n", "6", "--max-tokens", "16", "--json", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert [r["concurrency"] for r in doc["levels"]] == [1, 2]
+    for level in doc["levels"]:
+        assert level["ok"] == level["requests"] == 6 and level["errors"] == 0, level["status"]
+        llm = level["llm"]
+        assert llm["output_tok_s"] > 0
+        assert 0 < llm["ttft_ms"]["p50"] <= llm["ttft_ms"]["p99"]
+        assert llm["itl_ms"]["p50"] > 0

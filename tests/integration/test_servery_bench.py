@@ -1,7 +1,6 @@
 """The installed ``servery bench`` console script against a real server, one run per protocol.
 
-(OpenAI streaming has no server to run against yet; its SSE parsing and metrics are unit-tested,
-and its end-to-end test arrives with the LLM service.)
+(OpenAI streaming runs against the LLM service in ``test_llm.py``, which has its server.)
 """
 
 from __future__ import annotations
