@@ -33,7 +33,7 @@ export HF_HUB_OFFLINE ?= 1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.servery-installed
 
-.PHONY: serve test models models-llm models-large bench bench-protocols bench-peers bench-versioning peer-mlserver lint clean help
+.PHONY: serve test models models-llm models-large bench bench-protocols bench-peers bench-versioning bench-llm peer-mlserver lint clean help
 
 help:
 	@awk '/^#/ {print; next} {exit}' Makefile
@@ -110,6 +110,11 @@ bench-versioning: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
 		{ echo "bench-versioning needs wrk: apt-get install -y wrk"; exit 1; }
 	$(PY) -m bench.versioning $(BENCH_ARGS)
+
+# servery vs bare vLLM's OpenAI server (as-is and pinned like servery) on the same model, one server
+# at a time (bench/RESULTS.md, "llm" section). tiny ~9 min; BENCH_ARGS="--model smollm2 --output-tokens 64" ~10 min.
+bench-llm: $(STAMP)
+	$(PY) -m bench.llm_peer $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

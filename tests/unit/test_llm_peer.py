@@ -14,6 +14,7 @@ from bench.llm_peer import (
     compare,
     engine_knobs,
     fold,
+    markdown,
     parse_args,
     report,
     run_record,
@@ -62,7 +63,7 @@ def test_servery_and_bare_get_the_same_engine_flags() -> None:
     assert env["SERVERY_LLM_ENFORCE_EAGER"] == "true"
     assert env["SERVERY_LLM_CPU_KVCACHE_GIB"] == "0.5"
     assert env["SERVERY_LLM_MAX_MODEL_LEN"] == "512"
-    assert env["VLLM_CPU_KVCACHE_SPACE"] == ""  # the legacy variable would override the flag
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env  # vLLM's legacy variable would override the flag
     cmd = bare_argv(knobs, "tiny", "/store/hf", 4321)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     text = shlex.join(cmd)
@@ -135,3 +136,34 @@ def test_compare_and_verdict_against_the_targets() -> None:
     text = report(cells, [1, 8], markdown=True)
     assert "| servery/bare tok/s |" in text
     assert "0.960x ok" in text and "0.940x MISS" in text and "-10.0 ms ok" in text
+
+
+def test_markdown_renders_a_stored_entry() -> None:
+    cells = {"servery": {"1": cell(96.0, 29.0)}, "bare": {"1": cell(100.0, 20.0)}}
+    entry = {
+        "command": "python -m bench.llm_peer --quick",
+        "date": "2026-11-27T10:00:00+00:00",
+        "nproc": 2,
+        "cpu": "AMD EPYC",
+        "python": "3.11.7",
+        "bentoml": "1.4.40",
+        "client": "aiohttp",
+        "model": "tiny-llm:abc",
+        "vllm": "vllm-cpu 0.32.0",
+        "concurrency": [1],
+        "prompt_tokens": 128,
+        "output_tokens": 32,
+        "requests": 8,
+        "repeats": 3,
+        "knobs": {"enforce_eager": True, "cpu_kvcache_gib": 1.0},
+        "starts": {"servery": [{"ready_s": 30.0}, {"ready_s": 40.0}], "bare": [{"ready_s": 20.0}]},
+        "cells": cells,
+        "summary": summary_lines(cells, [1]),
+    }
+    text = markdown("tiny", entry)
+    assert text.startswith("### tiny\n\n`python -m bench.llm_peer --quick` — 2026-11-27")
+    assert "`tiny-llm:abc` served as `tiny` by vllm-cpu 0.32.0" in text
+    assert "128 prompt tokens and exactly 32 output tokens" in text
+    assert "servery 35 s, bare 20 s" in text
+    assert "| servery | 1 | 96.0 (86-115) |" in text
+    assert "- PASS c=1: servery/bare output tok/s 0.960" in text
