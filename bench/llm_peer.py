@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.cli import _levels
 from bench.llm_stream import distribution_ms
 from bench.report import fmt, machine, run_line, table, write_section
 from bench.server import ROOT, ServerProcess, free_port, launch
@@ -68,16 +69,6 @@ BUSY = re.compile(r"pytest|bentoml serve|circusd|_bentoml_impl|VLLM::|vllm\.entr
 
 
 # --- pure helpers (unit-tested) ---------------------------------------------------------------
-
-
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        levels = []
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,8, got {text!r}")
-    return levels
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -311,42 +302,6 @@ def fit_prompt(hf_path: Path, n_tokens: int) -> tuple[str, int]:
     return content, got
 
 
-def pin_like_servery(pid: int) -> dict[str, list[int]] | None:
-    """Pin a bare vLLM server as servery's LLM service pins itself (``pin_cpus`` in
-    services/llm_service.py): engine cores beside the model worker's core, every thread of the
-    HTTP process on the others (per thread: an affinity is a thread's, not a process's)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    titled: dict[str, list[Any]] = {"VLLM::Worker": [], "VLLM::EngineCore": []}
-    for proc in root.children(recursive=True):
-        with contextlib.suppress(psutil.Error, IndexError):
-            for title, found in titled.items():
-                if proc.cmdline()[0].startswith(title):
-                    found.append(proc)
-    cores = set().union(*(os.sched_getaffinity(w.pid) for w in titled["VLLM::Worker"]))
-    http_cores = os.sched_getaffinity(pid) - cores
-    if not cores or not http_cores:
-        return None
-    for proc, mask in [(p, cores) for p in titled["VLLM::EngineCore"]] + [(root, http_cores)]:
-        for thread in proc.threads():
-            with contextlib.suppress(OSError):  # a thread may have exited meanwhile
-                os.sched_setaffinity(thread.id, mask)
-    return {"engine": sorted(cores), "http": sorted(http_cores)}
-
-
-def stop(server: ServerProcess) -> None:
-    """Stop a server's whole process group, waiting for vLLM's engine processes too (they can
-    outlive the main process by a few busy seconds)."""
-    server.stop()
-    deadline = time.monotonic() + 15
-    with contextlib.suppress(ProcessLookupError):
-        while time.monotonic() < deadline:
-            os.killpg(server.proc.pid, 0)
-            time.sleep(0.2)
-        os.killpg(server.proc.pid, signal.SIGKILL)
-
-
 def others_busy() -> list[str]:
     """Heavy processes that are not ours (tests, servers, engines of other sessions)."""
     import psutil
@@ -406,8 +361,10 @@ def start(server: str, ctx: dict[str, Any], tmp: Path) -> tuple[ServerProcess, d
     proc.wait_ready(lists_model, 300, f"{server} /v1/models")
     facts["ready_s"] = round(time.perf_counter() - t0, 1)
     if server == "bare-pinned":
+        from services.llm_service import pin_cpus  # the pinning servery's LLM service applies
+
         time.sleep(1)  # the engine's threads are up once it answers; let stragglers start
-        facts["pinned"] = pin_like_servery(proc.proc.pid)
+        facts["pinned"] = pin_cpus(proc.proc.pid)
     return proc, facts
 
 
@@ -467,7 +424,7 @@ def measure(args: argparse.Namespace, ctx: dict[str, Any], tmp: Path) -> dict[st
                         flush=True,
                     )
         finally:
-            stop(proc)
+            proc.stop()
         facts["log"] = proc.log.name
         starts[server].append(facts)
     return {"runs": runs, "starts": starts, "texts": texts}

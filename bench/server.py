@@ -48,18 +48,28 @@ class ServerProcess:
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
 
-    def stop(self, timeout: float = 30) -> None:
-        """Stop the server and every worker it started (its own process group)."""
-        if self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+    def stop(self, timeout: float = 30, drain_s: float = 15) -> None:
+        """Stop the server and every worker it started (its own process group).
+
+        Processes of the group may outlive the main one (vLLM's engine and worker processes do,
+        for a few busy seconds): wait up to ``drain_s`` for the group to empty, then kill what
+        is left, so the next test or benchmark run does not share the CPU with them.
+        """
+        if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        deadline = time.monotonic() + drain_s
+        with contextlib.suppress(ProcessLookupError):  # raised once the group is empty
+            while time.monotonic() < deadline:
+                os.killpg(self.proc.pid, 0)
+                time.sleep(0.2)
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def wait_ready(self, is_ready: Callable[[], bool], timeout: float, what: str) -> None:
         """Poll ``is_ready()`` (HTTP errors count as not ready) until it holds.

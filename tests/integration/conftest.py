@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,12 +112,4 @@ def llm_server(
     try:
         yield srv
     finally:
-        srv.stop()
-        # vLLM's engine and worker processes can outlive the server's main process by a few
-        # busy seconds; later tests should not share the CPU with them.
-        deadline = time.monotonic() + 15
-        with contextlib.suppress(ProcessLookupError):
-            while time.monotonic() < deadline:
-                os.killpg(srv.proc.pid, 0)
-                time.sleep(0.2)
-            os.killpg(srv.proc.pid, signal.SIGKILL)
+        srv.stop()  # also waits for vLLM's engine processes to go
