@@ -46,29 +46,64 @@ GC_PAUSE_SECONDS = Histogram(
 )
 
 
-def watch_gc() -> None:
+GC_FLUSH_INTERVAL_S = 1.0
+
+
+def watch_gc(flush_interval_s: float = GC_FLUSH_INTERVAL_S) -> None:
     """Record every collection's pause in ``servery_gc_pause_seconds`` (idempotent).
 
     A stop-the-world collection stalls every request of the worker; this shows whether pauses grow
     with the number of requests served (they should not: the heap is frozen after start-up, see
-    services.patches.freeze_heap). Cost: two calls into this callback per collection.
+    services.patches.freeze_heap).
+
+    The GC callback only appends to a deque; a daemon thread moves the pauses into the histogram
+    every ``flush_interval_s``. Observing from the callback deadlocked workers: a collection runs
+    inside whatever allocated, including prometheus_client's multiprocess value code while it
+    holds its one global, non-reentrant lock (``prometheus_client/values.py``, ``inc``/``set``
+    and new label children), and the callback's ``observe`` then waited on that lock forever (a
+    router worker froze in CI; ``tests/unit/test_metrics.py`` reproduces it).
     """
     import gc
+    import threading
     import time
+    from collections import deque
 
     if any(getattr(cb, "__servery_gc__", False) for cb in gc.callbacks):
         return
     children = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
     started = [0.0]
+    pauses: deque[tuple[int, float]] = deque(maxlen=100_000)
 
     def on_gc(phase: str, info: dict[str, int]) -> None:
+        # no locks, no metrics here: see the docstring
         if phase == "start":
             started[0] = time.perf_counter()
         else:
-            children[info["generation"]].observe(time.perf_counter() - started[0])
+            pauses.append((info["generation"], time.perf_counter() - started[0]))
+
+    def flush() -> None:
+        while pauses:
+            generation, seconds = pauses.popleft()
+            children[generation].observe(seconds)
+
+    def flush_forever() -> None:
+        while True:
+            time.sleep(flush_interval_s)
+            flush()
 
     on_gc.__servery_gc__ = True  # type: ignore[attr-defined]
+    on_gc.flush = flush  # type: ignore[attr-defined]
     gc.callbacks.append(on_gc)
+    threading.Thread(target=flush_forever, name="servery-gc-metrics", daemon=True).start()
+
+
+def flush_gc() -> None:
+    """Move the pauses recorded so far into the histogram now (tests; the thread does it too)."""
+    import gc
+
+    for cb in gc.callbacks:
+        if getattr(cb, "__servery_gc__", False):
+            cb.flush()
 
 
 SHADOW_REQUESTS = Counter(
