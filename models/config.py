@@ -101,9 +101,10 @@ class Settings(BaseSettings):
     """BentoML traffic timeout for every service (504 after this many seconds)."""
 
     trace_predictions: bool = False
-    """Record OpenTelemetry spans for ``/predict`` and ``/v2/models/...`` requests. Off by
-    default: BentoML builds spans even when none are exported, a large share of the router's CPU
-    per request; turn it on together with a tracing exporter in BentoML's configuration."""
+    """Record OpenTelemetry spans for ``/predict``, ``/v2/models/...`` and the OpenAI API under
+    ``/v1/`` (router and LLM service). Off by default: BentoML builds spans even when none are
+    exported, a large share of the router's CPU per request (and per streamed chunk); turn it on
+    together with a tracing exporter in BentoML's configuration."""
 
     fast_path: bool = True
     """Serve ``POST /predict`` and ``POST /v2/models/.../infer`` straight from the router's ASGI

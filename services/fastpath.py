@@ -7,8 +7,10 @@ timeout, routing into the mounted app) at most of the rest (STACK.md, "Where the
 BentoML offers no per-route way out of that stack (``add_asgi_middleware`` runs inside it), so
 this module wraps the router's ASGI app as BentoML builds it: ``POST /predict`` and
 ``POST /v2/models/{name}[/versions/{version}]/infer`` go straight to the same FastAPI handler
-functions, and everything else (lifespan, health, metrics, docs, model listing, errors for other
-methods) goes through BentoML untouched.
+functions, the OpenAI API under ``/v1/`` goes straight to the streaming proxy (``mounts``: BentoML's
+middleware wraps every ``send``, so each streamed chunk paid for it), and everything else
+(lifespan, health, metrics, docs, model listing, errors for other methods) goes through BentoML
+untouched.
 
 What the bypassed middleware did is kept where it matters, at a fraction of the cost: the handlers
 count requests per model/version/status (``servery_requests_total``), this module records the
@@ -53,9 +55,12 @@ class Route:
 
 
 class FastPath:
-    """ASGI wrapper: POSTs matching ``routes`` skip ``app``'s middleware; the rest pass through.
+    """ASGI wrapper: POSTs matching ``routes`` and HTTP requests under a ``mounts`` prefix skip
+    ``app``'s middleware; the rest pass through.
 
-    ``api`` is the FastAPI app whose handlers serve the routes (``request.app`` in them).
+    ``api`` is the FastAPI app whose handlers serve the routes (``request.app`` in them). A mounted
+    ASGI app bounds its own time (the LLM proxy: ``SERVERY_REQUEST_TIMEOUT_S`` without a byte from
+    upstream) and is not wrapped in a timeout: a stream may last longer than any one request.
     """
 
     def __init__(
@@ -66,10 +71,12 @@ class FastPath:
         *,
         timeout_s: float,
         access_log: bool,
+        mounts: list[tuple[str, ASGIApp]] | None = None,
     ) -> None:
         self.app = app
         self.api = api
         self.routes = routes
+        self.mounts = mounts or []
         self.timeout_s = timeout_s
         self.access = logging.getLogger("bentoml.access") if access_log else None
 
@@ -86,6 +93,10 @@ class FastPath:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         found = self._match(scope)
         if found is None:
+            if scope["type"] == "http":
+                for prefix, mounted in self.mounts:
+                    if scope["path"].startswith(prefix):
+                        return await self._mounted(mounted, scope, receive, send)
             return await self.app(scope, receive, send)
         route, match = found
         start = time.perf_counter()
@@ -101,16 +112,37 @@ class FastPath:
         elapsed = time.perf_counter() - start
         route.seconds.observe(elapsed)
         if self.access is not None:
-            client = scope.get("client")
-            self.access.info(
-                "%s (scheme=%s,method=POST,path=%s) (status=%d,length=%s) %.3fms",
-                f"{client[0]}:{client[1]}" if client else "-",
-                scope.get("scheme", "http"),
-                scope["path"],
-                response.status_code,
-                response.headers.get("content-length", "-"),
-                elapsed * 1000.0,
-            )
+            self._log(scope, response.status_code, response.headers.get("content-length"), elapsed)
+
+    async def _mounted(self, app: ASGIApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.access is None:
+            return await app(scope, receive, send)
+        start = time.perf_counter()
+        status = [0]
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_status)
+        finally:
+            self._log(scope, status[0], None, time.perf_counter() - start)
+
+    def _log(self, scope: dict[str, Any], status: int, length: str | None, seconds: float) -> None:
+        """One line in BentoML's access-log format on ``bentoml.access``."""
+        client = scope.get("client")
+        self.access.info(  # type: ignore[union-attr]
+            "%s (scheme=%s,method=%s,path=%s) (status=%d,length=%s) %.3fms",
+            f"{client[0]}:{client[1]}" if client else "-",
+            scope.get("scheme", "http"),
+            scope["method"],
+            scope["path"],
+            status,
+            length or "-",
+            seconds * 1000.0,
+        )
 
 
 def prediction_routes() -> list[Route]:
@@ -147,10 +179,14 @@ def install(*, timeout_s: float) -> None:
         app = original(self)
         if not (self.is_main and getattr(self.service.inner, "__servery_fast_path__", False)):
             return app
+        from services.router import LLM_PROXY
         from services.router import app as api
 
         access = bool(BentoMLContainer.api_server_config.logging.access.enabled.get())
-        return FastPath(app, api, prediction_routes(), timeout_s=timeout_s, access_log=access)
+        mounts = [("/v1/", LLM_PROXY)] if LLM_PROXY is not None else []
+        return FastPath(
+            app, api, prediction_routes(), timeout_s=timeout_s, access_log=access, mounts=mounts
+        )
 
     __call__.__servery_fast_path__ = True  # type: ignore[attr-defined]
     ServiceAppFactory.__call__ = __call__  # type: ignore[method-assign]

@@ -54,13 +54,18 @@ class StreamingProxy:
         self,
         target: Callable[[], str],
         *,
-        timeout_s: float | None = None,
+        connect_timeout_s: float | None = None,
+        read_timeout_s: float | None = None,
         on_done: Callable[[str, int, float], None] | None = None,
     ) -> None:
-        """``on_done(model, status, seconds)`` is called after every proxied request (the
-        ``model`` of a JSON body, else ``-``; status 499 when the client went away first)."""
+        """``read_timeout_s`` bounds each wait for bytes from the service (the first byte of an
+        answer, the next chunk of a stream): past it the request is cancelled, answered 504 when
+        nothing was sent yet, else the stream is ended. ``on_done(model, status, seconds)`` is
+        called after every proxied request (the ``model`` of a JSON body, else ``-``; status 499
+        when the client went away first)."""
         self._target = target
-        self._timeout_s = timeout_s
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
         self._on_done = on_done
         self._session: Any = None
         self._base = ""
@@ -80,8 +85,11 @@ class StreamingProxy:
             else:
                 connector = aiohttp.TCPConnector()
                 self._base = uri.replace("tcp://", "http://", 1).rstrip("/")
-            # no total timeout: a generation may stream for minutes; the engine bounds its length
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout_s)
+            # No total timeout: a generation may stream for minutes (the engine bounds its
+            # length); a service that stops sending is caught by the read timeout.
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=self._connect_timeout_s, sock_read=self._read_timeout_s
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=timeout, auto_decompress=False
             )
@@ -147,20 +155,40 @@ class StreamingProxy:
                 async for chunk in resp.content.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (aiohttp.ClientConnectionError, OSError) as e:
-            logger.error("LLM service not reachable: %s", e)
+        except (aiohttp.ClientConnectionError, OSError, TimeoutError) as e:
+            # aiohttp's read timeouts are TimeoutErrors; a connect timeout is "not reachable"
+            timed_out = isinstance(e, TimeoutError) and not isinstance(
+                e, aiohttp.ConnectionTimeoutError
+            )
+            if timed_out:
+                logger.error(
+                    "LLM service sent nothing for %s s: request cancelled", self._read_timeout_s
+                )
+            else:
+                logger.error("LLM service not reachable: %s", e)
             if started:  # mid-stream: the status is sent; end the body, the client sees it cut
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            status[0] = 503
+            status[0] = 504 if timed_out else 503
             await send(
                 {
                     "type": "http.response.start",
-                    "status": 503,
+                    "status": status[0],
                     "headers": [(b"content-type", b"application/json")],
                 }
             )
-            await send({"type": "http.response.body", "body": _UNAVAILABLE})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": _timeout_body(self._read_timeout_s) if timed_out else _UNAVAILABLE,
+                }
+            )
+
+
+def _timeout_body(seconds: float | None) -> bytes:
+    message = f"the LLM service sent nothing for {seconds} s; the request was cancelled"
+    error = {"message": message, "type": "TimeoutError", "param": None, "code": 504}
+    return json.dumps({"error": error}).encode()
 
 
 def _model_of(body: bytes) -> str:

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
 from services.llm_settings import LLMEntry, LLMSettings, engine_argv
+from services.settings import SETTINGS as ROUTER_SETTINGS
 
 logger = logging.getLogger("servery")
 
@@ -300,6 +301,10 @@ async def _http_error(_: Request, exc: HTTPException) -> Response:
     workers=1,  # each worker would start its own engines
     resources=SETTINGS.resources(),
     traffic={"timeout": SETTINGS.request_timeout_s},
+    # OpenTelemetry's ASGI middleware opens a span for every message a response sends: a stream
+    # paid one per token chunk. Off for /v1/ like the router's prediction routes, unless
+    # SERVERY_TRACE_PREDICTIONS (services/settings.py).
+    tracing={"excluded_urls": [] if ROUTER_SETTINGS.trace_predictions else ["/v1/"]},
 )
 class LLM:
     """OpenAI-compatible LLM serving (vLLM engines, one per served LLM)."""

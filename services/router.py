@@ -253,8 +253,8 @@ if SETTINGS.llm_enabled:
 
         return BentoMLContainer.remote_runner_mapping.get()[LLM.name]
 
-    # A raw ASGI route (not a FastAPI endpoint): the proxy streams the LLM service's answer as it
-    # is written. BentoML's timeout middleware only bounds the time to the first byte.
+    # A raw ASGI app (not a FastAPI endpoint): the proxy streams the LLM service's answer as it is
+    # written, and answers 504 when the service sends nothing for SERVERY_REQUEST_TIMEOUT_S.
     def _llm_done(model: str, status: int, seconds: float) -> None:
         # label values are client input: only served names/tasks keep their own series
         label = model if model in _LLM_NAMES else metrics.UNKNOWN_MODEL
@@ -264,12 +264,17 @@ if SETTINGS.llm_enabled:
     from services.llm_service import SETTINGS as _LLM_SETTINGS
 
     _LLM_NAMES = frozenset([m.name for m in _LLM_SETTINGS.models] + list(_LLM_SETTINGS.tasks))
-    app.add_route(
-        "/v1/{path:path}",
-        StreamingProxy(_llm_address, timeout_s=5.0, on_done=_llm_done),
-        methods=["GET", "POST"],
-        include_in_schema=False,
+    LLM_PROXY = StreamingProxy(
+        _llm_address,
+        connect_timeout_s=5.0,
+        read_timeout_s=SETTINGS.request_timeout_s,
+        on_done=_llm_done,
     )
+    # The fast path (services/fastpath.py) serves /v1/ with this same proxy before BentoML's
+    # middleware; the route serves it when the fast path is off.
+    app.add_route("/v1/{path:path}", LLM_PROXY, methods=["GET", "POST"], include_in_schema=False)
+else:
+    LLM_PROXY = None
 
 
 def _remote(dependency: Any, framework: Framework) -> RemotePredict:

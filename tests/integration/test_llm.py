@@ -311,6 +311,23 @@ def test_a_task_name_routes_to_its_model(llm_server: Server) -> None:
     assert counts.get("small", 0) >= 1 and counts.get(LLM_NAME, 0) >= 1, counts
 
 
+def test_router_serves_v1_outside_bentoml_middleware(client: Any, llm_server: Server) -> None:
+    """The fast path hands /v1/ straight to the proxy (BentoML's middleware wrapped every streamed
+    chunk): BentoML counts these requests on the LLM service only, not on the router."""
+    client.chat.completions.create(
+        model=LLM_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert httpx.get(f"{llm_server.url}/models", timeout=10).status_code == 200
+    served = {
+        (labels.get("service_name"), labels.get("endpoint"))
+        for name, labels, _ in metric_samples(f"{llm_server.url}/metrics")
+        if name == "bentoml_service_request_total"
+    }
+    assert ("llm", "/v1/chat/completions") in served, served
+    assert ("router", "/models") in served, served  # other routes: BentoML's middleware as ever
+    assert not [e for s, e in served if s == "router" and e.startswith("/v1")], served
+
+
 def test_servery_bench_openai_streaming(llm_server: Server, tmp_path: Path) -> None:
     """``servery bench --endpoint openai`` end to end: streamed chat through the router port."""
     import json

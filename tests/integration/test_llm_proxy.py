@@ -49,6 +49,23 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "q": request.url.query}, status_code=200)
 
 
+async def stall(request: Request) -> StreamingResponse:
+    """Answers after ``first_s``, then writes one chunk and goes quiet for ``gap_s``."""
+    body = await request.json()
+    await asyncio.sleep(body["first_s"])
+
+    async def gen():
+        try:
+            yield b"data: first\n\n"
+            await asyncio.sleep(body["gap_s"])
+            yield b"data: late\n\n"
+        except asyncio.CancelledError:
+            state["cancelled_at"] = time.monotonic()
+            raise
+
+    return StreamingResponse(gen(), media_type="text/event-stream")
+
+
 async def bad(request: Request) -> JSONResponse:
     return JSONResponse({"error": {"message": "nope", "code": 400}}, status_code=400)
 
@@ -58,6 +75,7 @@ UPSTREAM = Starlette(
         Route("/v1/stream", stream, methods=["POST"]),
         Route("/v1/models", models),
         Route("/v1/bad", bad, methods=["POST"]),
+        Route("/v1/stall", stall, methods=["POST"]),
     ]
 )
 
@@ -78,20 +96,74 @@ class Background:
 
 
 @pytest.fixture(scope="module")
-def proxy_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def upstream_sock(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     sock = Path(tmp_path_factory.mktemp("sock")) / "llm.sock"
     upstream = Background(UPSTREAM, uds=str(sock))
+    try:
+        yield sock
+    finally:
+        upstream.stop()
+
+
+def start_proxy(sock: Path, **kwargs) -> tuple[Background, str]:
     port = free_port()
     proxy = Background(
-        StreamingProxy(lambda: f"unix://{sock}", on_done=lambda *a: done.append(a)),
-        host="127.0.0.1",
-        port=port,
+        StreamingProxy(lambda: f"unix://{sock}", **kwargs), host="127.0.0.1", port=port
     )
+    return proxy, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def proxy_url(upstream_sock: Path) -> Iterator[str]:
+    proxy, url = start_proxy(upstream_sock, on_done=lambda *a: done.append(a))
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         proxy.stop()
-        upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def short_read_url(upstream_sock: Path) -> Iterator[str]:
+    """A proxy that gives up on a service silent for 0.5 s."""
+    proxy, url = start_proxy(upstream_sock, read_timeout_s=0.5)
+    try:
+        yield url
+    finally:
+        proxy.stop()
+
+
+def test_silent_service_is_504_json(short_read_url: str) -> None:
+    """Nothing from the service within the read timeout: 504 in the OpenAI envelope."""
+    t0 = time.monotonic()
+    r = httpx.post(f"{short_read_url}/v1/stall", json={"first_s": 3, "gap_s": 0}, timeout=10)
+    assert r.status_code == 504
+    assert r.json()["error"]["code"] == 504
+    assert "sent nothing for 0.5 s" in r.json()["error"]["message"]
+    assert time.monotonic() - t0 < 2.5  # answered at the timeout, not when the service was
+
+
+def test_stream_that_goes_silent_is_ended_and_cancelled(short_read_url: str) -> None:
+    """A stream silent past the read timeout ends for the client and upstream is cancelled."""
+    state["cancelled_at"] = None
+    t0 = time.monotonic()
+    with httpx.stream(
+        "POST", f"{short_read_url}/v1/stall", json={"first_s": 0, "gap_s": 5}, timeout=10
+    ) as r:
+        assert r.status_code == 200
+        text = b"".join(r.iter_raw())
+    assert text == b"data: first\n\n"
+    assert time.monotonic() - t0 < 3
+    deadline = time.monotonic() + 3
+    while state["cancelled_at"] is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert state["cancelled_at"] is not None, "upstream kept running after the read timeout"
+
+
+def test_fast_answers_are_not_cut_by_the_read_timeout(short_read_url: str) -> None:
+    """Chunks 50 ms apart over ~1 s: each read is within 0.5 s, the whole stream passes."""
+    with httpx.stream("POST", f"{short_read_url}/v1/stream", json={"tag": "r"}, timeout=30) as r:
+        text = b"".join(r.iter_raw()).decode()
+    assert text.endswith("data: [DONE]\n\n") and text.count("data: r-") == CHUNKS
 
 
 def test_chunks_arrive_as_they_are_written(proxy_url: str) -> None:

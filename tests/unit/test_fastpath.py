@@ -147,3 +147,42 @@ def test_prediction_routes_patterns() -> None:
     assert m is not None and m["version"] is None
     assert not infer.pattern.match("/v2/models/iris/ready")
     assert not infer.pattern.match("/v2/models/a/b/infer")
+
+
+class Mounted:
+    """A mounted ASGI app (the LLM proxy's place): streams two chunks with a 418."""
+
+    def __init__(self) -> None:
+        self.paths: list[tuple[str, str]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.paths.append((scope["method"], scope["path"]))
+        await send({"type": "http.response.start", "status": 418, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b", "more_body": False})
+
+
+@pytest.mark.parametrize("access_log", [False, True])
+def test_mounted_prefix_skips_the_inner_app_for_any_method(
+    access_log: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    mounted = Mounted()
+    inner = Inner()
+    app = FastPath(
+        inner, object(), [], timeout_s=5, access_log=access_log, mounts=[("/v1/", mounted)]
+    )
+    with caplog.at_level(logging.INFO, logger="bentoml.access"):
+        get = call(app, scope(method="GET", path="/v1/models"))
+        post = call(app, scope(path="/v1/chat/completions"))
+        other = call(app, scope(method="GET", path="/v1"))  # not under the prefix
+    assert mounted.paths == [("GET", "/v1/models"), ("POST", "/v1/chat/completions")]
+    for sent in (get, post):  # every message reaches the client as the app sent it
+        assert [m.get("body") for m in sent.messages] == [None, b"a", b"b"]
+        assert sent.status == 418
+    assert other.body == {"inner": True} and len(inner.scopes) == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "bentoml.access"]
+    if access_log:
+        assert len(lines) == 2
+        assert "method=GET,path=/v1/models" in lines[0] and "status=418" in lines[0]
+    else:
+        assert lines == []
