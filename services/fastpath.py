@@ -167,7 +167,9 @@ def prediction_routes() -> list[Route]:
 
 
 def install(*, timeout_s: float) -> None:
-    """Wrap the app BentoML builds for services marked ``__servery_fast_path__`` (the Router)."""
+    """Wrap the app BentoML builds for services marked ``__servery_fast_path__``: ``"router"``
+    (prediction routes, and ``/v1/`` to the LLM proxy when the LLM service runs) when it is the
+    entry service, and ``"llm"`` (``/v1/`` straight to the LLM service's OpenAI app)."""
     from _bentoml_impl.server.app import ServiceAppFactory
     from bentoml._internal.container import BentoMLContainer
 
@@ -177,16 +179,23 @@ def install(*, timeout_s: float) -> None:
 
     def __call__(self: Any) -> Any:
         app = original(self)
-        if not (self.is_main and getattr(self.service.inner, "__servery_fast_path__", False)):
-            return app
-        from services.router import LLM_PROXY
-        from services.router import app as api
-
+        kind = getattr(self.service.inner, "__servery_fast_path__", None)
         access = bool(BentoMLContainer.api_server_config.logging.access.enabled.get())
-        mounts = [("/v1/", LLM_PROXY)] if LLM_PROXY is not None else []
-        return FastPath(
-            app, api, prediction_routes(), timeout_s=timeout_s, access_log=access, mounts=mounts
-        )
+        if kind == "router" and self.is_main:
+            from services.router import LLM_PROXY
+            from services.router import app as api
+
+            mounts = [("/v1/", LLM_PROXY)] if LLM_PROXY is not None else []
+            routes = prediction_routes()
+        elif kind == "llm":
+            # The LLM service's own FastAPI app answers every /v1/ path (unknown ones in the
+            # OpenAI envelope); BentoML's middleware wrapped each streamed chunk's send.
+            from services.llm_service import app as api
+
+            mounts, routes = [("/v1/", api)], []
+        else:
+            return app
+        return FastPath(app, api, routes, timeout_s=timeout_s, access_log=access, mounts=mounts)
 
     __call__.__servery_fast_path__ = True  # type: ignore[attr-defined]
     ServiceAppFactory.__call__ = __call__  # type: ignore[method-assign]

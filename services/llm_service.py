@@ -301,13 +301,16 @@ async def _http_error(_: Request, exc: HTTPException) -> Response:
     workers=1,  # each worker would start its own engines
     resources=SETTINGS.resources(),
     traffic={"timeout": SETTINGS.request_timeout_s},
-    # OpenTelemetry's ASGI middleware opens a span for every message a response sends: a stream
-    # paid one per token chunk. Off for /v1/ like the router's prediction routes, unless
-    # SERVERY_TRACE_PREDICTIONS (services/settings.py).
+    # With SERVERY_FAST_PATH=false /v1/ goes through BentoML's middleware, where OpenTelemetry
+    # opens a span for every message a response sends (one per streamed chunk): off for /v1/ like
+    # the router's prediction routes, unless SERVERY_TRACE_PREDICTIONS (services/settings.py).
     tracing={"excluded_urls": [] if ROUTER_SETTINGS.trace_predictions else ["/v1/"]},
 )
 class LLM:
     """OpenAI-compatible LLM serving (vLLM engines, one per served LLM)."""
+
+    # services/fastpath.py serves /v1/ outside BentoML's per-request middleware.
+    __servery_fast_path__ = "llm"
 
     def __init__(self) -> None:
         self.settings = SETTINGS

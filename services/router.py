@@ -320,7 +320,7 @@ class Router:
     """Entry service: validates, micro-batches and routes every prediction."""
 
     # services/fastpath.py serves this service's prediction routes outside BentoML's middleware.
-    __servery_fast_path__ = True
+    __servery_fast_path__ = "router"
 
     sklearn = bentoml.depends(SklearnService)
     xgboost = bentoml.depends(XGBoostService)
