@@ -292,7 +292,8 @@ def export_model(store: AliasStore, name: str, dest: Path | str) -> list[Path]:
     versions = store.versions(name)
     if not versions:
         raise AliasError(f"no model named {name!r} in the store ({store.models_dir})")
-    dest = Path(dest)
+    # absolute: bentoml.models.export_model reads a relative path as one under "/"
+    dest = Path(dest).resolve()
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for version in versions:
@@ -314,7 +315,7 @@ def import_models(store: AliasStore, src: Path | str) -> dict[str, list[str]]:
     """
     import bentoml
 
-    src = Path(src)
+    src = Path(src).resolve()  # see export_model
     imported: dict[str, list[str]] = {}
     for archive in sorted(src.glob(f"*{EXPORT_SUFFIX}")):
         # <name>-<version>.bentomodel, as export_model names them (versions have no '-')

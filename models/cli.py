@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 SUBCOMMANDS = ("models.cli_models", "models.cli_llm", "bench.cli")
 """Modules with an ``add_parser(subparsers)``, in the order ``servery --help`` lists them."""
+OPTIONAL = frozenset({"bench.cli"})
+"""Subcommands left out where their package is not installed (``bench`` in a built Bento)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
-        importlib.import_module(module).add_parser(subparsers)
+        try:
+            found = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            # A built Bento carries services/ and models/ but not bench/: `servery models ...`
+            # and `servery llm ...` still work inside its container.
+            if module in OPTIONAL and e.name in (module, module.split(".")[0]):
+                continue
+            raise
+        found.add_parser(subparsers)
     return parser
 
 

@@ -170,3 +170,18 @@ def test_export_then_import_into_another_store_keeps_versions_and_aliases(store,
         # importing again: versions are kept, live aliases are never silently replaced
         with pytest.raises(AliasError, match="already has aliases"):
             import_models(other, tmp_path / "out")
+
+
+def test_export_and_import_take_relative_folders(store, tmp_path, monkeypatch) -> None:
+    """bentoml.models.export_model reads a relative path as one under "/": servery resolves it."""
+    from models.aliases import export_model, import_models
+
+    aliases, versions = store
+    monkeypatch.chdir(tmp_path)
+    written = export_model(aliases, "iris", "relative/out")
+    assert all(p.is_file() and p.is_absolute() for p in written)
+    assert (tmp_path / "relative" / "out").is_dir()
+    with bentoml_store(tmp_path / "other") as home:
+        assert sorted(import_models(AliasStore(home / "models"), "relative/out")["iris"]) == sorted(
+            versions
+        )

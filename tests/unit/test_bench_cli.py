@@ -22,6 +22,8 @@ from bench.loadgen import LoadResult
 from bench.server import free_port
 from models.cli import build_parser, main
 
+ROOT = Path(__file__).resolve().parents[2]
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # --- arguments --------------------------------------------------------------------------------
@@ -416,3 +418,24 @@ def test_dtypes_and_bodies() -> None:
     body = endpoints._body("oip-rest", "m", rows)
     assert body["inputs"][0]["datatype"] == "FP32" and body["inputs"][0]["shape"] == [2, 3]
     assert endpoints._body("rest", "m", rows)["inputs"] == rows.tolist()
+
+
+def test_servery_works_without_the_bench_package() -> None:
+    """A built Bento has no bench/: `servery models ...` must still run there."""
+    import subprocess
+    import sys
+
+    # sys.modules[name] = None makes `import bench` raise ModuleNotFoundError, as where it is absent
+    code = (
+        "import sys; sys.modules['bench'] = None; from models.cli import main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "models" in done.stdout and "llm" in done.stdout and "bench" not in done.stdout
