@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     batch). Holds that gather nobody back off, so sequential traffic is almost never held. 0
     turns holds off; uvloop timers have 1 ms resolution, so values under 1 mean off."""
 
+    max_queue: int = Field(256, ge=1, le=1_000_000)
+    """Load shedding: requests one model version may have unanswered (waiting for or in a model
+    call) in one router worker; the next is answered 503 with ``Retry-After`` at once instead of
+    queueing. Bounds the latency of admitted requests to about this many / the model's
+    throughput. Per model: ``max_queue`` in the models file (or its ``defaults``)."""
+
     max_rows_per_request: int = Field(1024, ge=1)
     """Most rows one request may carry; more is rejected with 413."""
 
@@ -144,6 +150,7 @@ class ModelDefaults(BaseModel):
 
     placement: Placement = Placement.INLINE
     max_batch_size: int | None = Field(None, ge=1)
+    max_queue: int | None = Field(None, ge=1)
 
 
 class VersionPolicy(BaseModel):
@@ -219,6 +226,9 @@ class ModelEntry(BaseModel):
     )
     placement: Placement | None = None
     max_batch_size: int | None = Field(None, ge=1)
+    max_queue: int | None = Field(
+        None, ge=1, description="Requests per version and router worker before 503 (load shedding)"
+    )
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
     routing: Routing | None = None
 
@@ -283,6 +293,9 @@ class ModelConfig(BaseModel):
 
     def batch_size_of(self, entry: ModelEntry, settings: Settings) -> int:
         return entry.max_batch_size or self.defaults.max_batch_size or settings.max_batch_size
+
+    def queue_of(self, entry: ModelEntry, settings: Settings) -> int:
+        return entry.max_queue or self.defaults.max_queue or settings.max_queue
 
 
 def parse_model_config(data: Any, source: str = "<config>") -> ModelConfig:

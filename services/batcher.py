@@ -27,6 +27,11 @@ has passed (measured at c=64: mean batch 14 -> 23 rows and +30 % req/s for the X
 10 -> 16 rows for the 8.5 M-parameter MLP). Sequential traffic (batches of one) is never held by
 this rule.
 
+The queue is bounded too (load shedding): with ``max_queue`` set, a request arriving while that
+many of this batcher's requests are unanswered (waiting or in a model call) fails at once with
+:class:`QueueFull` (the routes answer 503 with ``Retry-After``) instead of adding to everyone's
+latency; what is admitted is answered within about ``max_queue`` / throughput.
+
 Batches are bounded: requests are packed in arrival order into chunks of at most
 ``max_batch_size`` rows; a single request larger than that forms a chunk of its own (requests are
 never split, so one request's rows always come from one model call).
@@ -41,6 +46,8 @@ from typing import Any
 
 import numpy as np
 
+from services.errors import Overloaded
+
 Result = tuple[np.ndarray, np.ndarray]
 SyncPredict = Callable[[np.ndarray], Result]
 AsyncPredict = Callable[[np.ndarray], Awaitable[Result]]
@@ -53,6 +60,13 @@ logger = logging.getLogger("servery")
 MAX_BACKOFF = 256
 """At most this many single-request flushes are skipped between two holds that gathered nobody
 (so at c=1 about 0.4 % of requests wait the hold)."""
+
+
+class QueueFull(Overloaded):
+    """A request found ``max_queue`` requests unanswered in its batcher (load shedding): 503 with
+    ``Retry-After`` on REST, UNAVAILABLE on gRPC. Not logged per request."""
+
+    logged = False
 
 
 class MicroBatcher:
@@ -76,9 +90,12 @@ class MicroBatcher:
         max_in_flight: int = 1,
         hold_s: float = 0.0,
         on_batch: BatchHook | None = None,
+        max_queue: int | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if max_queue is not None and max_queue < 1:
+            raise ValueError("max_queue must be >= 1 (or None: unbounded)")
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         if hold_s < 0:
@@ -89,6 +106,9 @@ class MicroBatcher:
         self._max_in_flight = max_in_flight
         self._in_flight = 0
         self._on_batch = on_batch
+        self.max_queue = max_queue
+        self.queued = 0  # requests submitted and not answered yet
+        self.shed = 0  # requests refused because the queue was full
         # Remote (async) batchers already gather while a batch is in flight: no holds there.
         self._hold_s = 0.0 if is_async else hold_s
         self._hold: asyncio.TimerHandle | None = None
@@ -106,22 +126,35 @@ class MicroBatcher:
         self.largest_batch = 0
 
     async def submit(self, x: np.ndarray) -> Result:
-        """Queue ``x`` (validated rows) for the next flush and wait for its slice of the result."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Result] = loop.create_future()
-        self._pending.append((x, fut))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        elif self._hold is not None and (
-            0 < self._hold_until <= len(self._pending)
-            or sum(p[0].shape[0] for p in self._pending) >= self._max
-        ):
-            # Everyone expected is back, or a full batch waits: no reason to hold any longer.
-            self._hold.cancel()
-            self._hold = None
-            loop.call_soon(self._end_hold)
-        return await fut
+        """Queue ``x`` (validated rows) for the next flush and wait for its slice of the result.
+
+        Raises :class:`QueueFull` at once when ``max_queue`` requests are unanswered already.
+        """
+        if self.max_queue is not None and self.queued >= self.max_queue:
+            self.shed += 1
+            raise QueueFull(
+                f"overloaded: {self.queued} requests already queued for this model version "
+                "(max_queue); retry after the Retry-After seconds"
+            )
+        self.queued += 1
+        try:
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[Result] = loop.create_future()
+            self._pending.append((x, fut))
+            if not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self._flush)
+            elif self._hold is not None and (
+                0 < self._hold_until <= len(self._pending)
+                or sum(p[0].shape[0] for p in self._pending) >= self._max
+            ):
+                # Everyone expected is back, or a full batch waits: no reason to hold any longer.
+                self._hold.cancel()
+                self._hold = None
+                loop.call_soon(self._end_hold)
+            return await fut
+        finally:
+            self.queued -= 1
 
     def _end_hold(self) -> None:
         self._hold = None

@@ -21,6 +21,9 @@ class ServeryError(Exception):
 
     status_code: int = 500
     error_type: str = "internal_error"
+    logged: bool = True
+    """5xx errors are logged (WARNING) per request unless False (load shedding: counted in
+    ``servery_requests_total``, a log line per refused request would add to the overload)."""
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -121,7 +124,8 @@ def error_response(exc: BaseException) -> Response:
     if isinstance(exc, ServeryError) and exc.status_code < 500:
         return json_response(exc.to_dict(), exc.status_code, exc.headers())
     if isinstance(exc, ServeryError):
-        logger.warning("%s: %s", exc.error_type, exc.message)
+        if exc.logged:
+            logger.warning("%s: %s", exc.error_type, exc.message)
         return json_response(exc.to_dict(), exc.status_code, exc.headers())
     logger.error("internal error while serving a request", exc_info=exc)
     return json_response(

@@ -114,6 +114,7 @@ class Loader:
             is_async=is_async,
             hold_s=self.settings.batch_hold_ms / 1000.0,
             on_batch=_batch_hook(info, placement),
+            max_queue=config.queue_of(entry, self.settings),
         )
         return ServedModel(info, placement, batcher, self._load_key(entry, config))
 

@@ -58,7 +58,7 @@ def error_response(exc: BaseException) -> Response:
     """Map any exception to the OIP envelope ``{"error": "..."}``; 5xx never carry internals."""
     if isinstance(exc, ServeryError):
         status = 400 if exc.status_code == 422 else exc.status_code
-        if status >= 500:
+        if status >= 500 and exc.logged:
             logger.warning("%s: %s", exc.error_type, exc.message)
         return json_response({"error": exc.message}, status, exc.headers())
     logger.error("internal error while serving an OIP request", exc_info=exc)

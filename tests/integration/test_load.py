@@ -161,3 +161,54 @@ def test_bentoml_path_answers_like_the_fast_path(bentoml_path_server, local_pred
     assert bad.status_code == 404 and bad.json()["error"]["type"] == "model_not_found"
     text = httpx.get(f"{bentoml_path_server.url}/metrics").text
     assert 'endpoint="/predict",http_response_code="200",runner_name="router"' in text
+
+
+@pytest.fixture(scope="module")
+def shedding_server(demo_store, tmp_path_factory) -> Iterator[Server]:
+    """One router worker that admits at most 4 unanswered requests per model version."""
+    srv = start_server(
+        demo_store,
+        MIXED_CONFIG,
+        tmp_path_factory.mktemp("shedding"),
+        env={"SERVERY_MAX_QUEUE": "4", "SERVERY_ROUTER_WORKERS": "1"},
+    )
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_overload_is_shed_with_503_and_retry_after(shedding_server, local_predict) -> None:
+    """c=64 against a queue of 4: the excess is refused at once with 503 + Retry-After in the
+    platform envelope, every admitted request gets its exact answer, nothing else fails."""
+    rows = dataset("iris")[:64]
+    labels, _ = local_predict("iris-svc", rows)
+    bodies = [json.dumps({"model": "iris-svc", "inputs": [r]}).encode() for r in rows.tolist()]
+
+    def check(i: int, payload: bytes) -> bool:
+        return json.loads(payload)["predictions"] == [labels[i % len(rows)]]
+
+    result = asyncio.run(
+        run_load(
+            f"{shedding_server.url}/predict", bodies, concurrency=64, requests=1500, check=check
+        )
+    )
+    assert set(result.status) <= {"200", "503"}, result.status
+    assert result.status.get("503", 0) > 0 and result.status.get("200", 0) > 0, result.status
+    assert result.ok == result.status["200"]  # every admitted answer was right
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=shedding_server.url, timeout=30) as client:
+            return await asyncio.gather(
+                *(client.post("/predict", content=b) for b in bodies[:48] * 2)
+            )
+
+    refused = [r for r in asyncio.run(burst()) if r.status_code == 503]
+    assert refused, "a burst of 96 never filled a queue of 4"
+    for r in refused:
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "overloaded"
+        assert "max_queue" in r.json()["error"]["message"]
+    # shed requests are counted like every other answer
+    text = httpx.get(f"{shedding_server.url}/metrics").text
+    assert re.search(r'servery_requests_total\{[^}]*model="iris-svc"[^}]*status="503"', text)

@@ -556,3 +556,63 @@ def test_coming_back_hold_ends_once_the_last_batch_is_back() -> None:
 
     run(main())
     assert predict.sizes == [4, 4]
+
+
+def test_full_queue_sheds_at_once_and_admits_again_when_answered() -> None:
+    """max_queue unanswered requests: the next fails at once (QueueFull, a 503 Overloaded);
+    once answers go out the batcher admits again, and nothing it admitted is lost."""
+    from services.batcher import QueueFull
+    from services.errors import Overloaded
+
+    release = asyncio.Event()
+
+    async def predict(x: np.ndarray) -> Result:
+        await release.wait()  # a slow model service
+        return x.sum(axis=1), x * 10
+
+    batcher = MicroBatcher(predict, max_batch_size=64, is_async=True, max_queue=3)
+
+    async def main() -> None:
+        admitted = [asyncio.ensure_future(batcher.submit(rows(i))) for i in range(3)]
+        await asyncio.sleep(0.01)
+        assert batcher.queued == 3
+        with pytest.raises(QueueFull) as refused:
+            await batcher.submit(rows(9))
+        assert isinstance(refused.value, Overloaded)  # routes answer 503 + Retry-After
+        assert refused.value.status_code == 503 and refused.value.headers()["Retry-After"]
+        assert batcher.shed == 1 and batcher.queued == 3
+        release.set()
+        for i, result in enumerate(await asyncio.gather(*admitted)):
+            check_own_rows(rows(i), result)
+        assert batcher.queued == 0
+        check_own_rows(rows(7), await batcher.submit(rows(7)))
+
+    run(main())
+
+
+def test_cancelled_requests_leave_the_queue() -> None:
+    """A client that goes away frees its place (its future is cancelled)."""
+    release = asyncio.Event()
+
+    async def predict(x: np.ndarray) -> Result:
+        await release.wait()
+        return x.sum(axis=1), x * 10
+
+    batcher = MicroBatcher(predict, max_batch_size=64, is_async=True, max_queue=2)
+
+    async def main() -> None:
+        gone = [asyncio.ensure_future(batcher.submit(rows(i))) for i in range(2)]
+        await asyncio.sleep(0.01)
+        for task in gone:
+            task.cancel()
+        await asyncio.gather(*gone, return_exceptions=True)
+        assert batcher.queued == 0
+        release.set()
+        check_own_rows(rows(5), await batcher.submit(rows(5)))
+
+    run(main())
+
+
+def test_max_queue_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_queue"):
+        MicroBatcher(RowSums(), max_batch_size=4, max_queue=0)

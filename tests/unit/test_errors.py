@@ -213,3 +213,19 @@ def test_validation_error_details_never_echo_input() -> None:
     secret = "s3cr3t-token"
     err = from_validation_error(validation_error({"model": "iris", "inputs": secret}))
     assert secret not in json.dumps(err.to_dict())
+
+
+def test_shed_requests_are_not_logged_one_by_one(caplog: pytest.LogCaptureFixture) -> None:
+    """Load shedding answers 503 without a log line per refusal; other 5xx are logged."""
+    import logging
+
+    from services import oip_rest
+    from services.batcher import QueueFull
+
+    with caplog.at_level(logging.WARNING, logger="servery"):
+        for respond in (error_response, oip_rest.error_response):
+            response = respond(QueueFull("queue full"))
+            assert response.status_code == 503 and response.headers["retry-after"] == "1"
+        assert not caplog.records
+        error_response(Overloaded("the sklearn service is overloaded"))
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
