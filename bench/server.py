@@ -143,6 +143,9 @@ def start_server(
     full_env["SERVERY_GRPC_PORT"] = str(free_port())
     # classifier servers by default; a test or bench that wants the LLM service passes it in env
     full_env["SERVERY_LLM_ENABLED"] = "false"
+    # stop() is SIGTERM to the whole group: no drain window for requests that cannot come
+    # (services/shutdown.py); the shutdown tests set it
+    full_env["SERVERY_SHUTDOWN_DRAIN_S"] = "0"
     full_env.update(env or {})
     log = workdir / f"serve-{port}.log"
     cmd = [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]

@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     model_threads: int = Field(1, ge=1, le=256)
     """Threads one model call may use (torch intra-op, XGBoost nthread). 1 suits many workers."""
 
+    shutdown_drain_s: float = Field(5.0, ge=0, le=300)
+    """On SIGTERM, the framework services and the LLM service keep serving this long before their
+    graceful shutdown (finish what is in flight, then stop), so requests the router admitted just
+    before still find them up (services/shutdown.py). 0: stop at once. Keep it well inside the
+    orchestrator's grace period (Kubernetes ``terminationGracePeriodSeconds``)."""
+
     request_timeout_s: float = Field(60.0, gt=0)
     """BentoML traffic timeout for every service (504 after this many seconds)."""
 

@@ -63,6 +63,7 @@ from services.service_versions import (
     unload_grace_s,
 )
 from services.settings import SETTINGS
+from services.shutdown import delay_sigterm
 
 logger = logging.getLogger("servery")
 
@@ -353,8 +354,10 @@ class FrameworkService:
 
     @bentoml.on_startup
     async def _start_watcher(self) -> None:
-        """Poll the models file, the store and the aliases; reload on change."""
+        """Poll the models file, the store and the aliases; reload on change. Keep serving
+        ``SERVERY_SHUTDOWN_DRAIN_S`` after SIGTERM (services/shutdown.py)."""
         self._watcher = asyncio.create_task(self._watch(SETTINGS.reload_interval_s))
+        delay_sigterm(SETTINGS.shutdown_drain_s)
 
     @bentoml.on_shutdown
     async def _stop_watcher(self) -> None:

@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response
 
 from services.llm_settings import LLMEntry, LLMSettings, engine_argv
 from services.settings import SETTINGS as ROUTER_SETTINGS
+from services.shutdown import delay_sigterm
 
 logger = logging.getLogger("servery")
 
@@ -322,6 +323,9 @@ class LLM:
         if self.settings.hf_offline:
             os.environ["HF_HUB_OFFLINE"] = "1"  # inherited by the engine processes
         self._starting = asyncio.create_task(self._start())
+        # Streams the router admitted just before SIGTERM still reach this service; uvicorn's
+        # graceful shutdown then lets every stream in flight finish before stop_engines.
+        delay_sigterm(ROUTER_SETTINGS.shutdown_drain_s)
 
     async def _start(self) -> None:
         try:

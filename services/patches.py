@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 from typing import Any
 
 _applied = False
@@ -21,6 +22,7 @@ def apply() -> None:
         return
     _patch_timeout_middleware()
     _patch_validation_errors()
+    _patch_llm_watcher_stop()
     _applied = True
 
 
@@ -99,6 +101,39 @@ def _patch_validation_errors() -> None:
             return error_response(from_validation_error(exc))
 
     ServiceAppFactory.api_endpoint = api_endpoint  # type: ignore[method-assign]
+
+
+def _patch_llm_watcher_stop() -> None:
+    """Stop the LLM service's worker without signalling its children (vLLM's engine processes).
+
+    BentoML 1.4.40 (``bentoml/serving.py``, ``create_watcher``) makes every circus watcher with
+    ``stop_children=True``: on SIGTERM circus signals each worker's child processes too, and
+    vLLM's engine core aborts every request in flight the moment it gets SIGTERM
+    (``vllm/v1/engine/core.py``), so streams were cut before the service's graceful shutdown
+    (services/shutdown.py) could let them finish. The LLM worker stops its engines itself in
+    its shutdown hook; circus still kills the whole tree if the worker outlives
+    ``graceful_timeout``. Applied in the ``bentoml serve`` process, where BentoML imports this
+    package before it creates the watchers. Other watchers are unchanged.
+    """
+    import bentoml.serving
+
+    original = bentoml.serving.create_watcher
+    if getattr(original, "__servery__", False):
+        return
+
+    def create_watcher(name: str, args: list[str], **kwargs: Any) -> Any:
+        watcher = original(name, args, **kwargs)
+        if _serves(args, "llm"):
+            watcher.stop_children = False
+        return watcher
+
+    create_watcher.__servery__ = True  # type: ignore[attr-defined]
+    bentoml.serving.create_watcher = create_watcher  # type: ignore[assignment]
+
+
+def _serves(args: list[str], service: str) -> bool:
+    """Whether a BentoML worker command line serves ``service`` (``--service-name NAME``)."""
+    return any(a == "--service-name" and b == service for a, b in itertools.pairwise(args))
 
 
 def freeze_heap() -> None:

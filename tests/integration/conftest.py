@@ -101,6 +101,8 @@ def llm_server(
         "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1",  # vLLM's legacy variable would override the setting
         "HF_HUB_OFFLINE": "1",
+        # test_sigterm_lets_the_stream_in_flight_finish (the last LLM test) stops this server
+        "SERVERY_SHUTDOWN_DRAIN_S": "3",
     }
     srv = start_server(
         tiny_llm_store[0],

@@ -271,6 +271,7 @@ def test_missing_model_reports_dead_not_ready(
         "BENTOML_DO_NOT_TRACK": "True",
         "SERVERY_LLM_MODELS": "gone=not-stored",
         "SERVERY_LLM_MODELS_FILE": "",
+        "SERVERY_SHUTDOWN_DRAIN_S": "0",
     }
     port = free_port()
     cmd = [BENTOML, "serve", "services.llm_service:LLM", "--host", "127.0.0.1", "--port", str(port)]
@@ -371,3 +372,34 @@ def test_servery_bench_openai_streaming(llm_server: Server, tmp_path: Path) -> N
         assert llm["output_tok_s"] > 0
         assert 0 < llm["ttft_ms"]["p50"] <= llm["ttft_ms"]["p99"]
         assert llm["itl_ms"]["p50"] > 0
+
+
+def test_sigterm_lets_the_stream_in_flight_finish(client: Any, llm_server: Server) -> None:
+    """SIGTERM to ``bentoml serve`` (Kubernetes stopping the pod) mid-stream: the stream still
+    ends with every token and ``[DONE]``, then the server exits on its own.
+
+    Runs last in this module: it stops the module's server.
+    """
+    import signal
+
+    stream = client.completions.create(
+        model=LLM_NAME,
+        prompt=PROMPT,
+        max_tokens=400,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=LONG,
+    )
+    texts, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            texts.append(chunk.choices[0].text)
+            if len(texts) == 5:
+                os.kill(llm_server.proc.pid, signal.SIGTERM)  # the arbiter only, as a pod's PID 1
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert len(texts) > 5, "the stream ended before the signal"
+    assert usage is not None and usage.completion_tokens == 400, usage
+    llm_server.proc.wait(40)  # graceful: no kill needed
+    log = llm_server.log.read_text(errors="replace")
+    assert "SIGTERM: serving 3.0 s more" in log

@@ -346,3 +346,19 @@ def test_validation_error_from_service_code_is_not_a_client_error() -> None:
 
     with pytest.raises(ValidationError):
         endpoint(factory(buggy), b'{"model": "iris", "inputs": [[1, 2]]}')
+
+
+@pytest.mark.parametrize(
+    ("service", "stop_children"), [("llm", False), ("router", True), ("sklearn", True)]
+)
+def test_only_the_llm_watcher_leaves_its_children_to_the_worker(
+    service: str, stop_children: bool
+) -> None:
+    """circus must not SIGTERM vLLM's engine processes (they would abort streams in flight);
+    every other watcher keeps BentoML's stop_children=True."""
+    import bentoml.serving
+
+    patches.apply()
+    args = ["-m", "_bentoml_impl.worker.service", "services:Router", "--service-name", service]
+    watcher = bentoml.serving.create_watcher(name=f"service_{service}", args=args)
+    assert watcher.stop_children is stop_children
