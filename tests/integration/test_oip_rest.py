@@ -107,7 +107,8 @@ def test_unknown_model_or_version_is_not_ready(server, client) -> None:
         client.get_model_metadata("nope")
     assert e.value.status() == "404" and "nope" in e.value.message()
     with pytest.raises(InferenceServerException) as e:
-        client.get_model_metadata("iris", "y")
+        # not "y": a random version id starting with "y" would resolve it as a unique prefix
+        client.get_model_metadata("iris", "no-such-version")
     assert e.value.status() == "404"
     assert_oip_error(httpx.get(f"{server.url}/v2/models/x/versions/y/ready"), 404, "'x'")
     assert_oip_error(httpx.get(f"{server.url}/v2/models/iris/versions/y/ready"), 404, "'y'")
