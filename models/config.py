@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODELS_FILE = Path(__file__).with_name("models.yaml")
@@ -145,6 +153,30 @@ class Settings(BaseSettings):
 
     admin_token: str | None = Field(None, min_length=16)
     """When set, ``POST /admin/reload`` needs ``Authorization: Bearer <token>``."""
+
+    api_keys: SecretStr | None = None
+    """Comma-separated API keys, each plaintext (16+ characters) or ``sha256:<hex digest>``;
+    named ``env-1``, ``env-2``, ... Any key here or in ``api_keys_file`` turns authentication on:
+    every request but the probes and ``/metrics`` then needs ``Authorization: Bearer <key>``
+    (gRPC: ``authorization`` metadata). Unset or empty: no keys (local use); services/auth.py."""
+
+    api_keys_file: Path | None = None
+    """YAML/JSON file of named keys with optional allowed models and rate limits (e.g. a mounted
+    Kubernetes Secret), read at start-up; format in services/auth.py and the README."""
+
+    rate_limit_requests_per_minute: float | None = Field(None, gt=0)
+    """Requests per minute per API key, for keys whose entry sets none (unset: unlimited). A
+    token bucket holding one minute's worth; each router worker enforces this divided by
+    ``router_workers``."""
+
+    rate_limit_tokens_per_minute: float | None = Field(None, gt=0)
+    """LLM tokens per minute per API key, for keys whose entry sets none (unset: unlimited). A
+    completion is charged ``max_tokens`` (or ``max_completion_tokens``) times ``n`` up front;
+    divided by ``router_workers`` like the request limit."""
+
+    rate_limit_default_max_tokens: int = Field(1024, ge=1)
+    """Tokens charged to a completion request that sends no ``max_tokens`` (the engine may
+    generate up to the context length), for keys with a token limit."""
 
     grpc_port: int = Field(3001, ge=1, le=65535)
     """Port of the gRPC server. Every router worker binds it (``SO_REUSEPORT``) and the kernel

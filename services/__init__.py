@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import logging
 
-from services import fastpath, patches
+from services import auth, fastpath, patches
 from services.settings import SETTINGS
 
 patches.apply()
 # BentoML's server logging leaves the root logger at WARNING; servery's own INFO lines (models
 # loaded and reloaded, shadow answers on "servery.shadow") are part of what an operator reads.
 logging.getLogger("servery").setLevel(logging.INFO)
-if SETTINGS.fast_path and not SETTINGS.trace_predictions:
-    fastpath.install(timeout_s=SETTINGS.request_timeout_s)
+_fast = SETTINGS.fast_path and not SETTINGS.trace_predictions
+if _fast or auth.enabled(SETTINGS):  # the fast path's wrapper is also the API-key gate
+    fastpath.install(timeout_s=SETTINGS.request_timeout_s, fast=_fast)
 
 from services.llm_service import LLM  # noqa: E402  (vLLM loads only when engines start)
 from services.router import Router  # noqa: E402

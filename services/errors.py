@@ -151,3 +151,41 @@ def from_validation_error(exc: Any) -> ServeryError:
     ]
     summary = "; ".join(f"{p['loc']}: {p['msg']}" for p in problems[:5])
     return BadRequest(f"invalid request body: {summary}", detail=problems)
+
+
+class Unauthenticated(ServeryError):
+    """No API key, or one the server does not know: 401 with ``WWW-Authenticate: Bearer``
+    (RFC 6750; ``error="invalid_token"`` when a key was sent). See services/auth.py."""
+
+    status_code = 401
+    error_type = "unauthenticated"
+
+    def __init__(self, message: str, *, invalid_token: bool = False, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.invalid_token = invalid_token
+
+    def headers(self) -> dict[str, str]:
+        challenge = 'Bearer error="invalid_token"' if self.invalid_token else "Bearer"
+        return {"WWW-Authenticate": challenge}
+
+
+class Forbidden(ServeryError):
+    """A valid API key asked for a model it may not use."""
+
+    status_code = 403
+    error_type = "forbidden"
+
+
+class RateLimited(ServeryError):
+    """An API key's rate limit is reached: 429 with ``Retry-After`` (seconds until enough of its
+    budget is back), or without one when the request alone exceeds what the key may spend."""
+
+    status_code = 429
+    error_type = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int | None, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}

@@ -19,6 +19,10 @@ request to BentoML's ``bentoml.access`` logger (when BentoML's access log is on)
 not answered within ``SERVERY_REQUEST_TIMEOUT_S`` is cancelled and answered 504. Not kept: an
 OpenTelemetry span per request (``SERVERY_TRACE_PREDICTIONS=true`` turns the fast path off) and
 BentoML's own ``bentoml_service_request_*`` series for these two routes.
+
+The same wrapper is the router's API-key gate (services/gate.py): with keys configured it admits or
+refuses every HTTP request before anything else runs, fast-path route or not, and it is installed
+(with no routes) when the fast path is off, so both configurations check keys in one place.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from starlette.responses import Response
 
 from services import metrics
 from services.errors import RequestTimeout
+from services.gate import HttpGate
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 # A route handler: the parsed request and the path's match -> the response (never raises).
@@ -61,6 +66,7 @@ class FastPath:
     ``api`` is the FastAPI app whose handlers serve the routes (``request.app`` in them). A mounted
     ASGI app bounds its own time (the LLM proxy: ``SERVERY_REQUEST_TIMEOUT_S`` without a byte from
     upstream) and is not wrapped in a timeout: a stream may last longer than any one request.
+    ``gate`` (API keys) sees every HTTP request first; refusals are access-logged here.
     """
 
     def __init__(
@@ -72,8 +78,10 @@ class FastPath:
         timeout_s: float,
         access_log: bool,
         mounts: list[tuple[str, ASGIApp]] | None = None,
+        gate: HttpGate | None = None,
     ) -> None:
         self.app = app
+        self.gate = gate
         self.api = api
         self.routes = routes
         self.mounts = mounts or []
@@ -91,6 +99,14 @@ class FastPath:
         return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.gate is not None and scope["type"] == "http":
+            start = time.perf_counter()
+            refused, receive = await self.gate.admit(scope, receive)
+            if refused is not None:
+                await refused(scope, receive, send)
+                if self.access is not None:
+                    self._log(scope, refused.status_code, None, time.perf_counter() - start)
+                return None
         found = self._match(scope)
         if found is None:
             if scope["type"] == "http":
@@ -166,10 +182,13 @@ def prediction_routes() -> list[Route]:
     ]
 
 
-def install(*, timeout_s: float) -> None:
+def install(*, timeout_s: float, fast: bool = True) -> None:
     """Wrap the app BentoML builds for services marked ``__servery_fast_path__``: ``"router"``
     (prediction routes, and ``/v1/`` to the LLM proxy when the LLM service runs) when it is the
-    entry service, and ``"llm"`` (``/v1/`` straight to the LLM service's OpenAI app)."""
+    entry service, and ``"llm"`` (``/v1/`` straight to the LLM service's OpenAI app).
+
+    ``fast=False`` (the fast path off) still wraps the router's app when API keys are
+    configured: a :class:`FastPath` with no routes, whose gate checks every request."""
     from _bentoml_impl.server.app import ServiceAppFactory
     from bentoml._internal.container import BentoMLContainer
 
@@ -182,20 +201,26 @@ def install(*, timeout_s: float) -> None:
         kind = getattr(self.service.inner, "__servery_fast_path__", None)
         access = bool(BentoMLContainer.api_server_config.logging.access.enabled.get())
         if kind == "router" and self.is_main:
-            from services.router import LLM_PROXY
+            from services.router import GATE, LLM_PROXY
             from services.router import app as api
 
-            mounts = [("/v1/", LLM_PROXY)] if LLM_PROXY is not None else []
-            routes = prediction_routes()
-        elif kind == "llm":
+            if not fast and GATE is None:
+                return app
+            mounts = [("/v1/", LLM_PROXY)] if LLM_PROXY is not None and fast else []
+            routes = prediction_routes() if fast else []
+            gate = GATE
+        elif kind == "llm" and fast:
             # The LLM service's own FastAPI app answers every /v1/ path (unknown ones in the
-            # OpenAI envelope); BentoML's middleware wrapped each streamed chunk's send.
+            # OpenAI envelope); BentoML's middleware wrapped each streamed chunk's send. Not
+            # gated: only the router reaches it (keys are checked there).
             from services.llm_service import app as api
 
-            mounts, routes = [("/v1/", api)], []
+            mounts, routes, gate = [("/v1/", api)], [], None
         else:
             return app
-        return FastPath(app, api, routes, timeout_s=timeout_s, access_log=access, mounts=mounts)
+        return FastPath(
+            app, api, routes, timeout_s=timeout_s, access_log=access, mounts=mounts, gate=gate
+        )
 
     __call__.__servery_fast_path__ = True  # type: ignore[attr-defined]
     ServiceAppFactory.__call__ = __call__  # type: ignore[method-assign]

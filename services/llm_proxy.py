@@ -25,9 +25,11 @@ from typing import Any
 
 logger = logging.getLogger("servery")
 
-# RFC 9110 hop-by-hop headers, plus the ones aiohttp sets itself for the upstream request.
+# RFC 9110 hop-by-hop headers, plus the ones aiohttp sets itself for the upstream request, plus
+# the client's credentials: the router checks API keys (services/auth.py); they go no further.
 _HOP = frozenset(
     {
+        "authorization",
         "connection",
         "keep-alive",
         "proxy-authenticate",

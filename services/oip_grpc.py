@@ -25,6 +25,11 @@ gRPC core sheds load by itself: calls that pile up unaccepted in one worker (a b
 concurrent calls on one channel, measured) end CANCELLED; the ``grpc.server.max_pending_requests``
 server options move that limit.
 
+With API keys configured (services/auth.py) every RPC but ``ServerLive`` and ``ServerReady`` needs
+metadata ``authorization: Bearer <key>`` (UNAUTHENTICATED without a known key), a model the key may
+use (PERMISSION_DENIED) and room in the key's rate limit (RESOURCE_EXHAUSTED, with trailing
+metadata ``retry-after``); the buckets are the same as the worker's HTTP requests use.
+
 Replies carry ``raw_output_contents`` (little-endian bytes, one buffer per output), as Triton does:
 the cheapest encoding, and what ``tritonclient`` decodes. Requests may use typed ``contents`` or
 ``raw_input_contents``.
@@ -45,14 +50,18 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from models.config import Settings
 from services import metrics, oip
+from services.auth import Keyring
 from services.errors import (
     BadRequest,
+    Forbidden,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
     Overloaded,
     PayloadTooLarge,
+    RateLimited,
     ServeryError,
+    Unauthenticated,
 )
 from services.registry import ROUTE_KEY_HEADER, Registry
 from services.runtimes import ModelInfo
@@ -185,6 +194,12 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and message for an error; internals never leave the server."""
     if isinstance(exc, ModelNotFound):
         return grpc.StatusCode.NOT_FOUND, exc.message
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, exc.message
+    if isinstance(exc, Forbidden):
+        return grpc.StatusCode.PERMISSION_DENIED, exc.message
+    if isinstance(exc, RateLimited):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message
     if isinstance(exc, ModelNotReady | Overloaded):
         return grpc.StatusCode.UNAVAILABLE, exc.message
     if isinstance(exc, InvalidInput | BadRequest | PayloadTooLarge):
@@ -201,14 +216,34 @@ def _http_status(exc: BaseException) -> int:
     return exc.status_code if isinstance(exc, ServeryError) else 500
 
 
+def trailers(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata for an error: its HTTP headers that mean something here (retry-after)."""
+    if isinstance(exc, RateLimited) and exc.retry_after_s is not None:
+        return (("retry-after", str(exc.retry_after_s)),)
+    return ()
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the call with the status, message and trailers of ``exc``."""
+    await context.abort(*status_of(exc), trailing_metadata=trailers(exc))
+
+
 # --- the servicer -------------------------------------------------------------------------------
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """KServe V2 ``GRPCInferenceService`` over the Router's registry (one per router worker)."""
 
-    def __init__(self, registry: Registry, max_rows: int, *, access_log: bool = False) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        max_rows: int,
+        *,
+        access_log: bool = False,
+        keys: Keyring | None = None,
+    ) -> None:
         self._registry = registry
+        self._keys = keys
         self._max_rows = max_rows
         self._seconds = metrics.REQUEST_SECONDS.labels("grpc:ModelInfer")
         self._access = logging.getLogger("bentoml.access") if access_log else None
@@ -223,9 +258,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._registry.ready())
 
+    def _admit(self, context: grpc.aio.ServicerContext, model: str | None) -> None:
+        """Check the call's API key (its allowed models when ``model`` is given) and charge its
+        rate limit; raises the auth errors. Nothing to do when keys are off."""
+        if self._keys is None:
+            return
+        key = self._keys.authenticate(metadata(context, "authorization"))
+        if model is not None:
+            key.check_model(model)
+        key.admit()
+
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
+        try:
+            self._admit(context, request.name)
+        except ServeryError as e:
+            await abort(context, e)
         try:
             self._registry.get(request.name, request.version or None)
         except ModelNotFound:
@@ -235,15 +284,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
+        try:
+            self._admit(context, None)
+        except ServeryError as e:
+            await abort(context, e)
         return pb.ServerMetadataResponse(**oip.server_metadata())
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         try:
+            self._admit(context, request.name)
             served = self._registry.get(request.name, request.version or None)
         except Exception as e:
-            await context.abort(*status_of(e))
+            await abort(context, e)
         versions = () if request.version else self._registry.routes(request.name).ordered
         meta = oip.model_metadata(served.info, versions)
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -264,7 +318,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         start = time.perf_counter()
         model, version, status = metrics.UNKNOWN_MODEL, "", 200
         try:
-            # Model first, so an unknown model is NOT_FOUND whatever its tensors look like.
+            # Key, then model, so an unknown model is NOT_FOUND whatever its tensors look like.
+            self._admit(context, request.model_name)
             routes = self._registry.routes(request.model_name)
             pinned = request.model_version or None
             key = route_key(context) if pinned is None and routes.split is not None else None
@@ -283,8 +338,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return encode_response(request, info, outputs, how)
         except Exception as e:
             status = _http_status(e)
-            code, message = status_of(e)
-            await context.abort(code, message)
+            await abort(context, e)
         finally:
             # also on cancellation (client gone): 499, nginx's "client closed request"
             if status == 200 and sys.exc_info()[0] is not None:
@@ -305,8 +359,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 def route_key(context: grpc.aio.ServicerContext) -> str | None:
     """The ``x-servery-route-key`` metadata value of a call, if any."""
+    return metadata(context, ROUTE_KEY_HEADER)
+
+
+def metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
+    """The value of a call's metadata entry ``name`` (lowercase), if any."""
     for key, value in context.invocation_metadata() or ():
-        if key == ROUTE_KEY_HEADER:
+        if key == name:
             return value if isinstance(value, str) else value.decode(errors="replace")
     return None
 
@@ -339,7 +398,9 @@ def address(settings: Settings) -> str:
     return f"[{host}]:{settings.grpc_port}" if ":" in host else f"{host}:{settings.grpc_port}"
 
 
-async def serve(registry: Registry, settings: Settings) -> grpc.aio.Server:
+async def serve(
+    registry: Registry, settings: Settings, *, keys: Keyring | None = None
+) -> grpc.aio.Server:
     """Start the gRPC server on the running event loop; raises RuntimeError if it cannot bind.
 
     A port held by a process without ``SO_REUSEPORT`` fails the bind (and so the worker's
@@ -347,7 +408,7 @@ async def serve(registry: Registry, settings: Settings) -> grpc.aio.Server:
     """
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     servicer = InferenceServicer(
-        registry, settings.max_rows_per_request, access_log=access_log_enabled()
+        registry, settings.max_rows_per_request, access_log=access_log_enabled(), keys=keys
     )
     server.add_generic_rpc_handlers((rpc_handler(servicer),))
     try:

@@ -10,6 +10,10 @@ and keeps ``/livez``, ``/readyz`` and ``/metrics``):
 * ``/v1/*`` — the OpenAI API of the LLM service (``services/llm_service.py``), streamed through
   unbuffered by ``services/llm_proxy.py`` (when ``SERVERY_LLM_ENABLED``)
 
+With API keys configured (``services/auth.py``) every route but the probes and ``/metrics`` needs
+one, checked in front of BentoML's app (``services/gate.py``); ``/predict``, whose model is in
+the body, checks the key's allowed models here.
+
 A model serves several store versions at once (``services/registry.py``): a request names one
 (``version``: id, unique prefix or alias) or the model's routing table picks one (split, else the
 ``production`` alias, else the newest); the response names the exact version and ``routed_by``.
@@ -36,7 +40,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from models.config import Framework
-from services import metrics, oip_rest
+from services import auth, metrics, oip_rest
 from services.errors import (
     BadRequest,
     ModelNotReady,
@@ -46,6 +50,7 @@ from services.errors import (
     from_validation_error,
     json_response,
 )
+from services.gate import SCOPE_KEY, http_gate
 from services.llm_proxy import StreamingProxy
 from services.loader import Loader
 from services.patches import freeze_heap
@@ -56,6 +61,11 @@ from services.torch_service import TorchService
 from services.xgboost_service import XGBoostService
 
 logger = logging.getLogger("servery")
+
+KEYS = auth.keyring(SETTINGS)
+"""This worker's API keys and their rate-limit buckets (None: authentication off), shared by the
+HTTP gate and the gRPC servicer."""
+GATE = http_gate(KEYS, SETTINGS)
 
 _ROWS_SCHEMA = {
     "type": "array",
@@ -107,9 +117,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": desc}
     for code, desc in {
         400: "Body is not JSON or misses/mistypes a field",
+        401: "Missing or invalid API key (when keys are configured)",
+        403: "The API key may not use this model",
         404: "Unknown model or version",
         413: "Too many rows in one request",
         422: "Inputs have the wrong shape, type or non-finite values",
+        429: "The API key's rate limit is reached (Retry-After)",
         503: "Model not ready or overloaded",
     }.items()
 }
@@ -161,6 +174,9 @@ async def predict(request: Request) -> Response:
             body = PredictRequest.model_validate_json(await request.body())
         except ValidationError as e:
             raise from_validation_error(e) from e
+        key = request.scope.get(SCOPE_KEY)
+        if key is not None:  # before the lookup: an unknown model is 403 too, not 404
+            key.check_model(body.model)
         registry = _registry(request)
         routes = registry.routes(body.model)
         pinned = body.version
@@ -234,6 +250,8 @@ async def admin_reload(request: Request) -> Response:
 
 
 def _check_admin(request: Request) -> None:
+    # With API keys on and no admin token, the gate admitted this request with a valid key; with
+    # an admin token, the gate leaves /admin/ to this check (both use the Authorization header).
     token = SETTINGS.admin_token
     if token is None:
         return
@@ -367,7 +385,7 @@ class Router:
         if SETTINGS.grpc_enabled:
             from services import oip_grpc  # grpc and tritonclient load only when used
 
-            self._grpc_server = await oip_grpc.serve(self.registry, SETTINGS)
+            self._grpc_server = await oip_grpc.serve(self.registry, SETTINGS, keys=KEYS)
 
     @bentoml.on_shutdown
     async def _stop_grpc(self) -> None:

@@ -1,0 +1,482 @@
+"""services/auth.py and services/gate.py: key parsing and hashing, lookup, token buckets, and the
+HTTP gate in FastPath (both with the fast path's routes and with none, as when
+SERVERY_FAST_PATH=false), including the OpenAI API under /v1/ with a stand-in for the LLM proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from models.config import ConfigError, Settings
+from services import auth
+from services.auth import ApiKey, TokenBucket, digest_of, keyring
+from services.errors import Forbidden, RateLimited, Unauthenticated, error_response, json_response
+from services.fastpath import FastPath, Route
+from services.gate import SCOPE_KEY, http_gate, llm_cost
+from services.oip_grpc import status_of, trailers
+
+KEY_A = "key-a-0123456789abcdef"
+KEY_B = "key-b-0123456789abcdef"
+KEY_C = "key-c-0123456789abcdef"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(autouse=True)
+def _no_servery_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys and limits from the caller's shell must not reach these settings."""
+    for name in list(os.environ):
+        if name.upper().startswith("SERVERY_"):
+            monkeypatch.delenv(name)
+
+
+def settings(**kw: Any) -> Settings:
+    kw.setdefault("router_workers", 1)
+    return Settings(_env_file=None, **kw)  # type: ignore[call-arg]
+
+
+def sha(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+# --- keys: parsing, hashing, lookup --------------------------------------------------------------
+
+
+def test_digest_of_plaintext_and_sha256_entries() -> None:
+    assert digest_of(KEY_A) == hashlib.sha256(KEY_A.encode()).digest()
+    assert digest_of(sha(KEY_A)) == digest_of(KEY_A)
+    assert digest_of(sha(KEY_A).upper().replace("SHA256:", "sha256:")) == digest_of(KEY_A)
+
+
+@pytest.mark.parametrize(
+    "entry", ["short", "has space 0123456789", "a,b-0123456789abcd", "sha256:zz"]
+)
+def test_malformed_keys_are_refused_without_echoing_them(entry: str) -> None:
+    with pytest.raises(ValueError) as e:
+        digest_of(entry)
+    assert entry not in str(e.value)
+
+
+def test_env_keys_are_named_in_order_and_empty_means_off() -> None:
+    specs = auth.parse_env_keys(f" {KEY_A} ,, {sha(KEY_B)},")
+    assert [(s.name, s.key) for s in specs] == [("env-1", KEY_A), ("env-2", sha(KEY_B))]
+    assert keyring(settings(api_keys="")) is None
+    assert keyring(settings(api_keys=" , ")) is None
+    assert keyring(settings()) is None
+    with pytest.raises(ConfigError, match="SERVERY_API_KEYS") as e:
+        keyring(settings(api_keys=f"{KEY_A},tooshort"))
+    assert "tooshort" not in str(e.value)
+
+
+def test_keys_file_yaml_and_json(tmp_path: Path) -> None:
+    yml = tmp_path / "keys.yaml"
+    yml.write_text(
+        f"keys:\n  - name: a\n    key: {KEY_A}\n    models: [iris]\n"
+        f"    requests_per_minute: 120\n    tokens_per_minute: 600\n"
+        f"  - name: b\n    key: {sha(KEY_B)}\n"
+    )
+    js = tmp_path / "keys.json"
+    js.write_text(json.dumps({"keys": [{"name": "c", "key": KEY_C}]}))
+    ring = keyring(settings(api_keys_file=yml, api_keys=KEY_C))
+    assert ring is not None and len(ring) == 3
+    a = ring.authenticate(f"Bearer {KEY_A}")
+    assert a.name == "a" and a.models == frozenset({"iris"})
+    assert a.requests is not None and a.requests.capacity == 120
+    assert a.tokens is not None and a.tokens.capacity == 600
+    b = ring.authenticate(f"Bearer {KEY_B}")  # a sha256 entry matches its plaintext key
+    assert b.name == "b" and b.models is None and b.requests is None and b.tokens is None
+    assert ring.authenticate(f"Bearer {KEY_C}").name == "env-1"
+    assert [s.name for s in auth.parse_keys_file(js)] == ["c"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("keys: []\n", "keys"),
+        (f"keys:\n  - name: a\n    key: {KEY_A}\n    extra: 1\n", "extra"),
+        (f"keys:\n  - name: 'bad name'\n    key: {KEY_A}\n", "name"),
+        ("keys:\n  - name: a\n    key: secret-short\n", "16+"),
+        ("keys: [\n  name: secret-value-in-a-broken-file", "not valid YAML"),
+    ],
+)
+def test_invalid_keys_files_fail_without_echoing_keys(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as e:
+        auth.parse_keys_file(path)
+    assert KEY_A not in str(e.value) and "secret-" not in str(e.value)
+
+
+def test_missing_keys_file_fails_and_duplicates_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        keyring(settings(api_keys_file=tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="the same"):
+        keyring(settings(api_keys=f"{KEY_A},{sha(KEY_A)}"))
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"keys:\n  - name: env-1\n    key: {KEY_B}\n")
+    with pytest.raises(ConfigError, match="unique"):
+        keyring(settings(api_keys_file=path, api_keys=KEY_A))
+
+
+def test_authenticate_compares_digests_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    ring = keyring(settings(api_keys=f"{KEY_A},{KEY_B}"))
+    assert ring is not None
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def compare(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", compare)
+    assert ring.authenticate(f"Bearer {KEY_B}").name == "env-2"
+    assert ring.authenticate(f"bearer  {KEY_A} ").name == "env-1"  # scheme is case-insensitive
+    assert calls == [(digest_of(KEY_B), digest_of(KEY_B)), (digest_of(KEY_A), digest_of(KEY_A))]
+    # only digests are kept, never the keys
+    assert all(KEY_A not in repr(k) for k in ring._by_digest.values())
+
+
+@pytest.mark.parametrize(
+    ("header", "challenge"),
+    [
+        (None, "Bearer"),
+        ("", "Bearer"),
+        (f"Bearer {KEY_C}", 'Bearer error="invalid_token"'),
+        (f"Basic {KEY_A}", 'Bearer error="invalid_token"'),
+        ("Bearer", 'Bearer error="invalid_token"'),
+        (KEY_A, 'Bearer error="invalid_token"'),
+    ],
+)
+def test_missing_or_unknown_keys_are_401_with_a_bearer_challenge(
+    header: str | None, challenge: str
+) -> None:
+    ring = keyring(settings(api_keys=KEY_A))
+    assert ring is not None
+    with pytest.raises(Unauthenticated) as e:
+        ring.authenticate(header)
+    assert e.value.status_code == 401 and e.value.headers() == {"WWW-Authenticate": challenge}
+
+
+# --- token buckets and limits --------------------------------------------------------------------
+
+
+def test_token_bucket_bursts_a_minute_then_refills_continuously() -> None:
+    clock = Clock()
+    bucket = TokenBucket(60, clock)  # 1 a second, burst 60
+    for _ in range(60):
+        assert bucket.wait_s(1) == 0
+        bucket.take(1)
+    assert bucket.wait_s(1) == pytest.approx(1.0)
+    clock.now += 0.25
+    assert bucket.wait_s(1) == pytest.approx(0.75)
+    clock.now += 0.75
+    assert bucket.wait_s(1) == 0
+    clock.now += 3600  # never more than one minute's worth
+    assert bucket.wait_s(1) == 0 and bucket.tokens == 60
+    assert bucket.wait_s(61) == math.inf  # more than the bucket can ever hold
+
+
+def test_small_rates_still_admit_one_request() -> None:
+    clock = Clock()
+    bucket = TokenBucket(0.5, clock)  # e.g. 1 a minute over 2 workers
+    assert bucket.capacity == 1 and bucket.wait_s(1) == 0
+    bucket.take(1)
+    assert bucket.wait_s(1) == pytest.approx(120)
+
+
+def test_limits_are_divided_over_router_workers() -> None:
+    s = settings(
+        api_keys=KEY_A,
+        router_workers=4,
+        rate_limit_requests_per_minute=120,
+        rate_limit_tokens_per_minute=4000,
+    )
+    ring = keyring(s, clock=Clock())
+    assert ring is not None
+    key = ring.authenticate(f"Bearer {KEY_A}")
+    assert key.requests is not None and key.requests.capacity == 30
+    assert key.requests.rate == pytest.approx(0.5)
+    assert key.tokens is not None and key.tokens.capacity == 1000
+
+
+def test_admit_raises_429_with_retry_after_and_refusals_cost_nothing() -> None:
+    clock = Clock()
+    key = ApiKey("k", b"", requests=TokenBucket(2, clock), tokens=TokenBucket(100, clock))
+    key.admit(60)
+    with pytest.raises(RateLimited) as e:  # tokens: 40 left, 60 wanted, 100 a minute
+        key.admit(60)
+    assert e.value.status_code == 429 and e.value.headers() == {"Retry-After": "12"}
+    assert key.requests.tokens == 1 and key.tokens.tokens == 40  # the refusal took nothing
+    key.admit(40)
+    with pytest.raises(RateLimited) as e:  # requests: 2 a minute, both used
+        key.admit()
+    assert e.value.retry_after_s == 30
+    clock.now += 30
+    key.admit()
+    with pytest.raises(RateLimited) as e:  # alone over the token budget: retrying never helps
+        clock.now += 600
+        key.admit(101)
+    assert e.value.retry_after_s is None and e.value.headers() == {}
+    assert "max_tokens" in e.value.message
+
+
+def test_allowed_models() -> None:
+    key = ApiKey("k", b"", models=frozenset({"iris"}))
+    key.check_model("iris")
+    for model in ("digits", None):
+        with pytest.raises(Forbidden):
+            key.check_model(model)
+    ApiKey("all", b"").check_model("anything")
+
+
+@pytest.mark.parametrize(
+    ("body", "path", "expected"),
+    [
+        ({"model": "m", "max_tokens": 50}, "/v1/chat/completions", ("m", 50)),
+        ({"model": "m", "max_tokens": 50, "n": 3}, "/v1/completions", ("m", 150)),
+        (
+            {"model": "m", "max_completion_tokens": 20, "max_tokens": 50},
+            "/v1/completions",
+            ("m", 20),
+        ),
+        ({"model": "m"}, "/v1/chat/completions", ("m", 1024)),
+        ({"model": "m", "max_tokens": "9", "n": True}, "/v1/completions", ("m", 1024)),
+        ({"model": "m", "max_tokens": 50}, "/v1/embeddings", ("m", 0)),
+        ({"model": 3}, "/v1/completions", (None, 1024)),
+        ([1, 2], "/v1/completions", (None, 0)),
+        (b"not json", "/v1/completions", (None, 0)),
+    ],
+)
+def test_llm_cost(body: Any, path: str, expected: tuple[str | None, int]) -> None:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    assert llm_cost(raw, path, 1024) == expected
+
+
+def test_grpc_status_and_trailers() -> None:
+    assert status_of(Unauthenticated("x"))[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert status_of(Forbidden("x"))[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert status_of(RateLimited("x", 3)) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "x")
+    assert trailers(RateLimited("x", 3)) == (("retry-after", "3"),)
+    assert trailers(RateLimited("x", None)) == () == trailers(Forbidden("x"))
+
+
+# --- the HTTP gate in FastPath -------------------------------------------------------------------
+
+
+def scope(method: str, path: str, key: str | None = None) -> dict[str, Any]:
+    headers = [(b"content-type", b"application/json")]
+    if key is not None:
+        headers.append((b"authorization", f"Bearer {key}".encode()))
+    return {"type": "http", "method": method, "path": path, "headers": headers, "query_string": b""}
+
+
+class Recorder:
+    """An ASGI app (BentoML's app, a route handler or the LLM proxy): records scope and body."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[tuple[str, bytes, Any]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        message = await receive()
+        self.calls.append((scope["path"], message.get("body", b""), scope.get(SCOPE_KEY)))
+        await json_response({"by": self.name})(scope, receive, send)
+
+
+class Sent:
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+    @property
+    def status(self) -> int:
+        return self.messages[0]["status"]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.messages[0]["headers"]}
+
+    @property
+    def body(self) -> Any:
+        return json.loads(b"".join(m.get("body", b"") for m in self.messages[1:]))
+
+
+def gated(tmp_path: Path, *, fast: bool = True, admin_token: str | None = None):
+    """A FastPath over stand-ins, with the gate as the router builds it; ``fast=False`` is the
+    wrapper installed when the fast path is off (no routes, no mounts)."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        f"keys:\n  - name: all\n    key: {KEY_A}\n"
+        f"  - name: iris\n    key: {KEY_B}\n    models: [iris, tiny]\n"
+        f"  - name: limited\n    key: {KEY_C}\n    requests_per_minute: 2\n"
+        "    tokens_per_minute: 100\n"
+    )
+    s = settings(api_keys_file=path, admin_token=admin_token, rate_limit_default_max_tokens=64)
+    gate = http_gate(keyring(s, clock=Clock()), s)
+    inner, handler, llm = Recorder("bentoml"), Recorder("handler"), Recorder("llm")
+
+    async def handle(request: Any, match: Any) -> Any:
+        body = await request.body()
+        handler.calls.append((request.scope["path"], body, request.scope.get(SCOPE_KEY)))
+        return json_response({"by": "handler"})
+
+    routes = [Route("/predict", r"^/predict$", handle, error_response)] if fast else []
+    mounts = [("/v1/", llm)] if fast else []
+    app = FastPath(inner, object(), routes, timeout_s=5, access_log=False, mounts=mounts, gate=gate)
+    return app, inner, handler, llm
+
+
+def call(app: FastPath, sc: dict[str, Any], body: bytes = b"{}") -> Sent:
+    sent = Sent()
+    chunks = [body[:3], body[3:]]  # the gate must read a body sent in pieces
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    asyncio.run(app(sc, receive, sent))
+    return sent
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize(
+    "path", ["/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"]
+)
+def test_probes_and_metrics_need_no_key(tmp_path: Path, fast: bool, path: str) -> None:
+    app, inner, *_ = gated(tmp_path, fast=fast)
+    assert call(app, scope("GET", path)).status == 200
+    assert inner.calls[0][0] == path
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize(
+    ("method", "path", "envelope"),
+    [
+        ("POST", "/predict", "platform"),
+        ("GET", "/models", "platform"),
+        ("GET", "/models/iris", "platform"),
+        ("GET", "/docs.json", "platform"),
+        ("POST", "/admin/reload", "platform"),
+        ("GET", "/v2", "oip"),
+        ("GET", "/v2/models/iris/ready", "oip"),
+        ("POST", "/v2/models/iris/infer", "oip"),
+        ("GET", "/v1/models", "openai"),
+        ("POST", "/v1/chat/completions", "openai"),
+    ],
+)
+def test_everything_else_needs_a_key_in_its_apis_envelope(
+    tmp_path: Path, fast: bool, method: str, path: str, envelope: str
+) -> None:
+    app, inner, handler, llm = gated(tmp_path, fast=fast)
+    for key, challenge in ((None, "Bearer"), (KEY_A[:-1], 'Bearer error="invalid_token"')):
+        sent = call(app, scope(method, path, key))
+        assert sent.status == 401 and sent.headers["www-authenticate"] == challenge
+        error = sent.body["error"]
+        if envelope == "oip":
+            assert isinstance(error, str) and "key" in error
+        elif envelope == "openai":
+            assert error["type"] == "AuthenticationError" and error["code"] == 401
+            assert set(error) == {"message", "type", "param", "code"}
+        else:
+            assert error["type"] == "unauthenticated" and "key" in error["message"]
+    assert inner.calls == handler.calls == llm.calls == []
+    sent = call(app, scope(method, path, KEY_A), b'{"model": "x"}')
+    assert sent.status == 200
+    (reached,) = inner.calls + handler.calls + llm.calls
+    assert reached[0] == path and reached[2].name == "all"  # the key rides in the scope
+
+
+def test_admin_paths_are_left_to_the_admin_token_when_one_is_set(tmp_path: Path) -> None:
+    app, *_ = gated(tmp_path, admin_token="admin-token-0123456789")
+    assert call(app, scope("POST", "/admin/reload")).status == 200  # router.py checks the token
+    assert call(app, scope("POST", "/models")).status == 401
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_models_in_the_path_are_checked_against_the_key(tmp_path: Path, fast: bool) -> None:
+    app, *_ = gated(tmp_path, fast=fast)
+    for path in ("/v2/models/iris/infer", "/v2/models/iris/versions/1/ready", "/models/iris"):
+        assert call(app, scope("GET", path, KEY_B)).status == 200
+    sent = call(app, scope("POST", "/v2/models/digits/infer", KEY_B))
+    assert sent.status == 403 and "digits" in sent.body["error"]
+    sent = call(app, scope("GET", "/models/digits", KEY_B))
+    assert sent.status == 403 and sent.body["error"]["type"] == "forbidden"
+    assert call(app, scope("GET", "/models", KEY_B)).status == 200  # the listing is not filtered
+
+
+def test_predict_body_model_is_left_to_the_handler(tmp_path: Path) -> None:
+    app, _, handler, _ = gated(tmp_path)
+    sent = call(app, scope("POST", "/predict", KEY_B), b'{"model": "digits"}')
+    assert sent.status == 200  # router.predict refuses it after parsing the body
+    assert handler.calls[0][2].models == frozenset({"iris", "tiny"})
+
+
+def test_llm_requests_are_forwarded_with_their_body_intact(tmp_path: Path) -> None:
+    app, _, _, llm = gated(tmp_path)
+    body = json.dumps({"model": "tiny", "max_tokens": 5, "messages": []}).encode()
+    assert call(app, scope("POST", "/v1/chat/completions", KEY_B), body).status == 200
+    assert llm.calls[0][:2] == ("/v1/chat/completions", body)
+    assert call(app, scope("GET", "/v1/models", KEY_B)).status == 200
+
+
+def test_llm_model_not_allowed_is_403_in_the_openai_envelope(tmp_path: Path) -> None:
+    app, _, _, llm = gated(tmp_path)
+    for body in (b'{"model": "big", "max_tokens": 5}', b'{"max_tokens": 5}', b"[1]"):
+        sent = call(app, scope("POST", "/v1/chat/completions", KEY_B), body)
+        assert sent.status == 403
+        assert sent.body["error"]["type"] == "PermissionDeniedError"
+        assert sent.body["error"]["code"] == 403
+    assert llm.calls == []
+
+
+def test_llm_token_limit_is_429_with_retry_after(tmp_path: Path) -> None:
+    app, _, _, llm = gated(tmp_path)  # "limited": 100 tokens a minute, 2 requests a minute
+    ok = call(app, scope("POST", "/v1/completions", KEY_C), b'{"model": "x", "max_tokens": 40}')
+    assert ok.status == 200
+    sent = call(app, scope("POST", "/v1/completions", KEY_C), b'{"model": "x"}')  # 64 by default
+    assert sent.status == 429 and sent.headers["retry-after"] == "3"  # 4 tokens at 100/min
+    assert sent.body["error"]["type"] == "RateLimitError" and sent.body["error"]["code"] == 429
+    sent = call(app, scope("POST", "/v1/completions", KEY_C), b'{"max_tokens": 500}')
+    assert sent.status == 429 and "retry-after" not in sent.headers
+    assert len(llm.calls) == 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_request_limit_is_429_with_retry_after(tmp_path: Path, fast: bool) -> None:
+    app, *_ = gated(tmp_path, fast=fast)  # "limited": 2 requests a minute
+    assert call(app, scope("GET", "/models", KEY_C)).status == 200
+    assert call(app, scope("POST", "/v2/models/iris/infer", KEY_C)).status == 200
+    sent = call(app, scope("POST", "/v2/models/iris/infer", KEY_C))
+    assert sent.status == 429 and sent.headers["retry-after"] == "30"
+    assert "rate limit" in sent.body["error"]
+    sent = call(app, scope("GET", "/models", KEY_C))
+    assert sent.status == 429 and sent.body["error"]["type"] == "rate_limited"
+    assert call(app, scope("GET", "/models", KEY_A)).status == 200  # other keys are unaffected
+
+
+def test_no_gate_no_checks() -> None:
+    inner = Recorder("bentoml")
+    app = FastPath(inner, object(), [], timeout_s=5, access_log=False)
+    assert call(app, scope("GET", "/models")).status == 200
+    assert inner.calls[0][2] is None
