@@ -33,7 +33,7 @@ export HF_HUB_OFFLINE ?= 1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.servery-installed
 
-.PHONY: serve test models models-llm models-large bench bench-protocols bench-peers bench-versioning bench-llm peer-mlserver lint clean help
+.PHONY: serve test models models-llm models-large bench bench-protocols bench-peers bench-versioning bench-llm bench-overload peer-mlserver lint clean help
 
 help:
 	@awk '/^#/ {print; next} {exit}' Makefile
@@ -115,6 +115,9 @@ bench-versioning: $(STAMP)
 # at a time (bench/RESULTS.md, "llm" section). tiny ~9 min; BENCH_ARGS="--model smollm2 --output-tokens 64" ~10 min.
 bench-llm: $(STAMP)
 	$(PY) -m bench.llm_peer $(BENCH_ARGS)
+
+bench-overload: models-large
+	$(PY) -m bench.overload $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
