@@ -505,7 +505,9 @@ def test_model_store_and_configs(rendered: dict[str, list[Obj]], tmp_path: Path)
                 assert field in router_fields or (
                     key.startswith("SERVERY_LLM_") and llm_field in llm_fields
                 ), f"{here}: {key} is not a servery setting"
-                if key.endswith("_FILE"):  # point the file settings at the mounted content
+                if key == "SERVERY_API_KEYS_FILE":  # a Secret made out of band: the example
+                    value = str(DEPLOY / "api-keys.example.yaml")
+                elif key.endswith("_FILE"):  # point the file settings at the mounted content
                     local = tmp_path / f"{c['name']}-{field}.yaml"
                     local.write_text(mounted_file(objs, deployment, c, value))
                     value = str(local)
@@ -568,3 +570,21 @@ def test_model_loader_pod(rendered: dict[str, list[Obj]]) -> None:
     assert not store.get("readOnly")
     claim_name = volumes[store["name"]]["persistentVolumeClaim"]["claimName"]
     assert claim_name == claim["metadata"]["name"]
+
+
+def test_api_keys_are_on_in_every_overlay(rendered: dict[str, list[Obj]]) -> None:
+    """The router reads its keys file from the servery-api-keys Secret; the example parses."""
+    from services.auth import parse_keys_file
+
+    for target, objs in rendered.items():
+        deployment = named(objs, "Deployment", "servery-router")
+        spec = deployment["spec"]["template"]["spec"]
+        (router,) = [c for c in spec["containers"] if c["name"] == "router"]
+        env = {e["name"]: e.get("value") for e in router["env"]}
+        keys_file = env["SERVERY_API_KEYS_FILE"]
+        secrets = {v["name"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+        mounts = [m for m in router["volumeMounts"] if m["name"] in secrets]
+        assert any(keys_file.startswith(m["mountPath"].rstrip("/") + "/") for m in mounts), target
+        assert {s["secretName"] for s in secrets.values()} == {"servery-api-keys"}, target
+    specs = parse_keys_file(DEPLOY / "api-keys.example.yaml")
+    assert [s.name for s in specs] == ["team-a", "batch-jobs"]
