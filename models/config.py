@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     queueing. Bounds the latency of admitted requests to about this many / the model's
     throughput. Per model: ``max_queue`` in the models file (or its ``defaults``)."""
 
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, le=2**31)
+    """Largest request body the router reads (16 MiB); a larger one is answered 413 from its
+    ``Content-Length`` before any of it is read (a chunked body: once the limit is passed). Also
+    bounds LLM prompts sent through ``/v1/``."""
+
     max_rows_per_request: int = Field(1024, ge=1)
     """Most rows one request may carry; more is rejected with 413."""
 

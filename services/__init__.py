@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from services import auth, fastpath, patches
+from services import fastpath, patches
 from services.settings import SETTINGS
 
 patches.apply()
@@ -16,8 +16,10 @@ patches.apply()
 # loaded and reloaded, shadow answers on "servery.shadow") are part of what an operator reads.
 logging.getLogger("servery").setLevel(logging.INFO)
 _fast = SETTINGS.fast_path and not SETTINGS.trace_predictions
-if _fast or auth.enabled(SETTINGS):  # the fast path's wrapper is also the API-key gate
-    fastpath.install(timeout_s=SETTINGS.request_timeout_s, fast=_fast)
+# The fast path's wrapper is also the body-size check and the API-key gate: always installed.
+fastpath.install(
+    timeout_s=SETTINGS.request_timeout_s, fast=_fast, max_body_bytes=SETTINGS.max_body_bytes
+)
 
 from services.llm_service import LLM  # noqa: E402  (vLLM loads only when engines start)
 from services.router import Router  # noqa: E402

@@ -39,7 +39,7 @@ from starlette.responses import Response
 
 from services import metrics
 from services.errors import RequestTimeout
-from services.gate import HttpGate
+from services.gate import HttpGate, check_body_size
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 # A route handler: the parsed request and the path's match -> the response (never raises).
@@ -66,7 +66,8 @@ class FastPath:
     ``api`` is the FastAPI app whose handlers serve the routes (``request.app`` in them). A mounted
     ASGI app bounds its own time (the LLM proxy: ``SERVERY_REQUEST_TIMEOUT_S`` without a byte from
     upstream) and is not wrapped in a timeout: a stream may last longer than any one request.
-    ``gate`` (API keys) sees every HTTP request first; refusals are access-logged here.
+    Every HTTP request first has its body size checked against ``max_body_bytes`` (413), then
+    meets ``gate`` (API keys); refusals are access-logged here.
     """
 
     def __init__(
@@ -79,9 +80,11 @@ class FastPath:
         access_log: bool,
         mounts: list[tuple[str, ASGIApp]] | None = None,
         gate: HttpGate | None = None,
+        max_body_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.gate = gate
+        self.max_body_bytes = max_body_bytes
         self.api = api
         self.routes = routes
         self.mounts = mounts or []
@@ -99,9 +102,13 @@ class FastPath:
         return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if self.gate is not None and scope["type"] == "http":
+        if scope["type"] == "http" and (self.max_body_bytes is not None or self.gate is not None):
             start = time.perf_counter()
-            refused, receive = await self.gate.admit(scope, receive)
+            refused = None
+            if self.max_body_bytes is not None:
+                refused, receive = await check_body_size(scope, receive, self.max_body_bytes)
+            if refused is None and self.gate is not None:
+                refused, receive = await self.gate.admit(scope, receive)
             if refused is not None:
                 await refused(scope, receive, send)
                 if self.access is not None:
@@ -182,13 +189,13 @@ def prediction_routes() -> list[Route]:
     ]
 
 
-def install(*, timeout_s: float, fast: bool = True) -> None:
+def install(*, timeout_s: float, fast: bool = True, max_body_bytes: int | None = None) -> None:
     """Wrap the app BentoML builds for services marked ``__servery_fast_path__``: ``"router"``
     (prediction routes, and ``/v1/`` to the LLM proxy when the LLM service runs) when it is the
     entry service, and ``"llm"`` (``/v1/`` straight to the LLM service's OpenAI app).
 
-    ``fast=False`` (the fast path off) still wraps the router's app when API keys are
-    configured: a :class:`FastPath` with no routes, whose gate checks every request."""
+    ``fast=False`` (the fast path off) still wraps the router's app when API keys or a body
+    size limit are configured: a :class:`FastPath` with no routes, which checks every request."""
     from _bentoml_impl.server.app import ServiceAppFactory
     from bentoml._internal.container import BentoMLContainer
 
@@ -204,7 +211,7 @@ def install(*, timeout_s: float, fast: bool = True) -> None:
             from services.router import GATE, LLM_PROXY
             from services.router import app as api
 
-            if not fast and GATE is None:
+            if not fast and GATE is None and max_body_bytes is None:
                 return app
             mounts = [("/v1/", LLM_PROXY)] if LLM_PROXY is not None and fast else []
             routes = prediction_routes() if fast else []
@@ -219,7 +226,14 @@ def install(*, timeout_s: float, fast: bool = True) -> None:
         else:
             return app
         return FastPath(
-            app, api, routes, timeout_s=timeout_s, access_log=access, mounts=mounts, gate=gate
+            app,
+            api,
+            routes,
+            timeout_s=timeout_s,
+            access_log=access,
+            mounts=mounts,
+            gate=gate,
+            max_body_bytes=max_body_bytes,
         )
 
     __call__.__servery_fast_path__ = True  # type: ignore[attr-defined]

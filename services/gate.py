@@ -19,7 +19,13 @@ from starlette.responses import Response
 
 from models.config import Settings
 from services.auth import Keyring
-from services.errors import ServeryError, error_response, json_response
+from services.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    ServeryError,
+    error_response,
+    json_response,
+)
 
 OPEN_PATHS = frozenset(
     {"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
@@ -77,6 +83,32 @@ def http_gate(keys: Keyring | None, settings: Settings) -> HttpGate | None:
     )
 
 
+def too_large_message(limit: int) -> str:
+    return f"request body larger than {limit} bytes (SERVERY_MAX_BODY_BYTES)"
+
+
+async def check_body_size(
+    scope: dict[str, Any], receive: Any, limit: int
+) -> tuple[Response | None, Any]:
+    """``(None, receive)`` when the body fits in ``limit`` bytes, else a 413 refusal.
+
+    A declared ``Content-Length`` is checked as it is (uvicorn holds the body to it); a body sent
+    without one (chunked) is read here up to the limit and replayed.
+    """
+    length = header(scope, b"content-length")
+    try:
+        if length is not None:
+            if int(length) > limit:
+                raise PayloadTooLarge(too_large_message(limit))
+        elif scope["method"] in ("POST", "PUT", "PATCH"):
+            _, receive = await buffer_body(receive, limit)
+    except PayloadTooLarge as e:
+        return refusal(scope["path"], e), receive
+    except ValueError:  # not a number: uvicorn would have refused it already
+        return refusal(scope["path"], BadRequest("invalid Content-Length")), receive
+    return None, receive
+
+
 def header(scope: dict[str, Any], name: bytes) -> str | None:
     for k, v in scope["headers"]:
         if k.lower() == name:
@@ -95,7 +127,12 @@ def refusal(path: str, exc: ServeryError) -> Response:
     return error_response(exc)
 
 
-_OPENAI_TYPES = {401: "AuthenticationError", 403: "PermissionDeniedError", 429: "RateLimitError"}
+_OPENAI_TYPES = {
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    413: "BadRequestError",
+    429: "RateLimitError",
+}
 
 
 def openai_error(exc: ServeryError) -> Response:
@@ -109,16 +146,24 @@ def openai_error(exc: ServeryError) -> Response:
     return json_response({"error": error}, exc.status_code, exc.headers())
 
 
-async def buffer_body(receive: Any) -> tuple[bytes, Any]:
-    """Read the whole request body; returns it and a ``receive`` that replays it first."""
+async def buffer_body(receive: Any, limit: int | None = None) -> tuple[bytes, Any]:
+    """Read the whole request body; returns it and a ``receive`` that replays it first.
+
+    Raises :class:`~services.errors.PayloadTooLarge` once more than ``limit`` bytes arrived.
+    """
     chunks: list[bytes] = []
+    size = 0
     first: dict[str, Any]
     while True:
         message = await receive()
         if message["type"] != "http.request":  # the client left: replay the disconnect
             body, first = b"", message
             break
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise PayloadTooLarge(too_large_message(limit))
+        chunks.append(chunk)
         if not message.get("more_body", False):
             body = b"".join(chunks)
             first = {"type": "http.request", "body": body, "more_body": False}

@@ -189,3 +189,22 @@ def test_prediction_routes_take_the_fast_path(server) -> None:
     assert not any('endpoint="/predict"' in ln or "/infer" in ln for ln in answered)
     log = server.log.read_text()
     assert "(scheme=http,method=POST,path=/predict) (status=200" in log
+
+
+@pytest.mark.parametrize("path", ["/predict", "/v2/models/iris/infer", "/models"])
+def test_body_over_the_size_limit_is_413(server, path: str) -> None:
+    """A 20 MB body (over SERVERY_MAX_BODY_BYTES, 16 MiB) is refused from its Content-Length,
+    on fast-path and BentoML routes alike, and the server keeps answering."""
+    body = b"[" + b"1," * (10 * 2**20) + b"1]"
+    r = httpx.post(
+        f"{server.url}{path}",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 413, r.text
+    assert "SERVERY_MAX_BODY_BYTES" in r.text
+    ok = httpx.post(
+        f"{server.url}/predict", json={"model": "iris", "inputs": [[5.1, 3.5, 1.4, 0.2]]}
+    )
+    assert ok.status_code == 200
