@@ -201,6 +201,8 @@ class ModelDispatch:
                 response = openai_error(413, "request body too large", "BadRequestError")
                 return await response(scope, receive, send)
         body = b"".join(chunks)
+        if (refused := self.state.over_limit(body)) is not None:
+            return await refused(scope, receive, send)
         engine, body = self.state.route(body)
         if isinstance(engine, str):  # vLLM's own message, listing every engine's names
             served = ", ".join(self.state.engines)
@@ -246,6 +248,29 @@ class LLMState:
             if len(self.engines) > 1:
                 return name, body
         return next(iter(self.engines.values())), body
+
+    def over_limit(self, body: bytes) -> Response | None:
+        """A 400 when the request asks for more than ``max_tokens_limit`` generated tokens."""
+        limit = SETTINGS.max_tokens_limit
+        if limit is None:
+            return None
+        doc: Any = None
+        with contextlib.suppress(ValueError):
+            doc = json.loads(body)
+        if not isinstance(doc, dict):
+            return None  # vLLM answers a malformed body in its own words
+        asked = doc.get("max_completion_tokens", doc.get("max_tokens"))
+        n = doc.get("n", 1)
+        if not isinstance(asked, int) or not isinstance(n, int):
+            return None
+        if asked * max(n, 1) > limit:
+            param = "max_completion_tokens" if "max_completion_tokens" in doc else "max_tokens"
+            message = (
+                f"{param} x n = {asked * max(n, 1)} is more than this server allows per request "
+                f"({limit}, SERVERY_LLM_MAX_TOKENS_LIMIT)"
+            )
+            return openai_error(400, message, "BadRequestError", param)
+        return None
 
     def not_ready(self) -> Response | None:
         """503 while the engines start (or after they failed to)."""

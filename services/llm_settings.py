@@ -121,6 +121,11 @@ class LLMSettings(EngineKnobs, BaseSettings):
     memory (its ``gpu_memory_utilization`` default) and refuses to start wherever other processes
     hold more than 8 %."""
 
+    max_tokens_limit: int | None = Field(None, ge=1)
+    """Most tokens one request may ask to generate (``max_tokens`` or ``max_completion_tokens``,
+    times ``n``); more is refused 400 before it reaches the engine. None: only the model's
+    context length bounds it (vLLM refuses a request that cannot fit, 400)."""
+
     gpus: int = Field(0, ge=0, le=64)
     """GPUs the service asks BentoML for (``resources={"gpu": N}``); 0 serves on CPU."""
 
