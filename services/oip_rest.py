@@ -134,6 +134,12 @@ def parse_infer_request(
     try:
         req = V2InferenceRequest.model_validate_json(header)
     except ValidationError as e:
+        if header_length is not None and any(err["type"] == "json_invalid" for err in e.errors()):
+            # Name the header: a wrong length, not a wrong body, is the likely mistake.
+            raise BadRequest(
+                f"the JSON header (the first {len(header)} bytes of the body, by "
+                f"{HEADER_LENGTH}) is not valid JSON"
+            ) from e
         raise from_validation_error(e) from e
     _reject_unsupported(req.parameters, "request")
     inputs: list[oip.InputTensor] = []
@@ -253,7 +259,12 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
     return await infer_request(request, name, version)
 
 
-@router.get("", response_model=V2ServerMetadata, summary="OIP server metadata")
+@router.get(
+    "",
+    response_model=V2ServerMetadata,
+    responses={code: ERRORS[code] for code in (401, 429, "default")},
+    summary="OIP server metadata",
+)
 async def server_metadata() -> Response:
     return json_response(oip.server_metadata())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema
 
 from services import oip
 
@@ -44,7 +44,8 @@ class V2Health(BaseModel):
 
 class V2RequestInput(BaseModel):
     name: str = Field(description=f"Input name: '{oip.INPUT_NAME}'")
-    shape: list[int] = Field(description="[rows, n_features]")
+    # Strict: pydantic's lax mode would read "1" and true as 1 (fuzzing found [true, 4] served).
+    shape: list[StrictInt] = Field(description="[rows, n_features]")
     datatype: str = Field(description="Numeric OIP datatype (FP32, FP64, INT64, ...)")
     parameters: Parameters | None = Field(
         None, description="'binary_data_size': bytes of this tensor after the JSON header"
@@ -109,8 +110,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": V2Error, "description": desc}
     for code, desc in {
         400: "Malformed body, wrong input name/datatype/shape, non-finite values, unknown output",
+        401: "Missing or invalid API key (when keys are configured)",
+        403: "The API key may not use this model",
         404: "Unknown model or version",
         413: "Too many rows in one request",
+        429: "The API key's rate limit is reached (Retry-After)",
         503: "Model not ready or overloaded",
         # Also keeps FastAPI from documenting its 422, which /v2 never returns.
         "default": "Any other error, e.g. 500, in the same envelope",
@@ -125,6 +129,10 @@ INFER_ROUTE: dict[str, Any] = {
             "content": {"application/octet-stream": _BINARY_SCHEMA},
         },
         **ERRORS,
+        415: {
+            "model": V2Error,
+            "description": "Compressed body (any Content-Encoding but identity)",
+        },
     },
     "openapi_extra": {
         "requestBody": {
