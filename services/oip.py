@@ -27,7 +27,7 @@ import numpy as np
 
 from services.errors import InvalidInput, PayloadTooLarge
 from services.registry import ModelRoutes, Registry, ServedModel
-from services.runtimes import ModelInfo
+from services.runtimes import ModelInfo, check_scores
 
 INPUT_NAME = "input-0"
 OUTPUT_LABEL = "predict"
@@ -211,6 +211,7 @@ async def infer(
     names = requested_outputs(outputs)
     x = rows_from_inputs(inputs, served.info, max_rows)
     labels, proba = await served.batcher.submit(x)
+    check_scores(served.info, proba)
     if routed and routes.shadow is not None:
         registry.mirror(routes, served, x, labels)
     return output_tensors(served.info, labels, proba, names)

@@ -55,6 +55,7 @@ from services.llm_proxy import StreamingProxy
 from services.loader import Loader
 from services.patches import freeze_heap
 from services.registry import ROUTE_KEY_HEADER, Registry, RemotePredict, RemotePrepare
+from services.runtimes import check_scores
 from services.settings import SETTINGS
 from services.sklearn_service import SklearnService
 from services.torch_service import TorchService
@@ -188,25 +189,27 @@ async def predict(request: Request) -> Response:
         model, version = info.name, info.version
         x = info.validate(body.inputs, SETTINGS.max_rows_per_request)
         labels, proba = await served.batcher.submit(x)
+        check_scores(info, proba)
         if pinned is None and routes.shadow is not None:
             registry.mirror(routes, served, x, labels)
+        idx = labels.tolist()
+        names = info.class_names
+        response = json_response(
+            {
+                "model": model,
+                "version": version,
+                "routed_by": how,
+                "predictions": idx,
+                "labels": [names[i] if i < len(names) else str(i) for i in idx],
+                "probabilities": proba.tolist(),
+            }
+        )
     except Exception as e:
         response = error_response(e)
         metrics.REQUESTS.labels(model, version, str(response.status_code)).inc()
         return response
     metrics.REQUESTS.labels(model, version, "200").inc()
-    idx = labels.tolist()
-    names = info.class_names
-    return json_response(
-        {
-            "model": model,
-            "version": version,
-            "routed_by": how,
-            "predictions": idx,
-            "labels": [names[i] if i < len(names) else str(i) for i in idx],
-            "probabilities": proba.tolist(),
-        }
-    )
+    return response
 
 
 @app.get("/models", summary="List served models")

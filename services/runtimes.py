@@ -66,6 +66,20 @@ class ModelInfo:
         }
 
 
+def check_scores(info: ModelInfo, proba: np.ndarray) -> None:
+    """Refuse a request whose rows the model scored as NaN/inf (finite inputs so large that the
+    model's arithmetic overflows, e.g. iris at 1e308): 422, instead of answering non-finite
+    probabilities (JSON cannot carry them; REST answered 500, gRPC sent NaN)."""
+    finite = np.isfinite(proba)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.reshape(len(proba), -1).all(axis=1))[:10].tolist()
+        raise InvalidInput(
+            f"model '{info.name}' cannot score row(s) {bad}: its output is not finite "
+            "(feature values too large for the model)",
+            param="inputs",
+        )
+
+
 def to_matrix(
     inputs: Any, n_features: int, dtype: np.dtype, max_rows: int, name: str
 ) -> np.ndarray:

@@ -23,7 +23,6 @@ from tests.integration.conftest import PLACEMENTS, dataset
 from tests.integration.test_malformed import (
     IRIS,
     IRIS_RAW,
-    NAN_OUTPUT,
     TEN_MB,
     TIMEOUT_S,
     _t,
@@ -102,7 +101,6 @@ GRPC = [
         "iris-1e308-scores-overflow",
         _req(contents={"fp64_contents": [1e308] * 4}),
         INVALID,
-        NAN_OUTPUT,
     ),
     ("shape-more-than-data", _req(shape=(2, 4)), INVALID),
     ("shape-wrong-width", _req(shape=(2, 2)), INVALID),
