@@ -16,6 +16,10 @@ from starlette.responses import Response
 logger = logging.getLogger("servery")
 
 
+MAX_MESSAGE = 1024
+"""Longest error message sent to a client (characters)."""
+
+
 class ServeryError(Exception):
     """Base class: an error with an HTTP status and a stable ``type`` string."""
 
@@ -26,6 +30,10 @@ class ServeryError(Exception):
     ``servery_requests_total``, a log line per refused request would add to the overload)."""
 
     def __init__(self, message: str, **details: Any) -> None:
+        if len(message) > MAX_MESSAGE:
+            # Messages quote what the client sent (model names, versions): a 10 MB name must not
+            # make a 10 MB answer, nor overflow gRPC's 8-16 KiB status metadata.
+            message = message[: MAX_MESSAGE - 40] + f"... ({len(message)} characters, truncated)"
         super().__init__(message)
         self.message = message
         self.details = details

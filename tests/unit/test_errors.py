@@ -229,3 +229,13 @@ def test_shed_requests_are_not_logged_one_by_one(caplog: pytest.LogCaptureFixtur
         assert not caplog.records
         error_response(Overloaded("the sklearn service is overloaded"))
     assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
+def test_long_messages_are_truncated() -> None:
+    """Messages quote client input: a 10 MB model name must not make a 10 MB answer."""
+    from services.errors import MAX_MESSAGE, ModelNotFound
+
+    err = ModelNotFound(f"model '{'m' * 10_000_000}' is not served")
+    assert len(err.message) <= MAX_MESSAGE
+    assert err.message.startswith("model 'mmm") and "truncated" in err.message
+    assert ModelNotFound("short").message == "short"
