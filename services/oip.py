@@ -151,6 +151,8 @@ def rows_from_inputs(inputs: Sequence[InputTensor], info: ModelInfo, max_rows: i
             f"input '{INPUT_NAME}' has {arr.size} values but shape {shape} needs "
             f"{shape[0] * shape[1]}"
         )
+    if src.kind in "iu" and arr.dtype != src:
+        _check_integers(arr, src, tensor.datatype)
     with np.errstate(over="ignore", invalid="ignore"):
         typed = arr.astype(src, copy=False) if arr.dtype != src else arr
         out = typed.reshape(shape).astype(info.dtype, copy=False)
@@ -159,6 +161,23 @@ def rows_from_inputs(inputs: Sequence[InputTensor], info: ModelInfo, max_rows: i
             f"input '{INPUT_NAME}' holds NaN/Infinity or values outside {info.dtype.name} range"
         )
     return out
+
+
+def _check_integers(arr: np.ndarray, src: np.dtype, datatype: str) -> None:
+    """JSON numbers for an integer datatype must be whole and within its range: numpy's cast would
+    wrap INT8 1000 to -24 and truncate 1.5 to 1 without a word (gRPC's typed fields refuse them
+    on their own)."""
+    if arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0):
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' holds non-integer values for datatype '{datatype}'"
+        )
+    limits = np.iinfo(src)
+    low, high = arr.min(initial=0), arr.max(initial=0)
+    if low < limits.min or high > limits.max:
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' holds values outside the {datatype} range "
+            f"[{limits.min}, {limits.max}]"
+        )
 
 
 def _holds_bool(data: Any) -> bool:

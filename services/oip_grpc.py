@@ -378,11 +378,46 @@ def rpc_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
         method = methods[name]
         request, response = (getattr(pb, t.name) for t in (method.input_type, method.output_type))
         handlers[name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=request.FromString,
+            _guarded(getattr(servicer, name), request.DESCRIPTOR.name),
+            request_deserializer=_lenient(request.FromString),
             response_serializer=response.SerializeToString,
         )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+class _Undecodable:
+    """Stands for a request message that did not parse (see :func:`_lenient`)."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _lenient(parse: Any) -> Any:
+    """A deserializer that hands the servicer :data:`_UNDECODABLE` instead of raising: grpc.aio
+    answers a raising deserializer UNKNOWN ("Unexpected <class DecodeError>") and logs a
+    traceback per call, for what is a client's mistake."""
+    from google.protobuf.message import DecodeError
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return _UNDECODABLE
+
+    return deserialize
+
+
+def _guarded(method: Any, message: str) -> Any:
+    """``method``, answering an undecodable request INVALID_ARGUMENT."""
+
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request is _UNDECODABLE:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {message} message"
+            )
+        return await method(request, context)
+
+    return handle
 
 
 def access_log_enabled() -> bool:

@@ -212,7 +212,11 @@ async def predict(request: Request) -> Response:
     return response
 
 
-@app.get("/models", summary="List served models")
+@app.get(
+    "/models",
+    responses={c: _ERRORS[c] for c in (401, 429, 503)},
+    summary="List served models",
+)
 async def list_models(request: Request) -> dict[str, Any]:
     """Every served model: versions, aliases, routing, load errors, schema and training metrics.
 
@@ -222,7 +226,11 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"models": registry.describe(), "last_reload": registry.last_reload}
 
 
-@app.get("/models/{name}", responses={404: _ERRORS[404]}, summary="Describe one served model")
+@app.get(
+    "/models/{name}",
+    responses={c: _ERRORS[c] for c in (401, 403, 404, 429, 503)},
+    summary="Describe one served model",
+)
 async def get_model(request: Request, name: str) -> Response:
     try:
         return json_response(_registry(request).routes(name).describe())

@@ -38,19 +38,22 @@ def test_killed_service_worker_fails_only_its_models_and_comes_back(demo_store, 
     async def client(session: aiohttp.ClientSession, model: str, stop: asyncio.Event) -> None:
         body = json.dumps({"model": model, "inputs": [ROWS[model]]}).encode()
         while not stop.is_set():
-            tally = tallies.setdefault((model, phase[0]), Counter())
+            started = phase[0]
             try:
                 async with session.post(
                     f"{srv.url}/predict", data=body, headers={"content-type": "application/json"}
                 ) as r:
                     payload = await r.json(content_type=None)
-                    tally[str(r.status) if r.status != 200 else "200"] += 1
+                    outcome = str(r.status)
                     if r.status >= 500:
                         # a 5xx says what is wrong, never how: no internals
                         assert set(payload["error"]) >= {"type", "message"}
                         assert "Traceback" not in json.dumps(payload)
             except (aiohttp.ClientError, TimeoutError) as e:
-                tally[type(e).__name__] += 1
+                outcome = type(e).__name__
+            # a request that spans the kill or the recovery belongs to the outage
+            when = started if started == phase[0] else "outage"
+            tallies.setdefault((model, when), Counter())[outcome] += 1
             await asyncio.sleep(0.005)
 
     async def main() -> None:

@@ -50,7 +50,6 @@ NEWLINE = bug(
     "a %0A inside a path segment never reaches the router's app (BentoML's PassiveMount regex "
     "'^(?P<path>.*)$' has no DOTALL): text/plain 404 from BentoML on every GET route"
 )
-INT_WRAP = bug("OIP REST JSON integer data is not range-checked: INT8 1000 wraps to -24")
 CONTENT_TYPE = bug("Content-Type is not checked: a JSON body sent as text/plain is answered 200")
 
 
@@ -198,9 +197,9 @@ INFER = [
     ("Infinity-literal", _lit("FP64", "[Infinity, 2, 3, 4]"), 400),
     ("fp16-overflow", {"inputs": [_t(datatype="FP16", data=[1, 2, 3, 70000])]}, 400),
     ("iris-1e308-scores-overflow", {"inputs": [_t(data=[1e308] * 4)]}, 400),
-    ("int8-out-of-range", {"inputs": [_t(datatype="INT8", data=[1, 2, 3, 1000])]}, 400, INT_WRAP),
-    ("uint8-negative", {"inputs": [_t(datatype="UINT8", data=[1, 2, 3, -1])]}, 400, INT_WRAP),
-    ("int64-fraction", {"inputs": [_t(datatype="INT64", data=[1.5, 2, 3, 4])]}, 400, INT_WRAP),
+    ("int8-out-of-range", {"inputs": [_t(datatype="INT8", data=[1, 2, 3, 1000])]}, 400),
+    ("uint8-negative", {"inputs": [_t(datatype="UINT8", data=[1, 2, 3, -1])]}, 400),
+    ("int64-fraction", {"inputs": [_t(datatype="INT64", data=[1.5, 2, 3, 4])]}, 400),
     # datatypes and data
     ("unknown-datatype", {"inputs": [_t(datatype="FP128")]}, 400),
     ("lowercase-datatype", {"inputs": [_t(datatype="fp64")]}, 400),
