@@ -7,9 +7,11 @@ temporary ``BENTOML_HOME``, and every server binds 127.0.0.1 on a free port and 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +98,25 @@ def save_iris(name: str = "iris", c: float = 1.0, dtype: str = "float64") -> str
         dtype=dtype,
     )
     return saved.tag.version
+
+
+class Sent:
+    """An ASGI ``send`` that records the messages: status, headers and JSON body of a response."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+    @property
+    def status(self) -> int:
+        return self.messages[0]["status"]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.messages[0]["headers"]}
+
+    @property
+    def body(self) -> Any:
+        return json.loads(b"".join(m.get("body", b"") for m in self.messages[1:]))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import uvicorn
 
 from bench.server import Server, free_port, start_server
 from tests.conftest import bentoml_store, save_iris
@@ -115,3 +119,20 @@ def llm_server(
         yield srv
     finally:
         srv.stop()  # also waits for vLLM's engine processes to go
+
+
+class Background:
+    """A uvicorn server in a thread."""
+
+    def __init__(self, app: Any, **kwargs: Any) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **kwargs))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as tg
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -35,6 +32,7 @@ from services.fastpath import FastPath
 from services.gate import http_gate
 from services.llm_proxy import StreamingProxy
 from tests.conftest import bentoml_store, save_iris
+from tests.integration.conftest import Background
 
 KEY_ALL = "all-models-key-0123456789"
 KEY_IRIS = "iris-only-key-0123456789"
@@ -240,23 +238,6 @@ async def _completions(request: Request) -> StreamingResponse:
             yield f"data: {i}\n\n".encode()
 
     return StreamingResponse(chunks(), media_type="text/event-stream")
-
-
-class Background:
-    """A uvicorn server in a thread."""
-
-    def __init__(self, app: Any, **kwargs: Any) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **kwargs))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.server.started
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

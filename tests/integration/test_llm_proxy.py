@@ -7,14 +7,12 @@ chunks slowly; the proxy runs in uvicorn on a loopback port; clients are httpx.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -22,6 +20,7 @@ from starlette.routing import Route
 
 from bench.server import free_port
 from services.llm_proxy import StreamingProxy
+from tests.integration.conftest import Background
 
 CHUNKS = 20
 GAP_S = 0.05
@@ -78,21 +77,6 @@ UPSTREAM = Starlette(
         Route("/v1/stall", stall, methods=["POST"]),
     ]
 )
-
-
-class Background:
-    def __init__(self, app, **kwargs) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **kwargs))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.server.started
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

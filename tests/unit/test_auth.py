@@ -23,6 +23,7 @@ from services.errors import Forbidden, RateLimited, Unauthenticated, error_respo
 from services.fastpath import FastPath, Route
 from services.gate import SCOPE_KEY, http_gate, llm_cost
 from services.oip_grpc import status_of, trailers
+from tests.conftest import Sent
 
 KEY_A = "key-a-0123456789abcdef"
 KEY_B = "key-b-0123456789abcdef"
@@ -298,26 +299,6 @@ class Recorder:
         message = await receive()
         self.calls.append((scope["path"], message.get("body", b""), scope.get(SCOPE_KEY)))
         await json_response({"by": self.name})(scope, receive, send)
-
-
-class Sent:
-    def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
-
-    async def __call__(self, message: dict[str, Any]) -> None:
-        self.messages.append(message)
-
-    @property
-    def status(self) -> int:
-        return self.messages[0]["status"]
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.messages[0]["headers"]}
-
-    @property
-    def body(self) -> Any:
-        return json.loads(b"".join(m.get("body", b"") for m in self.messages[1:]))
 
 
 def gated(tmp_path: Path, *, fast: bool = True, admin_token: str | None = None):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from typing import Any
@@ -15,6 +14,7 @@ from starlette.responses import Response
 
 from services.errors import error_response, json_response
 from services.fastpath import FastPath, Route, prediction_routes
+from tests.conftest import Sent
 
 
 def scope(method: str = "POST", path: str = "/predict", type_: str = "http") -> dict[str, Any]:
@@ -31,22 +31,6 @@ def scope(method: str = "POST", path: str = "/predict", type_: str = "http") -> 
 
 async def receive() -> dict[str, Any]:
     return {"type": "http.request", "body": b'{"x": 1}', "more_body": False}
-
-
-class Sent:
-    def __init__(self) -> None:
-        self.messages: list[dict[str, Any]] = []
-
-    async def __call__(self, message: dict[str, Any]) -> None:
-        self.messages.append(message)
-
-    @property
-    def status(self) -> int:
-        return self.messages[0]["status"]
-
-    @property
-    def body(self) -> Any:
-        return json.loads(b"".join(m.get("body", b"") for m in self.messages[1:]))
 
 
 class Inner:
