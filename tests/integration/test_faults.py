@@ -22,12 +22,16 @@ from tests.integration.conftest import MIXED_CONFIG
 ROWS = {"iris": [5.1, 3.5, 1.4, 0.2], "iris-svc": [5.1, 3.5, 1.4, 0.2], "digits-svc": [0.0] * 64}
 
 
-def worker_of(server, service: str) -> psutil.Process:
+def worker_of(server, service: str) -> psutil.Process | None:
+    """The live worker process of ``service`` (None while circus restarts it)."""
     for proc in psutil.Process(server.proc.pid).children(recursive=True):
-        cmd = proc.cmdline()
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:  # the killed worker, a zombie until circus reaps it
+            continue
         if "--service-name" in cmd and cmd[cmd.index("--service-name") + 1] == service:
             return proc
-    raise AssertionError(f"no {service} worker")
+    return None
 
 
 def test_killed_service_worker_fails_only_its_models_and_comes_back(demo_store, tmp_path) -> None:
@@ -66,6 +70,7 @@ def test_killed_service_worker_fails_only_its_models_and_comes_back(demo_store, 
             ]
             await asyncio.sleep(1.5)
             victim = worker_of(srv, "sklearn")
+            assert victim is not None, "no sklearn worker"
             phase[0] = "outage"
             os.kill(victim.pid, signal.SIGKILL)
             # circus restarts the worker; wait until iris-svc answers again (at most 60 s)
@@ -73,7 +78,8 @@ def test_killed_service_worker_fails_only_its_models_and_comes_back(demo_store, 
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.5)
                 recent = tallies.get(("iris-svc", "outage"), Counter())
-                if recent.get("200", 0) and worker_of(srv, "sklearn").pid != victim.pid:
+                back = worker_of(srv, "sklearn")
+                if recent.get("200", 0) and back is not None and back.pid != victim.pid:
                     async with session.post(
                         f"{srv.url}/predict",
                         json={"model": "iris-svc", "inputs": [ROWS["iris-svc"]]},
@@ -97,6 +103,7 @@ def test_killed_service_worker_fails_only_its_models_and_comes_back(demo_store, 
         outage = tallies[("iris-svc", "outage")]
         assert set(outage) - {"200"} <= {"503", "500"}, outage
         assert set(tallies[("iris-svc", "after")]) == {"200"}, tallies[("iris-svc", "after")]
-        assert worker_of(srv, "sklearn").is_running()
+        back = worker_of(srv, "sklearn")
+        assert back is not None and back.is_running()
     finally:
         srv.stop()
