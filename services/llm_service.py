@@ -40,9 +40,6 @@ logger = logging.getLogger("servery")
 SETTINGS = LLMSettings()
 """Read once at import: BentoML needs the GPU count when the service class is defined."""
 
-MAX_BODY = 16 << 20
-"""Largest request body the model dispatcher buffers (bytes)."""
-
 
 @dataclass
 class Engine:
@@ -197,7 +194,7 @@ class ModelDispatch:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
-            if size > MAX_BODY:
+            if size > ROUTER_SETTINGS.max_body_bytes:  # SERVERY_MAX_BODY_BYTES, as the router
                 response = openai_error(413, "request body too large", "BadRequestError")
                 return await response(scope, receive, send)
         body = b"".join(chunks)
