@@ -33,6 +33,7 @@ from services.errors import (
     from_validation_error,
     json_response,
 )
+from services.media import read_body
 from services.oip_schemas import (
     ERRORS,
     INFER_ROUTE,
@@ -90,12 +91,6 @@ _UNSUPPORTED = {
 def _reject_unsupported(params: Parameters | None, what: str) -> None:
     for key in (params or {}).keys() & _UNSUPPORTED.keys():
         raise InvalidInput(f"{what}: {_UNSUPPORTED[key]}")
-
-
-def _check_encoding(encoding: str | None) -> None:
-    # tritonclient can gzip/deflate request bodies on request; servery takes them uncompressed.
-    if encoding and encoding.strip().lower() != "identity":
-        raise ServeryError.with_status(415, f"Content-Encoding '{encoding}' is not supported")
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -228,8 +223,8 @@ async def infer_request(request: Request, name: str, version: str | None) -> Res
         served, how = routes.route(version, key)
         info = served.info
         model, model_version = info.name, info.version
-        _check_encoding(headers.get("content-encoding"))
-        req, inputs = parse_infer_request(await request.body(), headers.get(HEADER_LENGTH))
+        body = await read_body(request, binary=True, max_bytes=SETTINGS.max_body_bytes)
+        req, inputs = parse_infer_request(body, headers.get(HEADER_LENGTH))
         names, binary = output_plan(req)
         outputs = await oip.infer(
             registry,

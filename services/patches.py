@@ -23,6 +23,7 @@ def apply() -> None:
     _patch_timeout_middleware()
     _patch_validation_errors()
     _patch_llm_watcher_stop()
+    _patch_mount_newlines()
     _applied = True
 
 
@@ -101,6 +102,32 @@ def _patch_validation_errors() -> None:
             return error_response(from_validation_error(exc))
 
     ServiceAppFactory.api_endpoint = api_endpoint  # type: ignore[method-assign]
+
+
+def _patch_mount_newlines() -> None:
+    """Let a path with a newline (``%0A``) reach the mounted app, to get its JSON 404.
+
+    BentoML 1.4.40, ``_bentoml_impl/server/mount.py``: ``PassiveMount`` keeps Starlette's
+    ``Mount`` pattern ``^/(?P<path>.*)$``, compiled without ``re.DOTALL``, so a decoded newline
+    anywhere in the path makes the mount (the router's FastAPI app) never match, and BentoML answers
+    its own text/plain 404 instead of the platform's envelope (tests/integration/test_malformed.py,
+    ``newline`` names). Recompiling the mount's pattern with ``DOTALL`` lets such paths reach the
+    app's own routes, whose ``[^/]+`` parameters already match newlines.
+    """
+    import re
+
+    from _bentoml_impl.server.mount import PassiveMount
+
+    if getattr(PassiveMount, "__servery_dotall__", False):
+        return
+    original = PassiveMount.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.path_regex = re.compile(self.path_regex.pattern, self.path_regex.flags | re.DOTALL)
+
+    PassiveMount.__init__ = __init__  # type: ignore[method-assign]
+    PassiveMount.__servery_dotall__ = True  # type: ignore[attr-defined]
 
 
 def _patch_llm_watcher_stop() -> None:

@@ -53,6 +53,7 @@ from services.errors import (
 from services.gate import SCOPE_KEY, http_gate
 from services.llm_proxy import StreamingProxy
 from services.loader import Loader
+from services.media import read_body
 from services.patches import freeze_heap
 from services.registry import ROUTE_KEY_HEADER, Registry, RemotePredict, RemotePrepare
 from services.runtimes import check_scores
@@ -172,7 +173,8 @@ async def predict(request: Request) -> Response:
     version = ""
     try:
         try:
-            body = PredictRequest.model_validate_json(await request.body())
+            raw = await read_body(request, binary=False, max_bytes=SETTINGS.max_body_bytes)
+            body = PredictRequest.model_validate_json(raw)
         except ValidationError as e:
             raise from_validation_error(e) from e
         key = request.scope.get(SCOPE_KEY)

@@ -77,21 +77,9 @@ NEGATIVE = {"/predict", "/v2/models/{name}/infer", "/v2/models/{name}/versions/{
 
 N_FEATURES = {"iris": 4, "breast_cancer": 30, "digits": 64}
 
-# Defects this file found, reported and not fixed yet. Each is pinned by a strict xfail in
-# test_malformed.py (named below), and the fuzzing steers around it here so that it keeps finding
-# new ones. When a defect is fixed its xfail fails: delete the mark there and the workaround here.
-
 MAX_MAGNITUDE = sys.float_info.max
 """Generated numbers reach the largest float: finite inputs whose scores overflow are refused 422
 (services/runtimes.py ``check_scores``), never answered 500 or with NaN."""
-
-
-def _no_known_path_bug(params: dict[str, Any] | None) -> bool:
-    """A newline (``%0A``) inside a path segment keeps the request from BentoML's mount of the
-    router's app (its path regex has no DOTALL): BentoML answers a plain-text 404
-    (test_malformed.py, ``test_names_in_paths[newline:GET-*]``)."""
-    # schemathesis sends some values percent-encoded already ("K%0A"): those are sent as they are.
-    return not params or not any("\n" in str(v) or "%0a" in str(v).lower() for v in params.values())
 
 
 def _numbers() -> st.SearchStrategy[float | int]:
@@ -177,7 +165,7 @@ def api_schema(server) -> schemathesis.BaseSchema:
                 return st.just(params)
             return st.one_of(names.flatmap(lambda n: aim(params, n)), st.just(params))
 
-        return strategy.filter(_no_known_path_bug).flatmap(mix)
+        return strategy.flatmap(mix)
 
     @schema.hook
     def flatmap_case(context, case):

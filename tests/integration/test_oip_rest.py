@@ -149,6 +149,19 @@ def test_infer_matches_in_process(
         assert result.get_output("predict_proba") is None
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_compressed_requests(client, local_predict, algorithm: str, binary: bool) -> None:
+    """tritonclient's request compression (gzip or deflate, as Triton accepts) is decoded."""
+    rows = dataset("iris")[::7]
+    result = client.infer(
+        "iris", [make_input(rows, "FP64", binary)], request_compression_algorithm=algorithm
+    )
+    labels, proba = local_predict("iris", rows)
+    np.testing.assert_array_equal(result.as_numpy("predict"), labels)
+    np.testing.assert_allclose(result.as_numpy("predict_proba"), proba, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("datatype", ["FP32", "FP64", "INT32", "INT64"])
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_any_numeric_datatype_is_converted(client, local_predict, datatype, binary) -> None:
@@ -284,7 +297,9 @@ RAW_MISTAKES = [
     ),
     ("header-length", json_body(IRIS_ROW, [1, 4]), {HEADER: "abc"}, 400, HEADER),
     ("header-too-long", json_body(IRIS_ROW, [1, 4]), {HEADER: "100000"}, 400, HEADER),
-    ("gzip", json_body(IRIS_ROW, [1, 4]), {"content-encoding": "gzip"}, 415, "gzip"),
+    ("gzip", json_body(IRIS_ROW, [1, 4]), {"content-encoding": "gzip"}, 400, "not valid gzip"),
+    ("brotli", json_body(IRIS_ROW, [1, 4]), {"content-encoding": "br"}, 415, "gzip, deflate"),
+    ("text-plain", json_body(IRIS_ROW, [1, 4]), {"content-type": "text/plain"}, 415, "json"),
 ]
 
 
