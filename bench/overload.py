@@ -4,16 +4,17 @@
                              [--seconds 10]
     make bench-overload   (the default model comes from `make models-large`)
 
-One ``bentoml serve`` at a time serves ``--model`` inline with default settings, first with load
-shedding (``SERVERY_MAX_QUEUE``, default 256 per model version and router worker), then without
-(``SERVERY_MAX_QUEUE=1000000``). Its capacity is measured first (closed loop, c=64, native
+One ``bentoml serve`` at a time serves ``--model`` with default settings, first with load shedding
+(``SERVERY_MAX_QUEUE``, 256 per model version and router worker, and ``SERVERY_MAX_IN_FLIGHT``, 256
+prediction requests per router worker, both defaults), then without (``SERVERY_MAX_QUEUE=1000000``,
+``SERVERY_MAX_IN_FLIGHT=0``). Its capacity is measured first (closed loop, c=64, native
 ``/predict``); then requests arrive **open loop** at ``--factor`` times that rate for ``--seconds``
-(a fixed schedule, as independent clients would send them, whatever the server answers), each
-timed from its scheduled start so a lagging client does not hide queueing. Reported per server:
-offered and answered rates, the share refused (503 ``overloaded``), and p50/p99 latency of the
-requests answered 200. The server runs on all cores but one and this client on that one
-(:func:`pin_apart`); a slow model (the large MLP by default) keeps the offered rate within what
-one core of Python client can send. The report says when the client fell behind its schedule.
+(a fixed schedule, as independent clients would send them, whatever the server answers), each timed
+from its scheduled start so a lagging client does not hide queueing. Reported per server: offered
+and answered rates, the share refused (503 ``overloaded``), and p50/p99 latency of the requests
+answered 200. The server runs on all cores but one and this client on that one (:func:`pin_apart`);
+a slow model (the large MLP by default) keeps the offered rate within what one core of Python
+client can send. The report says when the client fell behind its schedule.
 
 Writes bench/out/overload.json and the "overload" section of bench/RESULTS.md.
 """
@@ -197,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     rows: list[dict[str, Any]] = []
     capacity = 0.0
-    for name, queue in (("shedding (max_queue 256)", None), ("no shedding", UNBOUNDED)):
-        env = {} if queue is None else {"SERVERY_MAX_QUEUE": queue}
+    no_bounds = {"SERVERY_MAX_QUEUE": UNBOUNDED, "SERVERY_MAX_IN_FLIGHT": "0"}
+    for name, env in (("shedding (defaults)", {}), ("no shedding", no_bounds)):
         with tempfile.TemporaryDirectory(prefix="servery-overload-") as tmp:
             server = start_server(home, config, Path(tmp), env=env)
             try:

@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     queueing. Bounds the latency of admitted requests to about this many / the model's
     throughput. Per model: ``max_queue`` in the models file (or its ``defaults``)."""
 
+    max_in_flight: int = Field(256, ge=0, le=1_000_000)
+    """Load shedding ahead of the models: prediction requests (``/predict``, OIP REST infer) one
+    router worker may have unanswered; the next is answered 503 ``overloaded`` with
+    ``Retry-After`` before its body is read or parsed. Where the router's HTTP front end, not a
+    model, is what saturates, requests otherwise pile up in the worker's event loop with no
+    bound on their latency. 0 turns it off; also off with ``SERVERY_FAST_PATH=false``."""
+
     max_body_bytes: int = Field(16 * 2**20, ge=1024, le=2**31)
     """Largest request body the router reads (16 MiB); a larger one is answered 413 from its
     ``Content-Length`` before any of it is read (a chunked body: once the limit is passed). Also

@@ -18,7 +18,10 @@ logging.getLogger("servery").setLevel(logging.INFO)
 _fast = SETTINGS.fast_path and not SETTINGS.trace_predictions
 # The fast path's wrapper is also the body-size check and the API-key gate: always installed.
 fastpath.install(
-    timeout_s=SETTINGS.request_timeout_s, fast=_fast, max_body_bytes=SETTINGS.max_body_bytes
+    timeout_s=SETTINGS.request_timeout_s,
+    fast=_fast,
+    max_body_bytes=SETTINGS.max_body_bytes,
+    max_in_flight=SETTINGS.max_in_flight,
 )
 
 from services.llm_service import LLM  # noqa: E402  (vLLM loads only when engines start)

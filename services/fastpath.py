@@ -38,24 +38,31 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services import metrics
-from services.errors import RequestTimeout
+from services.errors import Overloaded, RequestTimeout, ServeryError
 from services.gate import HttpGate, check_body_size
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 # A route handler: the parsed request and the path's match -> the response (never raises).
 Handler = Callable[[Request, "re.Match[str]"], Awaitable[Response]]
-# Maps a timeout to the route's own error envelope.
-OnTimeout = Callable[[RequestTimeout], Response]
+# Maps an error (timeout, overload) to the route's own error envelope.
+OnError = Callable[[ServeryError], Response]
+
+
+class InFlightFull(Overloaded):
+    """The router worker has ``SERVERY_MAX_IN_FLIGHT`` prediction requests unanswered: 503 with
+    ``Retry-After`` before the body is read. Not logged per request (it would add to the load)."""
+
+    logged = False
 
 
 class Route:
     """One fast-path route: a POST path pattern, its handler and its timeout answer."""
 
-    def __init__(self, name: str, pattern: str, handler: Handler, on_timeout: OnTimeout) -> None:
+    def __init__(self, name: str, pattern: str, handler: Handler, on_error: OnError) -> None:
         self.name = name
         self.pattern = re.compile(pattern)
         self.handler = handler
-        self.on_timeout = on_timeout
+        self.on_error = on_error
         self.seconds = metrics.REQUEST_SECONDS.labels(name)
 
 
@@ -81,8 +88,12 @@ class FastPath:
         mounts: list[tuple[str, ASGIApp]] | None = None,
         gate: HttpGate | None = None,
         max_body_bytes: int | None = None,
+        max_in_flight: int = 0,
     ) -> None:
         self.app = app
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.shed = metrics.REQUESTS.labels(metrics.UNKNOWN_MODEL, "", "503")
         self.gate = gate
         self.max_body_bytes = max_body_bytes
         self.api = api
@@ -123,14 +134,23 @@ class FastPath:
             return await self.app(scope, receive, send)
         route, match = found
         start = time.perf_counter()
-        scope["app"] = self.api  # what the FastAPI handlers read as request.app
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                response = await route.handler(Request(scope, receive), match)
-        except TimeoutError:
-            response = route.on_timeout(
-                RequestTimeout(f"request not answered within {self.timeout_s} s")
+        if self.max_in_flight and self.in_flight >= self.max_in_flight:
+            response = route.on_error(
+                InFlightFull(f"overloaded: {self.in_flight} requests in progress; retry shortly")
             )
+            self.shed.inc()  # the model is not known before the body is read
+        else:
+            scope["app"] = self.api  # what the FastAPI handlers read as request.app
+            self.in_flight += 1
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    response = await route.handler(Request(scope, receive), match)
+            except TimeoutError:
+                response = route.on_error(
+                    RequestTimeout(f"request not answered within {self.timeout_s} s")
+                )
+            finally:
+                self.in_flight -= 1
         await response(scope, receive, send)
         elapsed = time.perf_counter() - start
         route.seconds.observe(elapsed)
@@ -189,7 +209,31 @@ def prediction_routes() -> list[Route]:
     ]
 
 
-def install(*, timeout_s: float, fast: bool = True, max_body_bytes: int | None = None) -> None:
+def _not_found_default(original: ASGIApp) -> ASGIApp:
+    """The router's answer to an HTTP path no route matches: the platform's JSON 404.
+
+    Starlette's ``Router.default`` (``not_found``) answers ``text/plain`` "Not Found"; BentoML
+    builds the router's outer app, so its default is replaced here. Websockets keep the original.
+    The path is not echoed: it may be 10 KB of control characters."""
+    from services.errors import ServeryError, error_response
+
+    async def not_found(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await original(scope, receive, send)
+        method = scope["method"][:16]
+        err = ServeryError.with_status(404, f"no {method} route at this path; the API: /docs.json")
+        await error_response(err)(scope, receive, send)
+
+    return not_found
+
+
+def install(
+    *,
+    timeout_s: float,
+    fast: bool = True,
+    max_body_bytes: int | None = None,
+    max_in_flight: int = 0,
+) -> None:
     """Wrap the app BentoML builds for services marked ``__servery_fast_path__``: ``"router"``
     (prediction routes, and ``/v1/`` to the LLM proxy when the LLM service runs) when it is the
     entry service, and ``"llm"`` (``/v1/`` straight to the LLM service's OpenAI app).
@@ -211,6 +255,7 @@ def install(*, timeout_s: float, fast: bool = True, max_body_bytes: int | None =
             from services.router import GATE, LLM_PROXY
             from services.router import app as api
 
+            app.router.default = _not_found_default(app.router.default)
             if not fast and GATE is None and max_body_bytes is None:
                 return app
             mounts = [("/v1/", LLM_PROXY)] if LLM_PROXY is not None and fast else []
@@ -234,6 +279,7 @@ def install(*, timeout_s: float, fast: bool = True, max_body_bytes: int | None =
             mounts=mounts,
             gate=gate,
             max_body_bytes=max_body_bytes,
+            max_in_flight=max_in_flight if kind == "router" else 0,
         )
 
     __call__.__servery_fast_path__ = True  # type: ignore[attr-defined]

@@ -239,3 +239,49 @@ def test_chunked_body_is_read_up_to_the_limit() -> None:
     asyncio.run(app(sized("/models", 2000), body_receive([b"c" * 2000]), fits))
     assert fits.body == {"inner": True} and seen[-1] == b"c" * 2000
     assert inner.scopes == []
+
+
+def test_in_flight_cap_sheds_before_reading_the_body() -> None:
+    """With ``max_in_flight`` requests unanswered, the next is 503 + Retry-After at once, its body
+    never read; once they are answered, requests are admitted again."""
+    app, _, _, seen = make(handler_delay=0.2)
+    app.max_in_flight = 2
+    reads: list[str] = []
+
+    def counting_receive(tag: str) -> Any:
+        async def rcv() -> dict[str, Any]:
+            reads.append(tag)
+            return await receive()
+
+        return rcv
+
+    async def scenario() -> tuple[list[Sent], Sent]:
+        sents = [Sent() for _ in range(3)]
+        calls = [app(scope(), counting_receive(str(i)), s) for i, s in enumerate(sents)]
+        await asyncio.gather(*calls)
+        after = Sent()
+        await app(scope(), counting_receive("after"), after)
+        return sents, after
+
+    sents, after = asyncio.run(scenario())
+    assert [s.status for s in sents] == [200, 200, 503]
+    assert sents[2].headers.get("retry-after") == "1"
+    assert sents[2].body["error"]["type"] == "overloaded"
+    assert "2" not in reads  # the refused request's body was never read
+    assert after.status == 200 and app.in_flight == 0
+    assert len(seen) == 3
+
+
+def test_in_flight_is_released_on_timeout_and_zero_means_off() -> None:
+    app, _, _, _ = make(handler_delay=1.0, timeout_s=0.05)
+    app.max_in_flight = 1
+    assert call(app, scope()).status == 504 and app.in_flight == 0
+    assert call(app, scope()).status == 504  # admitted again: the slot was given back
+    off, _, _, _ = make(handler_delay=0.05)  # max_in_flight defaults to 0: no cap
+
+    async def many() -> list[int]:
+        sents = [Sent() for _ in range(20)]
+        await asyncio.gather(*(off(scope(), receive, s) for s in sents))
+        return [s.status for s in sents]
+
+    assert asyncio.run(many()) == [200] * 20
