@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -137,6 +137,12 @@ class Settings(BaseSettings):
     ``/v1/`` (router and LLM service). Off by default: BentoML builds spans even when none are
     exported, a large share of the router's CPU per request (and per streamed chunk); turn it on
     together with a tracing exporter in BentoML's configuration."""
+
+    log_format: Literal["text", "json"] = "text"
+    """``json``: every log line of every server process is one JSON object (time, level, logger,
+    component, message, request_id, trace ids, and an access line's method, path, status,
+    latency_ms, model, version); ``text``: BentoML's format. The Kubernetes manifests use json.
+    See services/logs.py."""
 
     fast_path: bool = True
     """Serve ``POST /predict`` and ``POST /v2/models/.../infer`` straight from the router's ASGI

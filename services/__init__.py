@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 
-from services import fastpath, patches
+from services import fastpath, logs, patches
 from services.settings import SETTINGS
 
 patches.apply()
+# BentoML configured this worker's logging before importing the service: request ids on every
+# line, and JSON lines if asked for (SERVERY_LOG_FORMAT).
+logs.configure(SETTINGS.log_format)
 # BentoML's server logging leaves the root logger at WARNING; servery's own INFO lines (models
 # loaded and reloaded, shadow answers on "servery.shadow") are part of what an operator reads.
 logging.getLogger("servery").setLevel(logging.INFO)

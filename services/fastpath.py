@@ -37,7 +37,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services import metrics
+from services import logs, metrics
 from services.errors import Overloaded, RequestTimeout, ServeryError
 from services.gate import HttpGate, check_body_size
 
@@ -113,7 +113,11 @@ class FastPath:
         return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and (self.max_body_bytes is not None or self.gate is not None):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = logs.request_id(scope["headers"])
+        logs.REQUEST_ID.set(rid)  # on every log line of this request (its own task)
+        if self.max_body_bytes is not None or self.gate is not None:
             start = time.perf_counter()
             refused = None
             if self.max_body_bytes is not None:
@@ -121,16 +125,17 @@ class FastPath:
             if refused is None and self.gate is not None:
                 refused, receive = await self.gate.admit(scope, receive)
             if refused is not None:
+                refused.headers[logs.HEADER] = rid
                 await refused(scope, receive, send)
                 if self.access is not None:
                     self._log(scope, refused.status_code, None, time.perf_counter() - start)
                 return None
         found = self._match(scope)
         if found is None:
-            if scope["type"] == "http":
-                for prefix, mounted in self.mounts:
-                    if scope["path"].startswith(prefix):
-                        return await self._mounted(mounted, scope, receive, send)
+            send = _with_request_id(send, rid)
+            for prefix, mounted in self.mounts:
+                if scope["path"].startswith(prefix):
+                    return await self._mounted(mounted, scope, receive, send)
             return await self.app(scope, receive, send)
         route, match = found
         start = time.perf_counter()
@@ -151,6 +156,7 @@ class FastPath:
                 )
             finally:
                 self.in_flight -= 1
+        response.headers[logs.HEADER] = rid
         await response(scope, receive, send)
         elapsed = time.perf_counter() - start
         route.seconds.observe(elapsed)
@@ -174,18 +180,46 @@ class FastPath:
             self._log(scope, status[0], None, time.perf_counter() - start)
 
     def _log(self, scope: dict[str, Any], status: int, length: str | None, seconds: float) -> None:
-        """One line in BentoML's access-log format on ``bentoml.access``."""
+        """One line in BentoML's access-log format on ``bentoml.access``; its fields also go to
+        the record (``logs.ACCESS_FIELDS``) for JSON logs, with the model and version that
+        answered when the handler named them (``scope[logs.MODEL_KEY]``)."""
         client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else "-"
+        ms = seconds * 1000.0
+        fields = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "latency_ms": round(ms, 3),
+            "client": peer,
+        }
+        served = scope.get(logs.MODEL_KEY)
+        if served is not None:
+            fields["model"], fields["version"] = served
         self.access.info(  # type: ignore[union-attr]
             "%s (scheme=%s,method=%s,path=%s) (status=%d,length=%s) %.3fms",
-            f"{client[0]}:{client[1]}" if client else "-",
+            peer,
             scope.get("scheme", "http"),
             scope["method"],
             scope["path"],
             status,
             length or "-",
-            seconds * 1000.0,
+            ms,
+            extra={logs.ACCESS_FIELDS: fields},
         )
+
+
+def _with_request_id(send: Any, rid: str) -> Any:
+    """``send`` that adds ``X-Request-ID: rid`` to the response (replacing any the app set)."""
+    header = (logs.HEADER.encode(), rid.encode())
+
+    async def send_with_id(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            kept = [h for h in message.get("headers", ()) if h[0].lower() != header[0]]
+            message["headers"] = [*kept, header]
+        await send(message)
+
+    return send_with_id
 
 
 def prediction_routes() -> list[Route]:

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.routing import Match
 
-from services import metrics, oip
+from services import logs, metrics, oip
 from services.errors import (
     BadRequest,
     InvalidInput,
@@ -222,6 +222,7 @@ async def infer_request(request: Request, name: str, version: str | None) -> Res
         key = headers.get(ROUTE_KEY_HEADER) if routes.split is not None else None
         served, how = routes.route(version, key)
         info = served.info
+        request.scope[logs.MODEL_KEY] = (info.name, info.version)
         model, model_version = info.name, info.version
         body = await read_body(request, binary=True, max_bytes=SETTINGS.max_body_bytes)
         req, inputs = parse_infer_request(body, headers.get(HEADER_LENGTH))

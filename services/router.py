@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from models.config import Framework
-from services import auth, metrics, oip_rest
+from services import auth, logs, metrics, oip_rest
 from services.errors import (
     BadRequest,
     ModelNotReady,
@@ -189,6 +189,7 @@ async def predict(request: Request) -> Response:
         served, how = routes.route(pinned, key)
         info = served.info
         model, version = info.name, info.version
+        request.scope[logs.MODEL_KEY] = (model, version)
         x = info.validate(body.inputs, SETTINGS.max_rows_per_request)
         labels, proba = await served.batcher.submit(x)
         check_scores(info, proba)

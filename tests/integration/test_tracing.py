@@ -1,0 +1,138 @@
+"""OpenTelemetry tracing through BentoML's own tracing settings (issue 8), as the README
+documents it: a ``services.<name>.tracing`` block in a BentoML configuration file
+(``BENTOML_CONFIG``) and ``SERVERY_TRACE_PREDICTIONS=true``. A real OTLP/HTTP receiver (a small
+Starlette app decoding OpenTelemetry's own protobuf messages) collects what the server exports.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from bench.server import Server, free_port, start_server
+from tests.integration.conftest import Background
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
+
+
+class Collector:
+    """An OTLP/HTTP trace receiver on 127.0.0.1: ``spans`` as (service, span name, trace id)."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+        async def traces(request: Request) -> Response:
+            self.bodies.append(await request.body())
+            return Response(
+                ExportTraceServiceResponse().SerializeToString(),
+                media_type="application/x-protobuf",
+            )
+
+        self.port = free_port()
+        app = Starlette(routes=[Route("/v1/traces", traces, methods=["POST"])])
+        self.server = Background(app, host="127.0.0.1", port=self.port)
+
+    def spans(self) -> list[tuple[str, str, str]]:
+        out = []
+        for body in list(self.bodies):
+            for rs in ExportTraceServiceRequest.FromString(body).resource_spans:
+                attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    out += [
+                        (attrs.get("service.name", ""), s.name, s.trace_id.hex()) for s in ss.spans
+                    ]
+        return out
+
+
+@pytest.fixture(scope="module")
+def traced(
+    demo_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, Collector]]:
+    collector = Collector()
+    tmp = tmp_path_factory.mktemp("tracing")
+    tracing = (
+        "    tracing:\n      exporter_type: otlp\n      sample_rate: 1.0\n      otlp:\n"
+        f"        protocol: http\n        endpoint: http://127.0.0.1:{collector.port}/v1/traces\n"
+    )
+    config = tmp / "bentoml_configuration.yaml"
+    config.write_text(f"services:\n  router:\n{tracing}  sklearn:\n{tracing}")
+    models = "models:\n  - name: iris\n  - name: iris-svc\n    tag: iris\n    placement: service\n"
+    env = {
+        "BENTOML_CONFIG": str(config),
+        "SERVERY_TRACE_PREDICTIONS": "true",
+        "SERVERY_LOG_FORMAT": "json",
+    }
+    srv = start_server(demo_store, models, tmp, env=env)
+    try:
+        yield srv, collector
+    finally:
+        srv.stop()
+        collector.server.stop()
+
+
+def wait_for_spans(collector: Collector, want: Any, timeout: float = 20.0) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = collector.spans()
+        if want(spans) or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.5)
+
+
+def test_prediction_spans_join_the_callers_trace(traced: tuple[Server, Collector]) -> None:
+    srv, collector = traced
+    for model in ("iris", "iris-svc"):
+        r = httpx.post(
+            f"{srv.url}/predict",
+            json={"model": model, "inputs": [[5.1, 3.5, 1.4, 0.2]]},
+            headers={"traceparent": TRACEPARENT},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+
+    def joined(spans: list) -> list:
+        return [s for s in spans if s[2] == TRACE_ID]
+
+    spans = wait_for_spans(collector, lambda s: {x[0] for x in joined(s)} >= {"router", "sklearn"})
+    mine = joined(spans)
+    assert ("router", "POST /predict") in {(svc, name) for svc, name, _ in mine}, spans[:20]
+    # the service-placed model's call to the sklearn service is a child in the same trace
+    assert any(svc == "sklearn" for svc, _, _ in mine), mine
+
+
+def test_json_log_lines_name_the_trace(traced: tuple[Server, Collector]) -> None:
+    srv, _ = traced
+    r = httpx.post(
+        f"{srv.url}/predict",
+        json={"model": "iris", "inputs": [[5.1, 3.5, 1.4, 0.2]]},
+        headers={"traceparent": TRACEPARENT, "x-request-id": "traced-1"},
+        timeout=30,
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "traced-1"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [
+            json.loads(ln)
+            for ln in srv.log.read_text().splitlines()
+            if ln.startswith("{") and '"traced-1"' in ln
+        ]
+        access = [d for d in lines if d["logger"] == "bentoml.access"]
+        if access:
+            break
+        time.sleep(0.2)
+    assert access and access[0]["trace_id"] == TRACE_ID, lines

@@ -1,0 +1,188 @@
+"""Request ids and JSON logs (services/logs.py) and how the fast path uses them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from typing import Any
+
+import pytest
+
+from services import logs
+from services.errors import json_response
+from services.fastpath import FastPath, Route
+from tests.conftest import Sent
+
+
+@pytest.mark.parametrize("value", [b"abc-123", b"0f3e:req/7+x=y@z.q_", b"a" * 128])
+def test_a_well_formed_client_id_is_kept(value: bytes) -> None:
+    assert logs.request_id([(b"host", b"x"), (b"x-request-id", value)]) == value.decode()
+
+
+@pytest.mark.parametrize(
+    "value", [b"", b"a" * 129, b"has space", b"new\nline", b"\xff\xfe", b'quote"', b"<script>"]
+)
+def test_a_malformed_client_id_is_replaced(value: bytes) -> None:
+    rid = logs.request_id([(b"x-request-id", value)])
+    assert rid != value.decode(errors="replace") and re.fullmatch(r"[0-9a-f]{18,}", rid)
+
+
+def test_new_ids_are_unique() -> None:
+    ids = {logs.request_id([]) for _ in range(10_000)}
+    assert len(ids) == 10_000
+
+
+def record(msg: str = "hello %s", *args: Any, **extra: Any) -> logging.LogRecord:
+    rec = logging.LogRecord("servery", logging.WARNING, __file__, 1, msg, args or ("x",), None)
+    for k, v in extra.items():
+        setattr(rec, k, v)
+    return rec
+
+
+def test_json_lines_carry_the_request_id_and_access_fields() -> None:
+    fmt = logs.JsonFormatter()
+    token = logs.REQUEST_ID.set("rid-1")
+    try:
+        rec = record(
+            component="[service:Router:1]",
+            **{logs.ACCESS_FIELDS: {"status": 200, "model": "iris", "latency_ms": 1.5}},
+        )
+        assert logs.RequestIdFilter().filter(rec)
+    finally:
+        logs.REQUEST_ID.reset(token)
+    line = json.loads(fmt.format(rec))
+    assert line["message"] == "hello x" and line["level"] == "WARNING"
+    assert line["logger"] == "servery" and line["component"] == "service:Router:1"
+    assert line["request_id"] == "rid-1"
+    assert line["status"] == 200 and line["model"] == "iris" and line["latency_ms"] == 1.5
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", line["time"])
+    assert "trace_id" not in line  # no span
+
+
+def test_json_lines_keep_tracebacks_and_drop_bentoml_text_helpers() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    rec.trace_msg = ""
+    rec.levelname_bracketed = "[ERROR]"
+    line = json.loads(logs.JsonFormatter().format(rec))
+    assert "ValueError: boom" in line["exc_info"]
+    assert "trace_msg" not in line and "levelname_bracketed" not in line
+    assert "request_id" not in line  # none set outside a request
+
+
+def test_json_lines_name_the_sampled_span() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("t")
+    with tracer.start_as_current_span("s") as span:
+        line = json.loads(logs.JsonFormatter().format(record()))
+        ctx = span.get_span_context()
+    assert line["trace_id"] == format(ctx.trace_id, "032x")
+    assert line["span_id"] == format(ctx.span_id, "016x")
+
+
+def test_configure_adds_the_filter_once_and_json_on_request() -> None:
+    logger = logging.getLogger("servery")
+    handler = logging.StreamHandler()
+    logger.addHandler(handler)
+    try:
+        logs.configure("text")
+        logs.configure("text")
+        assert sum(isinstance(f, logs.RequestIdFilter) for f in handler.filters) == 1
+        assert not isinstance(handler.formatter, logs.JsonFormatter)
+        logs.configure("json")
+        assert isinstance(handler.formatter, logs.JsonFormatter)
+    finally:
+        logger.removeHandler(handler)
+
+
+# the fast path: every response names its request id; the access line has the fields
+
+
+def scope(path: str = "/predict", rid: bytes | None = None) -> dict[str, Any]:
+    headers = [(b"content-type", b"application/json")]
+    if rid is not None:
+        headers.append((b"x-request-id", rid))
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "scheme": "http",
+        "client": ("127.0.0.1", 5000),
+        "headers": headers,
+        "query_string": b"",
+    }
+
+
+async def receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"{}", "more_body": False}
+
+
+def make() -> FastPath:
+    async def handler(request: Any, _: re.Match[str]) -> Any:
+        request.scope[logs.MODEL_KEY] = ("iris", "v1")
+        logging.getLogger("servery").warning("inside the handler")
+        return json_response({"ok": True})
+
+    async def inner(sc: dict[str, Any], rcv: Any, send: Any) -> None:
+        await json_response({"inner": True}, headers={"x-request-id": "stale"})(sc, rcv, send)
+
+    async def mounted(sc: dict[str, Any], rcv: Any, send: Any) -> None:
+        await json_response({"mounted": True})(sc, rcv, send)
+
+    routes = [Route("/predict", r"^/predict$", handler, lambda e: json_response({}, 500))]
+    return FastPath(
+        inner, object(), routes, timeout_s=5, access_log=True, mounts=[("/v1/", mounted)]
+    )
+
+
+def call(app: FastPath, sc: dict[str, Any]) -> Sent:
+    sent = Sent()
+    asyncio.run(app(sc, receive, sent))
+    return sent
+
+
+@pytest.mark.parametrize("path", ["/predict", "/models", "/v1/models"])
+def test_every_response_carries_the_request_id(path: str) -> None:
+    app = make()
+    given = call(app, scope(path, rid=b"client-7"))
+    assert [v for k, v in given.messages[0]["headers"] if k == b"x-request-id"] == [b"client-7"]
+    made = call(app, scope(path))
+    assert re.fullmatch(r"[0-9a-f]{18,}", made.headers["x-request-id"])
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.addFilter(logs.RequestIdFilter())
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_access_line_and_handler_lines_share_the_request_id() -> None:
+    capture = Capture()
+    loggers = [logging.getLogger("servery"), logging.getLogger("bentoml.access")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(capture)
+        lg.setLevel(logging.INFO)
+    try:
+        call(make(), scope(rid=b"r-42"))
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(capture)
+            lg.setLevel(level)
+    by_name = {r.name: r for r in capture.records}
+    assert set(by_name) == {"servery", "bentoml.access"}
+    assert {r.servery_request_id for r in capture.records} == {"r-42"}
+    fields = getattr(by_name["bentoml.access"], logs.ACCESS_FIELDS)
+    assert fields["model"] == "iris" and fields["version"] == "v1" and fields["status"] == 200
+    assert fields["method"] == "POST" and fields["path"] == "/predict" and fields["latency_ms"] >= 0
