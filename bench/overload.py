@@ -179,6 +179,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--factor", type=float, default=2.0, help="offered load / measured capacity")
     p.add_argument("--seconds", type=float, default=10.0, help="length of the overload")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=1,
+        help="rows per request (more: more HTTP/JSON work per request at the same request rate)",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="client timeout per request")
     return p.parse_args(argv)
 
@@ -189,9 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     home = use_project_store(ROOT)
     meta = machine(" ".join(["python -m bench.overload", *map(shlex.quote, raw)]), "aiohttp")
     subject = load_subject(args.model)
+    rows = subject.rows[:64].tolist()
     bodies = [
-        json.dumps({"model": args.model, "inputs": [r]}).encode()
-        for r in subject.rows[:64].tolist()
+        json.dumps({"model": args.model, "inputs": (rows * args.rows)[i : i + args.rows]}).encode()
+        for i in range(64)
     ]
     config = (
         f"models:\n  - {{name: {args.model}, tag: {args.model}, placement: {args.placement}}}\n"
@@ -242,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "overload",
         "## Overload: load shedding (issue 7)\n\n"
         f"{run_line(meta)}\n\n"
-        f"`{args.model}` (placement {args.placement}), native `/predict`, one row per request. "
-        "Capacity "
+        f"`{args.model}` (placement {args.placement}), native `/predict`, "
+        f"{args.rows} row(s) per request. Capacity "
         f"{capacity:,.0f} req/s (closed loop, c=64); then open-loop arrivals at "
         f"{args.factor:g}x that for {args.seconds:g} s, latency timed from each request's "
         "scheduled start, on a server with load shedding (default `SERVERY_MAX_QUEUE`) and one "

@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(256, ge=0, le=1_000_000)
     """Load shedding ahead of the models: prediction requests (``/predict``, OIP REST infer) one
     router worker may have unanswered; the next is answered 503 ``overloaded`` with
-    ``Retry-After`` before its body is read or parsed. Where the router's HTTP front end, not a
+    ``Retry-After`` before its body is parsed. Where the router's HTTP front end, not a
     model, is what saturates, requests otherwise pile up in the worker's event loop with no
     bound on their latency. 0 turns it off; also off with ``SERVERY_FAST_PATH=false``."""
 
@@ -180,7 +180,8 @@ class Settings(BaseSettings):
 
     api_keys_file: Path | None = None
     """YAML/JSON file of named keys with optional allowed models and rate limits (e.g. a mounted
-    Kubernetes Secret), read at start-up; format in services/auth.py and the README."""
+    Kubernetes Secret); each router worker re-reads it when it changes (rotation without a
+    restart, within ``SERVERY_RELOAD_INTERVAL_S``); format in services/auth.py and the README."""
 
     rate_limit_requests_per_minute: float | None = Field(None, gt=0)
     """Requests per minute per API key, for keys whose entry sets none (unset: unlimited). A

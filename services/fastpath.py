@@ -50,7 +50,7 @@ OnError = Callable[[ServeryError], Response]
 
 class InFlightFull(Overloaded):
     """The router worker has ``SERVERY_MAX_IN_FLIGHT`` prediction requests unanswered: 503 with
-    ``Retry-After`` before the body is read. Not logged per request (it would add to the load)."""
+    ``Retry-After`` before the body is parsed. Not logged per request (it would add to the load)."""
 
     logged = False
 
@@ -144,6 +144,9 @@ class FastPath:
                 InFlightFull(f"overloaded: {self.in_flight} requests in progress; retry shortly")
             )
             self.shed.inc()  # the model is not known before the body is read
+            # Read (not parse) the body first: answering with it unread makes uvicorn close the
+            # connection, which clients see as a reset instead of the 503.
+            await _drain(receive)
         else:
             scope["app"] = self.api  # what the FastAPI handlers read as request.app
             self.in_flight += 1
@@ -207,6 +210,14 @@ class FastPath:
             ms,
             extra={logs.ACCESS_FIELDS: fields},
         )
+
+
+async def _drain(receive: Any) -> None:
+    """Receive the rest of the request body and drop it (bounded: check_body_size ran first)."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 def _with_request_id(send: Any, rid: str) -> Any:
