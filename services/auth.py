@@ -27,13 +27,23 @@ worker enforces the configured rate divided by ``SERVERY_ROUTER_WORKERS``, so th
 router never exceeds it. A bucket holds one minute's worth (its burst) and refills continuously.
 A request costs 1 from the request bucket; an LLM completion also costs its ``max_tokens`` (or
 ``max_completion_tokens``) times ``n`` from the token bucket, charged up front and not refunded.
+
+The keys file is re-read while serving (rotation without a restart): at most every
+``SERVERY_RELOAD_INTERVAL_S``, the first request after the interval ``stat``s the file (following
+symlinks, as a Kubernetes Secret volume swaps its ``..data`` link) and, when its resolved path,
+inode, size or mtime changed, parses it and swaps the keyring in one assignment. Keys that stay
+(same digest) keep their rate-limit buckets. A file that cannot be read or parsed keeps the
+previous keys (logged as an error, counted in ``servery_api_keys_reloads_total``): a broken
+rotation never opens the gate nor locks everyone out.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -57,6 +67,13 @@ REJECTED = Counter(
     "Requests refused by API-key checks, by key name ('-': no or unknown key) and reason",
     ["key", "reason"],
 )
+RELOADS = Counter(
+    "servery_api_keys_reloads",
+    "Re-reads of a changed API keys file, by outcome (error: the previous keys stay)",
+    ["outcome"],
+)
+
+logger = logging.getLogger("servery")
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -229,23 +246,122 @@ class ApiKey:
             self.tokens.take(tokens)
 
 
+def _by_digest(keys: Iterable[ApiKey]) -> dict[bytes, ApiKey]:
+    by_digest: dict[bytes, ApiKey] = {}
+    for key in keys:
+        if key.digest in by_digest:
+            raise ConfigError(
+                f"API keys '{by_digest[key.digest].name}' and '{key.name}' are the same"
+            )
+        by_digest[key.digest] = key
+    return by_digest
+
+
+def _carry(old: TokenBucket | None, new: TokenBucket | None) -> TokenBucket | None:
+    """The bucket a staying key keeps: its old one when the rate is unchanged, else the new one
+    holding no more than the old held (a changed limit is no way to a fresh burst)."""
+    if old is None or new is None:
+        return new
+    if old.rate == new.rate and old.capacity == new.capacity:
+        return old
+    old.wait_s(0)  # refill up to now
+    new.tokens = min(new.capacity, old.tokens)
+    return new
+
+
+FileSignature = tuple[object, ...]
+
+
+def file_signature(path: Path) -> FileSignature:
+    """What changes when ``path``'s content is replaced: the resolved path (a Secret volume swaps
+    a symlink), inode, size and mtime of what it points to, or the error reading them."""
+    try:
+        st = os.stat(path)  # follows symlinks
+    except OSError as e:
+        return ("error", e.errno)
+    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class Keyring:
-    """The keys of one router worker, by SHA-256 digest."""
+    """The keys of one router worker, by SHA-256 digest; with :meth:`watch`, re-read from their
+    file when it changes (checked on :meth:`authenticate`, at most every ``interval_s``)."""
 
     def __init__(self, keys: Iterable[ApiKey]) -> None:
-        self._by_digest: dict[bytes, ApiKey] = {}
-        for key in keys:
-            if key.digest in self._by_digest:
-                raise ConfigError(
-                    f"API keys '{self._by_digest[key.digest].name}' and '{key.name}' are the same"
-                )
-            self._by_digest[key.digest] = key
+        self._by_digest = _by_digest(keys)
+        self._path: Path | None = None
+        self._load: Callable[[], list[ApiKey]] | None = None
+        self._signature: FileSignature | None = None
+        self._interval_s = 0.0
+        self._clock: Callable[[], float] = time.monotonic
+        self._next_check = math.inf
 
     def __len__(self) -> int:
         return len(self._by_digest)
 
+    def names(self) -> list[str]:
+        return sorted(k.name for k in self._by_digest.values())
+
+    def watch(
+        self,
+        path: Path,
+        load: Callable[[], list[ApiKey]],
+        interval_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        signature: FileSignature | None = None,
+    ) -> None:
+        """Re-read the keys with ``load()`` when ``path`` changes, checked at most every
+        ``interval_s``; ``signature``: the file's when the current keys were read (default: now)."""
+        self._path, self._load, self._interval_s, self._clock = path, load, interval_s, clock
+        self._signature = file_signature(path) if signature is None else signature
+        self._next_check = clock() + interval_s
+
+    def replace(self, keys: Iterable[ApiKey]) -> None:
+        """Switch to ``keys`` in one assignment; a key already known (same digest) keeps its
+        rate-limit buckets. Raises ConfigError (two entries with one key) and changes nothing."""
+        new = _by_digest(keys)
+        for digest, key in new.items():
+            old = self._by_digest.get(digest)
+            if old is not None:
+                key.requests = _carry(old.requests, key.requests)
+                key.tokens = _carry(old.tokens, key.tokens)
+        self._by_digest = new
+
+    def refresh(self) -> bool:
+        """Re-read the keys file now if it changed since it was last read; True if it was.
+
+        A file that cannot be read or parsed keeps the current keys (logged, never the keys)."""
+        if self._path is None or self._load is None:
+            return False
+        self._next_check = self._clock() + self._interval_s
+        signature = file_signature(self._path)
+        if signature == self._signature:
+            return False
+        self._signature = signature  # a broken file is reported once, not at every check
+        before = set(self.names())
+        try:
+            self.replace(self._load())
+        except Exception as e:  # whatever the file holds, a request never fails for it
+            # ConfigError messages never quote a key; others (e.g. a binary file) say only what
+            why = str(e) if isinstance(e, ConfigError) else f"{self._path}: {type(e).__name__}"
+            RELOADS.labels("error").inc()
+            logger.error("API keys not reloaded, still using the previous %d: %s", len(self), why)
+            return False
+        RELOADS.labels("ok").inc()
+        after = set(self.names())
+        logger.warning(
+            "API keys reloaded from %s: %d keys; added %s, removed %s",
+            self._path,
+            len(after),
+            sorted(after - before) or "none",
+            sorted(before - after) or "none",
+        )
+        return True
+
     def authenticate(self, authorization: str | None) -> ApiKey:
         """The key of an ``Authorization`` header value; :class:`Unauthenticated` if none is."""
+        if self._path is not None and self._clock() >= self._next_check:
+            self.refresh()
         if not authorization:
             REJECTED.labels("-", "unauthenticated").inc()
             raise Unauthenticated("this server needs an API key: 'Authorization: Bearer <key>'")
@@ -261,9 +377,27 @@ class Keyring:
 def keyring(settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> Keyring | None:
     """The keys configured in ``settings`` (file, then environment), or None: auth is off.
 
-    Limits are divided by ``settings.router_workers``: every worker enforces its share."""
+    Limits are divided by ``settings.router_workers``: every worker enforces its share. The keys
+    file is re-read when it changes (checked every ``settings.reload_interval_s``)."""
     if not enabled(settings):
         return None
+    path = settings.api_keys_file
+    signature = None if path is None else file_signature(path)  # before reading: no change lost
+    ring = Keyring(load_keys(settings, clock=clock))
+    if path is not None:
+        ring.watch(
+            path,
+            lambda: load_keys(settings, clock=clock),
+            settings.reload_interval_s,
+            clock=clock,
+            signature=signature,
+        )
+    return ring
+
+
+def load_keys(settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> list[ApiKey]:
+    """Read and check every configured key (file, then environment) with fresh buckets; raises
+    ConfigError with the problem (never the key)."""
     specs: list[KeySpec] = []
     if settings.api_keys_file is not None:
         specs += parse_keys_file(settings.api_keys_file)
@@ -276,7 +410,7 @@ def keyring(settings: Settings, *, clock: Callable[[], float] = time.monotonic) 
     def bucket(per_minute: float | None) -> TokenBucket | None:
         return None if per_minute is None else TokenBucket(per_minute / workers, clock)
 
-    return Keyring(
+    return [
         ApiKey(
             name=s.name,
             digest=digest_of(s.key),
@@ -285,7 +419,7 @@ def keyring(settings: Settings, *, clock: Callable[[], float] = time.monotonic) 
             tokens=bucket(s.tokens_per_minute or settings.rate_limit_tokens_per_minute),
         )
         for s in specs
-    )
+    ]
 
 
 def enabled(settings: Settings) -> bool:

@@ -35,6 +35,12 @@ latency; what is admitted is answered within about ``max_queue`` / throughput.
 Batches are bounded: requests are packed in arrival order into chunks of at most
 ``max_batch_size`` rows; a single request larger than that forms a chunk of its own (requests are
 never split, so one request's rows always come from one model call).
+
+Metrics (``metrics``, a :class:`services.metrics.BatchMetrics`) are written per batch, not per
+request: after every model call its time and each carried request's wait since :meth:`submit`
+(one write per histogram bucket hit), after every successful one the rows and requests. The
+in-flight and queue-depth gauges cost the hot path nothing: a metrics thread samples
+:attr:`MicroBatcher.queued` and :attr:`MicroBatcher.waiting` (``services.metrics.sample_gauges``).
 """
 
 from __future__ import annotations
@@ -42,18 +48,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from services.errors import Overloaded
+
+if TYPE_CHECKING:
+    from services.metrics import BatchMetrics
 
 Result = tuple[np.ndarray, np.ndarray]
 SyncPredict = Callable[[np.ndarray], Result]
 AsyncPredict = Callable[[np.ndarray], Awaitable[Result]]
 BatchHook = Callable[[int, int], None]
 
-_Pending = tuple[np.ndarray, "asyncio.Future[Result]"]
+# rows, the request's future, perf_counter() when it was submitted
+_Pending = tuple[np.ndarray, "asyncio.Future[Result]", float]
 
 logger = logging.getLogger("servery")
 
@@ -78,7 +89,8 @@ class MicroBatcher:
     ``max_in_flight`` batches outstanding: requests arriving meanwhile wait and leave together
     when a batch returns, so a slow remote model gets full batches instead of a stream of tiny
     ones that queue up behind each other.
-    ``on_batch(rows, requests)`` is called after every successful model call.
+    ``on_batch(rows, requests)`` is called after every successful model call; ``metrics``
+    records the batch series (see the module docstring).
     """
 
     def __init__(
@@ -91,6 +103,7 @@ class MicroBatcher:
         hold_s: float = 0.0,
         on_batch: BatchHook | None = None,
         max_queue: int | None = None,
+        metrics: BatchMetrics | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -106,6 +119,9 @@ class MicroBatcher:
         self._max_in_flight = max_in_flight
         self._in_flight = 0
         self._on_batch = on_batch
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch(self)
         self.max_queue = max_queue
         self.queued = 0  # requests submitted and not answered yet
         self.shed = 0  # requests refused because the queue was full
@@ -125,6 +141,11 @@ class MicroBatcher:
         self.rows = 0
         self.largest_batch = 0
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a model call that has not started yet."""
+        return len(self._pending)
+
     async def submit(self, x: np.ndarray) -> Result:
         """Queue ``x`` (validated rows) for the next flush and wait for its slice of the result.
 
@@ -140,7 +161,7 @@ class MicroBatcher:
         try:
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[Result] = loop.create_future()
-            self._pending.append((x, fut))
+            self._pending.append((x, fut, perf_counter()))
             if not self._scheduled:
                 self._scheduled = True
                 loop.call_soon(self._flush)
@@ -218,27 +239,42 @@ class MicroBatcher:
                 task.add_done_callback(self._tasks.discard)
             else:
                 x = _stack(live)
+                start = perf_counter()
                 try:
                     result = self._predict(x)
                 except Exception as e:
+                    self._called(live, start)
                     _fail(live, e)
                     continue
+                self._called(live, start)
                 self._scatter(live, x.shape[0], result)  # type: ignore[arg-type]
 
     async def _run_async(self, live: list[_Pending]) -> None:
         try:
             x = _stack(live)
+            start = perf_counter()
             try:
                 result = await self._predict(x)  # type: ignore[misc]
             except Exception as e:
+                self._called(live, start)
                 _fail(live, e)
                 return
+            self._called(live, start)
             self._scatter(live, x.shape[0], result)
         finally:
             self._in_flight -= 1
             if self._pending and not self._scheduled:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._flush)
+
+    def _called(self, live: list[_Pending], start: float) -> None:
+        """Record a model call that began at ``start`` (failed or not) and its requests' waits."""
+        if self._metrics is None:
+            return
+        try:
+            self._metrics.called(perf_counter() - start, [start - item[2] for item in live])
+        except Exception:  # metrics must never fail requests
+            logger.exception("micro-batcher metrics failed")
 
     def _scatter(self, live: list[_Pending], n_rows: int, result: Any) -> None:
         """Hand each request its rows of ``result``; fail them all if ``result`` is malformed."""
@@ -250,7 +286,7 @@ class MicroBatcher:
             _fail(live, e)
             return
         offset = 0
-        for x, fut in live:
+        for x, fut, _ in live:
             n = x.shape[0]
             if not fut.done():
                 fut.set_result((labels[offset : offset + n], proba[offset : offset + n]))
@@ -258,6 +294,11 @@ class MicroBatcher:
         self.batches += 1
         self.rows += n_rows
         self.largest_batch = max(self.largest_batch, n_rows)
+        if self._metrics is not None:
+            try:
+                self._metrics.batch(n_rows, len(live))
+            except Exception:  # metrics must never fail requests that were answered
+                logger.exception("micro-batcher metrics failed")
         if self._on_batch is not None:
             try:
                 self._on_batch(n_rows, len(live))
@@ -268,10 +309,10 @@ class MicroBatcher:
 def _stack(items: list[_Pending]) -> np.ndarray:
     if len(items) == 1:
         return items[0][0]
-    return np.concatenate([x for x, _ in items])
+    return np.concatenate([item[0] for item in items])
 
 
 def _fail(items: list[_Pending], exc: BaseException) -> None:
-    for _, fut in items:
+    for _, fut, _ in items:
         if not fut.done():
             fut.set_exception(exc)

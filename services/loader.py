@@ -12,7 +12,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from models.config import (
 from models.reload import Desired, desired, fingerprint, read_desired
 from services import metrics
 from services.batcher import MicroBatcher, Result
+from services.errors import ModelNotReady
 from services.registry import (
     LoadFailure,
     ModelRoutes,
@@ -39,20 +40,9 @@ from services.registry import (
     RemotePrepare,
     ServedModel,
 )
-from services.runtimes import ModelInfo, load_info, load_runtime
+from services.runtimes import load_info, load_runtime
 
 logger = logging.getLogger("servery")
-
-
-def _batch_hook(info: ModelInfo, placement: Placement) -> Callable[[int, int], None]:
-    rows_hist = metrics.BATCH_SIZE.labels(info.name, info.version, placement.value)
-    reqs_hist = metrics.BATCH_REQUESTS.labels(info.name, info.version, placement.value)
-
-    def on_batch(rows: int, requests: int) -> None:
-        rows_hist.observe(rows)
-        reqs_hist.observe(requests)
-
-    return on_batch
 
 
 class Loader:
@@ -105,7 +95,13 @@ class Loader:
             call = self.remote[info.framework]
 
             async def predict(x: np.ndarray, _call=call, _info=info) -> Result:
-                return await _call(_info.name, _info.version, x)
+                try:
+                    result = await _call(_info.name, _info.version, x)
+                except ModelNotReady:  # the service is unreachable (not merely overloaded)
+                    metrics.set_model_ready(_info.name, False)
+                    raise
+                metrics.set_model_ready(_info.name, True)  # a dict lookup unless it changed
+                return result
 
             is_async = True
         batcher = MicroBatcher(
@@ -113,8 +109,8 @@ class Loader:
             max_batch_size=config.batch_size_of(entry, self.settings),
             is_async=is_async,
             hold_s=self.settings.batch_hold_ms / 1000.0,
-            on_batch=_batch_hook(info, placement),
             max_queue=config.queue_of(entry, self.settings),
+            metrics=metrics.BatchMetrics(info.name, info.version, placement.value),
         )
         return ServedModel(info, placement, batcher, self._load_key(entry, config))
 

@@ -276,10 +276,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except ServeryError as e:
             await abort(context, e)
         try:
-            self._registry.get(request.name, request.version or None)
+            problem = self._registry.problem(request.name, request.version or None)
         except ModelNotFound:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=problem is None)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
@@ -317,6 +317,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # like the REST fast path.
         start = time.perf_counter()
         model, version, status = metrics.UNKNOWN_MODEL, "", 200
+        counted = metrics.UNKNOWN_REQUESTS  # the version's own series once it is resolved
         try:
             # Key, then model, so an unknown model is NOT_FOUND whatever its tensors look like.
             self._admit(context, request.model_name)
@@ -326,6 +327,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             served, how = routes.route(pinned, key)
             info = served.info
             model, version = info.name, info.version
+            counted = served.metrics
             outputs = await oip.infer(
                 self._registry,
                 routes,
@@ -343,8 +345,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # also on cancellation (client gone): 499, nginx's "client closed request"
             if status == 200 and sys.exc_info()[0] is not None:
                 status = 499
-            metrics.REQUESTS.labels(model, version, str(status)).inc()
             elapsed = time.perf_counter() - start
+            counted.answered(status, elapsed)
             self._seconds.observe(elapsed)
             if self._access is not None:
                 self._access.info(

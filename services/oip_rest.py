@@ -15,8 +15,10 @@ that has ``parameters.binary_data_size`` (in input order). Outputs requested wit
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ from services import logs, metrics, oip
 from services.errors import (
     BadRequest,
     InvalidInput,
+    ModelNotReady,
     ServeryError,
     from_validation_error,
     json_response,
@@ -214,7 +217,8 @@ def encode_infer_response(
 
 async def infer_request(request: Request, name: str, version: str | None) -> Response:
     """Serve one infer request (also called by services.fastpath, outside FastAPI)."""
-    model, model_version = metrics.UNKNOWN_MODEL, ""
+    start = time.perf_counter()
+    counted = metrics.UNKNOWN_REQUESTS  # the version's own series once it is resolved
     try:
         registry = _registry(request)
         routes = registry.routes(name)
@@ -223,7 +227,7 @@ async def infer_request(request: Request, name: str, version: str | None) -> Res
         served, how = routes.route(version, key)
         info = served.info
         request.scope[logs.MODEL_KEY] = (info.name, info.version)
-        model, model_version = info.name, info.version
+        counted = served.metrics
         body = await read_body(request, binary=True, max_bytes=SETTINGS.max_body_bytes)
         req, inputs = parse_infer_request(body, headers.get(HEADER_LENGTH))
         names, binary = output_plan(req)
@@ -237,9 +241,12 @@ async def infer_request(request: Request, name: str, version: str | None) -> Res
             routed=version is None,
         )
         response = encode_infer_response(info, req.id, outputs, binary, how)
+    except asyncio.CancelledError:  # the request timeout cancelled it: the client gets a 504
+        counted.answered(504, time.perf_counter() - start)
+        raise
     except Exception as e:
         response = error_response(e)
-    metrics.REQUESTS.labels(model, model_version, str(response.status_code)).inc()
+    counted.answered(response.status_code, time.perf_counter() - start)
     return response
 
 
@@ -274,9 +281,10 @@ async def live() -> Response:
     "/health/ready", response_model=V2Health, responses={503: ERRORS[503]}, summary="OIP readiness"
 )
 async def ready(request: Request) -> Response:
-    """200 once every configured model is loaded, else 503."""
+    """200 when the router is ready (``/readyz``'s policy: ``Registry.ready``), else 503."""
     try:
-        _registry(request)
+        if not _registry(request).ready():
+            raise ModelNotReady("not every configured model can be served (see GET /models)")
     except Exception as e:
         return error_response(e)
     return json_response({"ready": True})
@@ -284,8 +292,11 @@ async def ready(request: Request) -> Response:
 
 def _model(request: Request, name: str, version: str | None, ready: bool) -> Response:
     try:
-        routes = _registry(request).routes(name)
+        registry = _registry(request)
+        routes = registry.routes(name)
         info = (routes.default if version is None else routes.resolve(version)[0]).info
+        if ready and (why := registry.problem(name, version)) is not None:
+            raise ModelNotReady(f"model '{name}' is not ready: {why}")
     except Exception as e:
         return error_response(e)
     if ready:
@@ -295,7 +306,7 @@ def _model(request: Request, name: str, version: str | None, ready: bool) -> Res
 
 _NOT_FOUND = {code: ERRORS[code] for code in (404, "default")}
 _META: dict[str, Any] = {"response_model": V2ModelMetadata, "responses": _NOT_FOUND}
-_READY: dict[str, Any] = {"response_model": V2Health, "responses": _NOT_FOUND}
+_READY: dict[str, Any] = {"response_model": V2Health, "responses": {**_NOT_FOUND, 503: ERRORS[503]}}
 
 
 @router.get("/models/{name}", summary="OIP model metadata", **_META)
@@ -310,7 +321,8 @@ async def model_version_metadata(request: Request, name: str, version: str) -> R
 
 @router.get("/models/{name}/ready", summary="OIP model readiness", **_READY)
 async def model_ready(request: Request, name: str) -> Response:
-    """200 when ``name`` is served, 404 when it is not."""
+    """200 when ``name`` is served and can answer, 503 when its framework service is
+    unreachable, 404 when it is not served."""
     return _model(request, name, None, ready=True)
 
 

@@ -24,6 +24,7 @@ def apply() -> None:
     _patch_validation_errors()
     _patch_llm_watcher_stop()
     _patch_mount_newlines()
+    _patch_traffic_metrics_labels()
     _applied = True
 
 
@@ -128,6 +129,74 @@ def _patch_mount_newlines() -> None:
 
     PassiveMount.__init__ = __init__  # type: ignore[method-assign]
     PassiveMount.__servery_dotall__ = True  # type: ignore[attr-defined]
+
+
+def _patch_traffic_metrics_labels() -> None:
+    """Label BentoML's traffic metrics by route template, never by the raw request path.
+
+    BentoML 1.4.40, ``bentoml/_internal/server/http/instruments.py``,
+    ``RunnerTrafficMetricsMiddleware.__call__``: ``endpoint = scope["path"]`` labels
+    ``bentoml_service_request_total``, ``_request_duration_seconds`` (every bucket) and
+    ``_request_in_progress``, so every distinct path a client sends (``/models/<any name>``,
+    ``/no/such/path/<random>``) made new series for good (unbounded cardinality; measured in
+    tests/integration/test_metrics_workers.py). Here the middleware sees the matched route's
+    template (``/models/{name}``, ``/v2/{path:path}``) or ``/_unmatched``; the app still routes
+    on the real path. Only requests that go through BentoML's middleware pay (~30 route matches,
+    cached per path): the fast path's prediction routes never reach it.
+    """
+    import copy
+    import functools
+
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+    from starlette.routing import Match, Mount
+
+    original = RunnerTrafficMetricsMiddleware.__call__
+    if getattr(original, "__servery__", False):
+        return
+
+    def label(routes: Any, scope: dict[str, Any], prefix: str) -> str | None:
+        partial = None
+        for route in routes:
+            match, child = route.matches(scope)
+            if match is Match.NONE:
+                continue
+            if isinstance(route, Mount):
+                inner = label(route.routes, {**scope, **child}, prefix + route.path)
+                found = inner if inner is not None else f"{prefix}{route.path}/{{path:path}}"
+            else:
+                found = prefix + getattr(route, "path", "/_unmatched")
+            if match is Match.FULL:
+                return found
+            partial = partial or found
+        return partial
+
+    @functools.lru_cache(maxsize=512)
+    def endpoint(app: Any, kind: str, method: str, path: str) -> str:
+        scope = {"type": kind, "method": method, "path": path, "root_path": ""}
+        return label(getattr(app, "routes", ()), scope, "") or "/_unmatched"
+
+    async def __call__(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or scope["path"] == "/metrics" or "app" not in scope:
+            return await original(self, scope, receive, send)
+        name = endpoint(scope["app"], kind, scope.get("method", "GET"), scope["path"])
+        if name == scope["path"]:
+            return await original(self, scope, receive, send)
+        # The original reads the label from scope["path"]: hand it a copy carrying the label and
+        # a per-request copy of itself whose app gets the real scope back.
+        inner = self.app
+
+        async def real(_: Any, receive: Any, send: Any) -> None:
+            await inner(scope, receive, send)
+
+        if not self._is_setup:  # set up once, here: a copy would register the metrics again
+            self._setup()
+        shim = copy.copy(self)
+        shim.app = real
+        await original(shim, {**scope, "path": name}, receive, send)
+
+    __call__.__servery__ = True  # type: ignore[attr-defined]
+    RunnerTrafficMetricsMiddleware.__call__ = __call__  # type: ignore[method-assign]
 
 
 def _patch_llm_watcher_stop() -> None:

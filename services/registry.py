@@ -16,6 +16,12 @@ or an alias changed (``models/reload.py``), or at once on ``POST /admin/reload``
    in ``servery_model_load_failures_total`` and shown in ``GET /models``); other failed versions
    are left out of the new table (a split renormalises over the rest);
 4. switch the map, drop versions nothing routes to.
+
+``servery_model_ready{model}`` follows the map: 1 for every name with a table, 0 for configured
+names with nothing served, NaN for names no longer configured (a multiprocess series cannot be
+removed; NaN keeps ``== 0`` alerts quiet for a model taken out on purpose); a framework service
+found unreachable by a model call sets its model to 0 until a call succeeds again
+(services/loader.py).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from services.errors import ModelNotFound
 from services.runtimes import ModelInfo
 
 if TYPE_CHECKING:
+    from services.health import ServiceHealth
     from services.loader import Loader
 
 logger = logging.getLogger("servery")
@@ -58,12 +65,22 @@ up work without bound behind the traffic it copies."""
 
 @dataclass
 class ServedModel:
-    """One loaded version of a served model."""
+    """One loaded version of a served model; ``metrics`` counts and times its requests (the
+    handlers call ``served.metrics.answered(status, seconds)``)."""
 
     info: ModelInfo
     placement: Placement
     batcher: MicroBatcher
     load_key: tuple[Any, ...] = ()
+    metrics: metrics.RequestMetrics = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = metrics.RequestMetrics(self.info.name, self.info.version)
+
+    @property
+    def service(self) -> str | None:
+        """The framework service this version runs in (``sklearn``, ...), None when inline."""
+        return self.info.framework.value if self.placement is Placement.SERVICE else None
 
     def describe(self) -> dict[str, Any]:
         return {**self.info.describe(), "placement": self.placement.value, "ready": True}
@@ -210,6 +227,12 @@ class Registry:
         self._lock = asyncio.Lock()
         self._shadows: set[asyncio.Task[None]] = set()
         self.last_reload: dict[str, Any] = {}
+        self.health: ServiceHealth | None = None
+        """What the router knows of the services behind ``service`` placements (None: all up)."""
+        self.other_services: tuple[str, ...] = ()
+        """Services the router needs besides those of its models (the LLM service)."""
+        self._published: set[str] = set()
+        self._publish_ready()
 
     def __len__(self) -> int:
         return len(self._models)
@@ -242,12 +265,53 @@ class Registry:
         return routes, served, how
 
     def ready(self) -> bool:
-        """Every configured model has a serving version (Triton's strict readiness)."""
-        return bool(self._models) and not self._errors
+        """The router's readiness (``/readyz``, ``/v2/health/ready``, gRPC ``ServerReady``):
+        every configured model has a serving version (Triton's strict readiness), every service
+        those models (and the LLM API) need has answered since start, and at least one of them
+        can answer now. A service that answered before and is unreachable now (circus restarts
+        it) leaves the router ready: only its models report not ready (:meth:`problem`); see the
+        README, "Readiness and failures"."""
+        if not self._models or self._errors:
+            return False
+        health = self.health
+        if health is None:
+            return True
+        if not health.started(self.services()):
+            return False
+        return any(self._problem(r.default) is None for r in self._models.values()) or any(
+            health.problem(s) is None for s in self.other_services
+        )
+
+    def services(self) -> set[str]:
+        """The services the served models and the LLM API need now."""
+        versions = (s for r in self._models.values() for s in r.versions.values())
+        return {s.service for s in versions if s.service is not None} | set(self.other_services)
+
+    def problem(self, name: str, version: str | None = None) -> str | None:
+        """Why the served model ``name`` (at ``version``; default: its default version) cannot
+        answer now (its service is unreachable), or None. Raises ModelNotFound like ``get``."""
+        return self._problem(self.get(name, version))
+
+    def _problem(self, served: ServedModel) -> str | None:
+        service = served.service
+        if service is None or self.health is None:
+            return None
+        return self.health.problem(service)
 
     def describe(self) -> list[dict[str, Any]]:
-        out = [m.describe() for m in self._models.values()]
+        out = [self._describe(m) for m in self._models.values()]
         out += [{"name": n, "ready": False, "error": e} for n, e in sorted(self._errors.items())]
+        return out
+
+    def describe_model(self, name: str) -> dict[str, Any]:
+        """``GET /models/{name}``: one entry of :meth:`describe`; raises ModelNotFound."""
+        return self._describe(self.routes(name))
+
+    def _describe(self, routes: ModelRoutes) -> dict[str, Any]:
+        out = routes.describe()
+        why = self._problem(routes.default)
+        if why is not None:
+            out.update(ready=False, error=why)
         return out
 
     # --- shadow traffic ------------------------------------------------------------------------
@@ -317,3 +381,15 @@ class Registry:
     def _swap(self, models: dict[str, ModelRoutes], errors: dict[str, str]) -> None:
         self._models = models
         self._errors = errors
+        self._publish_ready()
+
+    def _publish_ready(self) -> None:
+        """``servery_model_ready``: 1 per served name, 0 per configured name with nothing served,
+        NaN for a name published before and no longer configured."""
+        for name in self._models:
+            metrics.set_model_ready(name, True)
+        for name in self._errors:
+            metrics.set_model_ready(name, False)
+        for name in self._published - self._models.keys() - self._errors.keys():
+            metrics.set_model_ready(name, None)
+        self._published |= self._models.keys() | self._errors.keys()

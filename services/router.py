@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 from typing import Annotated, Any
 
 import bentoml
@@ -51,6 +52,7 @@ from services.errors import (
     json_response,
 )
 from services.gate import SCOPE_KEY, http_gate
+from services.health import ServiceHealth, probe_of
 from services.llm_proxy import StreamingProxy
 from services.loader import Loader
 from services.media import read_body
@@ -171,6 +173,8 @@ async def predict(request: Request) -> Response:
     """Predict classes and probabilities for ``inputs`` with ``model`` (at ``version``)."""
     model = metrics.UNKNOWN_MODEL
     version = ""
+    start = time.perf_counter()
+    counted = metrics.UNKNOWN_REQUESTS  # the version's own series once it is resolved
     try:
         try:
             raw = await read_body(request, binary=False, max_bytes=SETTINGS.max_body_bytes)
@@ -190,6 +194,7 @@ async def predict(request: Request) -> Response:
         info = served.info
         model, version = info.name, info.version
         request.scope[logs.MODEL_KEY] = (model, version)
+        counted = served.metrics
         x = info.validate(body.inputs, SETTINGS.max_rows_per_request)
         labels, proba = await served.batcher.submit(x)
         check_scores(info, proba)
@@ -207,11 +212,14 @@ async def predict(request: Request) -> Response:
                 "probabilities": proba.tolist(),
             }
         )
+    except asyncio.CancelledError:  # the request timeout cancelled it: the client gets a 504
+        counted.answered(504, time.perf_counter() - start)
+        raise
     except Exception as e:
         response = error_response(e)
-        metrics.REQUESTS.labels(model, version, str(response.status_code)).inc()
+        counted.answered(response.status_code, time.perf_counter() - start)
         return response
-    metrics.REQUESTS.labels(model, version, "200").inc()
+    counted.answered(200, time.perf_counter() - start)
     return response
 
 
@@ -223,9 +231,14 @@ async def predict(request: Request) -> Response:
 async def list_models(request: Request) -> dict[str, Any]:
     """Every served model: versions, aliases, routing, load errors, schema and training metrics.
 
-    Models configured but not served (nothing loaded) are listed with ``ready: false`` and the
-    reason; ``last_reload`` is this worker's latest reload report."""
+    Models configured but not served (nothing loaded), and models whose framework service is
+    unreachable, are listed with ``ready: false`` and the reason; ``last_reload`` is this
+    worker's latest reload report. An API key restricted to some models sees only those (and no
+    ``last_reload``: it is the whole server's)."""
     registry = _registry(request)
+    key = request.scope.get(SCOPE_KEY)
+    if key is not None and key.models is not None:
+        return {"models": [m for m in registry.describe() if key.allows(m["name"])]}
     return {"models": registry.describe(), "last_reload": registry.last_reload}
 
 
@@ -236,7 +249,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 )
 async def get_model(request: Request, name: str) -> Response:
     try:
-        return json_response(_registry(request).routes(name).describe())
+        return json_response(_registry(request).describe_model(name))
     except ServeryError as e:
         return error_response(e)
 
@@ -309,32 +322,45 @@ else:
     LLM_PROXY = None
 
 
-def _remote(dependency: Any, framework: Framework) -> RemotePredict:
-    """Call a framework service's ``predict_batch`` with a whole micro-batch."""
+def _remote(dependency: Any, framework: Framework, health: ServiceHealth) -> RemotePredict:
+    """Call a framework service's ``predict_batch`` with a whole micro-batch; a call that cannot
+    reach the service marks it down in ``health``, one that is answered marks it up."""
     import aiohttp
+    import httpx
     from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
     async def call(name: str, version: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        why = health.down(framework)
+        if why is not None:
+            # circus keeps a dead worker's socket open until its replacement listens: a call
+            # would wait that long (seconds, up to the request timeout). Answer 503 now; the
+            # probe (every 0.5 s while down) or the next answered call marks it up again.
+            raise ModelNotReady(f"model '{name}' is not available: {why}")
         try:
             out = await dependency.to_async.predict_batch(model=name, version=version, inputs=x)
         except ServiceUnavailable as e:
             raise Overloaded(f"the {framework} service is overloaded; retry shortly") from e
-        except (aiohttp.ClientError, OSError) as e:
+        except (httpx.TransportError, aiohttp.ClientError, OSError) as e:
+            # BentoML's client is httpx: a worker killed mid-call is a ReadError or
+            # RemoteProtocolError, a socket nobody listens on a ConnectError
+            health.mark_down(framework, f"a call failed: {type(e).__name__}")
             raise ModelNotReady(
                 f"model '{name}' is not reachable in the {framework} service"
             ) from e
         except BentoMLException as e:
             raise RuntimeError(f"{framework} service failed for model '{name}'") from e
+        health.mark_up(framework)
         return out["labels"], out["probabilities"]
 
     return call
 
 
-def _prepare(dependency: Any) -> RemotePrepare:
+def _prepare(dependency: Any, framework: Framework, health: ServiceHealth) -> RemotePrepare:
     """Ask a framework service to load a version before the router routes to it."""
 
     async def prepare(name: str, version: str) -> None:
         await dependency.to_async.prepare(model=name, version=version)
+        health.mark_up(framework)  # it answered: a newly used service needs no probe first
 
     return prepare
 
@@ -346,6 +372,9 @@ def _prepare(dependency: Any) -> RemotePrepare:
     # OpenTelemetry spans cost a large share of the router's CPU per request even when none are
     # exported (STACK.md); the prediction routes skip them unless SERVERY_TRACE_PREDICTIONS.
     tracing={"excluded_urls": [] if SETTINGS.trace_predictions else ["/predict", "/v2/models/"]},
+    # BentoML's /readyz would also be 503 whenever any dependency is (even one serving no model),
+    # taking every model out of rotation while one service restarts; Registry.ready decides.
+    runner_probe={"enabled": False},
 )
 @bentoml.asgi_app(app, path="/")
 class Router:
@@ -366,20 +395,34 @@ class Router:
             Framework.XGBOOST: self.xgboost,
             Framework.PYTORCH: self.torch,
         }
+        probes = {f.value: probe_of(dep) for f, dep in services.items()}
+        if SETTINGS.llm_enabled:
+            probes["llm"] = probe_of(self.llm)
+        self.health = ServiceHealth(probes)
         loader = Loader(
             SETTINGS,
-            remote={f: _remote(dep, f) for f, dep in services.items()},
-            prepare={f: _prepare(dep) for f, dep in services.items()},
+            remote={f: _remote(dep, f, self.health) for f, dep in services.items()},
+            prepare={f: _prepare(dep, f, self.health) for f, dep in services.items()},
         )
         self.registry = loader.initial()
+        self.registry.health = self.health
+        self.registry.other_services = ("llm",) if SETTINGS.llm_enabled else ()
         app.state.registry = self.registry
         freeze_heap()
         metrics.watch_gc()
 
-    def __is_ready__(self) -> bool:
+    async def __is_ready__(self) -> bool:  # async: BentoML runs it on the event loop
         """``/readyz``: every configured model has a version serving (a failed reload that kept
-        the old version serving stays ready; a model with nothing loaded is not)."""
+        the old version serving stays ready; a model with nothing loaded is not), the services
+        they need have started, and one of them answers now (``Registry.ready``)."""
         return self.registry.ready()
+
+    @bentoml.on_startup
+    async def _watch_services(self) -> None:
+        """Probe the framework services (and the LLM service) the models need, now and then."""
+        self._health_watcher = asyncio.get_running_loop().create_task(
+            self.health.watch(self.registry.services, SETTINGS.reload_interval_s)
+        )
 
     @bentoml.on_startup
     async def _watch_models(self) -> None:
@@ -404,9 +447,10 @@ class Router:
     @bentoml.on_shutdown
     async def _stop_grpc(self) -> None:
         """Stop accepting gRPC calls (in-flight ones get a short grace period) and the watcher."""
-        watcher = getattr(self, "_watcher", None)
-        if watcher is not None:
-            watcher.cancel()
+        for name in ("_watcher", "_health_watcher"):
+            watcher = getattr(self, name, None)
+            if watcher is not None:
+                watcher.cancel()
         server = getattr(self, "_grpc_server", None)
         if server is not None:
             from services import oip_grpc

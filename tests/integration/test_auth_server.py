@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -222,6 +222,81 @@ def test_grpc_rate_limit_is_resource_exhausted_with_retry_after(
         assert retry == "1"
         time.sleep(float(retry))
         stub.ModelInfer(request, metadata=metadata)
+
+
+def test_a_restricted_key_sees_only_its_models(server: Server) -> None:
+    listed = httpx.get(server.url + "/models", headers=bearer(KEY_IRIS)).json()
+    assert [m["name"] for m in listed["models"]] == ["iris"]
+    assert "last_reload" not in listed  # the whole server's report: not for a restricted key
+    every = httpx.get(server.url + "/models", headers=bearer(KEY_ALL)).json()
+    assert sorted(m["name"] for m in every["models"]) == ["iris", "other"]
+    assert "last_reload" in every
+    iris = bearer(KEY_IRIS)
+    for path in ("/models/other", "/models/nope", "/v2/models/other", "/v2/models/other/ready"):
+        r = httpx.get(server.url + path, headers=iris)
+        assert r.status_code == 403, path  # like predictions: no probing for names
+    assert httpx.get(server.url + "/models/iris", headers=iris).json()["name"] == "iris"
+    assert httpx.get(server.url + "/v2/models/iris/ready", headers=iris).status_code == 200
+
+
+KEY_NEW = "rotated-in-key-0123456789"
+RELOAD_BOUND_S = 10
+"""SERVERY_RELOAD_INTERVAL_S (2 s) plus generous slack for a busy test machine."""
+
+
+def test_keys_file_rotation_without_restart(servers: dict[str, Server]) -> None:
+    """The ``fast`` server's keys file is rewritten while it serves (as a Secret update would):
+    the new key works and the removed one is refused within the bound; a broken file keeps the
+    keys; the original file is put back at the end for the tests after this one."""
+    srv = servers["fast"]
+    path = Path(srv.env["SERVERY_API_KEYS_FILE"])
+    original = path.read_text()
+
+    def replace(text: str) -> None:  # a whole new file, never a half-written one
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    def status(key: str) -> int:
+        return httpx.get(srv.url + "/models", headers=bearer(key)).status_code
+
+    def wait_for(ok: Callable[[], bool], what: str) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < RELOAD_BOUND_S:
+            if ok():
+                return time.monotonic() - started
+            time.sleep(0.1)
+        raise AssertionError(f"{what} not within {RELOAD_BOUND_S} s")
+
+    try:
+        assert status(KEY_IRIS) == 200 and status(KEY_NEW) == 401
+        replace(
+            f"keys:\n  - name: all\n    key: {KEY_ALL}\n  - name: new\n    key: {KEY_NEW}\n"
+            f"    models: [other]\n"
+        )
+        took = wait_for(lambda: status(KEY_NEW) == 200, "the new key accepted")
+        assert status(KEY_IRIS) == 401 and status(KEY_ALL) == 200
+        r = httpx.post(
+            srv.url + "/predict", json={"model": "iris", "inputs": [ROW]}, headers=bearer(KEY_NEW)
+        )
+        assert r.status_code == 403  # the new entry's allowed models apply too
+        client = tg.InferenceServerClient(url=srv.grpc_url)  # gRPC shares the keyring
+        assert client.is_model_ready("other", headers={"authorization": f"Bearer {KEY_NEW}"})
+        client.close()
+
+        replace("keys: [\n  - name: broken")  # a bad edit: the keys stay as they were
+        time.sleep(3)
+        assert status(KEY_NEW) == 200 and status(KEY_ALL) == 200 and status(KEY_IRIS) == 401
+        log = srv.log.read_text(errors="replace")
+        assert "API keys not reloaded, still using the previous 2" in log
+        assert KEY_NEW not in log and KEY_ALL not in log
+        metrics = httpx.get(srv.url + "/metrics").text
+        assert 'servery_api_keys_reloads_total{outcome="error"} 1.0' in metrics
+        print(f"rotation took effect after {took:.1f} s")
+    finally:
+        replace(original)
+        wait_for(lambda: status(KEY_IRIS) == 200, "the original keys back")
+    assert status(KEY_NEW) == 401
 
 
 # --- /v1/: the gate in front of the real LLM proxy, with a stand-in for the LLM service ---------

@@ -1,7 +1,9 @@
 """Failure isolation: a framework service worker killed under load (issue 7).
 
 Only the models of that service fail while it is down, the others keep answering, and BentoML's
-circus restarts the worker so those models serve again.
+circus restarts the worker so those models serve again. Meanwhile the router says so: the model
+is not ready on every view (``GET /models``, ``/models/{name}``, OIP REST model ready, gRPC
+``ModelReady``) with the reason, while ``/readyz`` stays 200 (README, "Readiness and failures").
 """
 
 from __future__ import annotations
@@ -12,14 +14,19 @@ import os
 import signal
 import time
 from collections import Counter
+from typing import Any
 
 import aiohttp
+import grpc
 import psutil
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from bench.server import start_server
 from tests.integration.conftest import MIXED_CONFIG
 
 ROWS = {"iris": [5.1, 3.5, 1.4, 0.2], "iris-svc": [5.1, 3.5, 1.4, 0.2], "digits-svc": [0.0] * 64}
+VIEWS = ("models", "model", "oip", "grpc")
 
 
 def worker_of(server, service: str) -> psutil.Process | None:
@@ -34,10 +41,34 @@ def worker_of(server, service: str) -> psutil.Process | None:
     return None
 
 
+async def readiness(session: aiohttp.ClientSession, url: str, stub: Any) -> dict[str, Any]:
+    """What each view says of the models now: ``readyz`` (status), and per view whether
+    ``iris-svc`` is ready (with the reason given), and whether the others are."""
+    seen: dict[str, Any] = {}
+    async with session.get(f"{url}/readyz") as r:
+        seen["readyz"] = r.status
+    async with session.get(f"{url}/models") as r:
+        models = {m["name"]: m for m in (await r.json())["models"]}
+    seen["models"] = (models["iris-svc"]["ready"], models["iris-svc"].get("error"))
+    seen["others"] = [models[m]["ready"] for m in ("iris", "digits-svc")]
+    async with session.get(f"{url}/models/iris-svc") as r:
+        one = await r.json()
+    seen["model"] = (one["ready"], one.get("error"))
+    async with session.get(f"{url}/v2/models/iris-svc/ready") as r:
+        body = await r.json()
+        seen["oip"] = (r.status == 200, body.get("error"))
+    async with session.get(f"{url}/v2/models/digits-svc/ready") as r:
+        seen["others"].append(r.status == 200)
+    ready = await stub.ModelReady(pb.ModelReadyRequest(name="iris-svc"), timeout=5)
+    seen["grpc"] = (ready.ready, None)
+    return seen
+
+
 def test_killed_service_worker_fails_only_its_models_and_comes_back(demo_store, tmp_path) -> None:
     srv = start_server(demo_store, MIXED_CONFIG, tmp_path)
     tallies: dict[tuple[str, str], Counter[str]] = {}
     phase = ["before"]
+    views: dict[str, list[dict[str, Any]]] = {"before": [], "outage": [], "after": []}
 
     async def client(session: aiohttp.ClientSession, model: str, stop: asyncio.Event) -> None:
         body = json.dumps({"model": model, "inputs": [ROWS[model]]}).encode()
@@ -53,6 +84,7 @@ def test_killed_service_worker_fails_only_its_models_and_comes_back(demo_store, 
                         # a 5xx says what is wrong, never how: no internals
                         assert set(payload["error"]) >= {"type", "message"}
                         assert "Traceback" not in json.dumps(payload)
+                        outcome += f" {payload['error']['type']}"
             except (aiohttp.ClientError, TimeoutError) as e:
                 outcome = type(e).__name__
             # a request that spans the kill or the recovery belongs to the outage
@@ -60,8 +92,22 @@ def test_killed_service_worker_fails_only_its_models_and_comes_back(demo_store, 
             tallies.setdefault((model, when), Counter())[outcome] += 1
             await asyncio.sleep(0.005)
 
+    async def poll_until(session, stub, phase_: str, done, bound_s: float) -> None:
+        """Poll every view until ``done(seen so far)`` or ``bound_s`` passes."""
+        deadline = time.monotonic() + bound_s
+        while time.monotonic() < deadline:
+            views[phase_].append(await readiness(session, srv.url, stub))
+            if done(views[phase_]):
+                return
+            await asyncio.sleep(0.1)
+
+    def each_view_said(ready: bool):
+        return lambda seen: all(any(s[v][0] is ready for s in seen) for v in VIEWS)
+
     async def main() -> None:
         stop = asyncio.Event()
+        channel = grpc.aio.insecure_channel(srv.grpc_url)
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             tasks = [
                 asyncio.ensure_future(client(session, model, stop))
@@ -69,10 +115,15 @@ def test_killed_service_worker_fails_only_its_models_and_comes_back(demo_store, 
                 for _ in range(4)
             ]
             await asyncio.sleep(1.5)
+            views["before"].append(await readiness(session, srv.url, stub))
             victim = worker_of(srv, "sklearn")
             assert victim is not None, "no sklearn worker"
             phase[0] = "outage"
+            killed = time.monotonic()
             os.kill(victim.pid, signal.SIGKILL)
+            # every view reports iris-svc not ready while the worker is down (bounded)
+            await poll_until(session, stub, "outage", each_view_said(False), 20)
+            print(f"every view said not ready within {time.monotonic() - killed:.1f} s")
             # circus restarts the worker; wait until iris-svc answers again (at most 60 s)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -86,10 +137,27 @@ def test_killed_service_worker_fails_only_its_models_and_comes_back(demo_store, 
                     ) as r:
                         if r.status == 200:
                             break
+            print(f"iris-svc answered again after {time.monotonic() - killed:.1f} s")
+            # every view says ready again: each router worker on its own, at its next probe
+            # (every 0.5 s while a service is down); until then that worker still answers the
+            # model 503 at once (it knows the service as down), so these requests are counted
+            # apart ("recovering")
+            phase[0] = "recovering"
+            await poll_until(
+                session,
+                stub,
+                "after",
+                lambda seen: len(seen) >= 6 and all(all_ready(s) for s in seen[-6:]),
+                15,
+            )
             phase[0] = "after"
-            await asyncio.sleep(2)
+            await asyncio.sleep(1.5)
             stop.set()
             await asyncio.gather(*tasks)
+        await channel.close()
+
+    def all_ready(seen: dict[str, Any]) -> bool:
+        return all(seen[v][0] for v in VIEWS)
 
     try:
         asyncio.run(main())
@@ -98,12 +166,26 @@ def test_killed_service_worker_fails_only_its_models_and_comes_back(demo_store, 
         for model in ("iris", "digits-svc"):
             for p in ("before", "outage", "after"):
                 assert set(tallies[(model, p)]) == {"200"}, (model, p, tallies[(model, p)])
-        # the killed service's model failed with a clear 5xx while down, and serves again
+            assert set(tallies.get((model, "recovering"), Counter())) <= {"200"}
+        # the killed service's model failed with a clear 503 while down, and serves again
         assert set(tallies[("iris-svc", "before")]) == {"200"}
         outage = tallies[("iris-svc", "outage")]
-        assert set(outage) - {"200"} <= {"503", "500"}, outage
+        assert set(outage) - {"200"} <= {"503 model_not_ready", "503 overloaded"}, outage
+        recovering = tallies.get(("iris-svc", "recovering"), Counter())
+        assert set(recovering) <= {"200", "503 model_not_ready"}, recovering
         assert set(tallies[("iris-svc", "after")]) == {"200"}, tallies[("iris-svc", "after")]
         back = worker_of(srv, "sklearn")
         assert back is not None and back.is_running()
+
+        # readiness: the router stays in rotation throughout, the other models stay ready
+        for p, seen in views.items():
+            for s in seen:
+                assert s["readyz"] == 200 and all(s["others"]), (p, s)
+        assert all_ready(views["before"][0]), views["before"]
+        outage_views = views["outage"]
+        assert each_view_said(False)(outage_views), outage_views
+        reasons = {s[v][1] for s in outage_views for v in ("models", "model", "oip") if not s[v][0]}
+        assert reasons and all("sklearn service" in r for r in reasons), reasons
+        assert all(all_ready(s) for s in views["after"][-6:]), views["after"]
     finally:
         srv.stop()

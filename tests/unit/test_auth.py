@@ -461,3 +461,135 @@ def test_no_gate_no_checks() -> None:
     app = FastPath(inner, object(), [], timeout_s=5, access_log=False)
     assert call(app, scope("GET", "/models")).status == 200
     assert inner.calls[0][2] is None
+
+
+# --- key rotation: the keys file is re-read when it changes -------------------------------------
+
+
+def write_keys(path: Path, *entries: str) -> Path:
+    """A keys file of ``name|key[|requests_per_minute]`` entries (written whole, like a Secret)."""
+    text = "keys:\n"
+    for entry in entries:
+        name, key, *rpm = entry.split("|")
+        text += f"  - name: {name}\n    key: {key}\n"
+        if rpm:
+            text += f"    requests_per_minute: {rpm[0]}\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def rotating(tmp_path: Path, *entries: str, **kw: Any) -> tuple[auth.Keyring, Clock, Path]:
+    path = write_keys(tmp_path / "keys.yaml", *entries)
+    clock = Clock()
+    ring = keyring(settings(api_keys_file=path, reload_interval_s=2, **kw), clock=clock)
+    assert ring is not None
+    return ring, clock, path
+
+
+def accepts(ring: auth.Keyring, key: str) -> bool:
+    try:
+        ring.authenticate(f"Bearer {key}")
+    except Unauthenticated:
+        return False
+    return True
+
+
+def test_rotated_keys_apply_after_the_interval_and_staying_keys_keep_their_buckets(
+    tmp_path: Path,
+) -> None:
+    ring, clock, path = rotating(tmp_path, f"a|{KEY_A}|60", f"b|{KEY_B}", api_keys=KEY_C)
+    a = ring.authenticate(f"Bearer {KEY_A}")
+    for _ in range(50):
+        a.admit()
+    write_keys(path, f"a|{KEY_A}|60", f"c|{sha(KEY_B[::-1])}")  # b rotated to a new key
+    clock.now += 1.9  # within the interval the file is not even looked at
+    assert accepts(ring, KEY_B) and not accepts(ring, KEY_B[::-1])
+    clock.now += 0.2
+    assert not accepts(ring, KEY_B) and accepts(ring, KEY_B[::-1])
+    assert ring.names() == ["a", "c", "env-1"]  # keys from SERVERY_API_KEYS stay
+    a2 = ring.authenticate(f"Bearer {KEY_A}")
+    assert a2 is not a and a2.requests is a.requests  # the same bucket: 10 + 2.1 s of refill
+    assert a2.requests is not None and a2.requests.wait_s(1) == 0
+    assert a2.requests.tokens == pytest.approx(12.1)
+
+
+def test_a_changed_limit_gets_a_new_bucket_holding_no_more_than_the_old(tmp_path: Path) -> None:
+    ring, clock, path = rotating(tmp_path, f"a|{KEY_A}|60")
+    a = ring.authenticate(f"Bearer {KEY_A}")
+    for _ in range(60):
+        a.admit()
+    write_keys(path, f"a|{KEY_A}|600")
+    clock.now += 2
+    a2 = ring.authenticate(f"Bearer {KEY_A}")
+    assert a2.requests is not None and a2.requests.capacity == 600
+    assert a2.requests.tokens == pytest.approx(2)  # what the old bucket refilled, not 600
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "keys: []\n",
+        "keys: [\n  name: secret-value-in-a-broken-file",
+        "keys:\n  - name: a\n    key: secret-short\n",
+        f"keys:\n  - name: a\n    key: {KEY_A}\n  - name: b\n    key: {sha(KEY_A)}\n",
+        f"keys:\n  - name: env-1\n    key: {KEY_B}\n",  # clashes with SERVERY_API_KEYS' name
+        b"\xff\xfe binary",
+        None,  # deleted
+    ],
+)
+def test_a_broken_keys_file_keeps_the_previous_keys(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, broken: str | bytes | None
+) -> None:
+    ring, clock, path = rotating(tmp_path, f"a|{KEY_A}", api_keys=KEY_C)
+    errors = auth.RELOADS.labels("error")._value.get()
+    if broken is None:
+        path.unlink()
+    elif isinstance(broken, bytes):
+        path.write_bytes(broken)
+    else:
+        path.write_text(broken)
+    clock.now += 2
+    with caplog.at_level("ERROR", logger="servery"):
+        assert accepts(ring, KEY_A) and accepts(ring, KEY_C)
+        assert not accepts(ring, KEY_B)
+    assert auth.RELOADS.labels("error")._value.get() == errors + 1
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "still using the previous 2" in record.getMessage()
+    assert KEY_A not in record.getMessage() and "secret-" not in record.getMessage()
+    clock.now += 2  # reported once, not at every check
+    with caplog.at_level("ERROR", logger="servery"):
+        assert accepts(ring, KEY_A)
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
+    write_keys(path, f"b|{KEY_B}")  # fixed: applies at the next check
+    clock.now += 2
+    assert accepts(ring, KEY_B) and not accepts(ring, KEY_A) and accepts(ring, KEY_C)
+
+
+def test_a_secret_volume_symlink_swap_is_seen(tmp_path: Path) -> None:
+    """Kubernetes updates a Secret volume by pointing ``..data`` at a new timestamped folder;
+    the file name is a symlink through it. Same size and mtime: the resolved path changes."""
+    first, second = tmp_path / "..2026_01", tmp_path / "..2026_02"
+    for folder, key in ((first, KEY_A), (second, KEY_B)):
+        folder.mkdir()
+        write_keys(folder / "keys.yaml", f"k|{key}")
+        os.utime(folder / "keys.yaml", ns=(10**18, 10**18))
+    (tmp_path / "..data").symlink_to(first.name)
+    (tmp_path / "keys.yaml").symlink_to("..data/keys.yaml")
+    clock = Clock()
+    s = settings(api_keys_file=tmp_path / "keys.yaml", reload_interval_s=2)
+    ring = keyring(s, clock=clock)
+    assert ring is not None and accepts(ring, KEY_A)
+    (tmp_path / "..data_tmp").symlink_to(second.name)
+    (tmp_path / "..data_tmp").replace(tmp_path / "..data")  # atomic, as the kubelet does
+    clock.now += 2
+    assert accepts(ring, KEY_B) and not accepts(ring, KEY_A)
+
+
+def test_without_a_keys_file_nothing_is_watched() -> None:
+    clock = Clock()
+    ring = keyring(settings(api_keys=KEY_A), clock=clock)
+    assert ring is not None and not ring.refresh()
+    clock.now += 3600
+    assert accepts(ring, KEY_A)

@@ -1,0 +1,181 @@
+"""services/health.py and the readiness policy in services/registry.py: a framework service that
+answered once and is unreachable now makes only its models not ready; /readyz waits for the
+services to start, stays ready through one's restart, and is not ready when nothing can answer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from models.config import Framework, Placement
+from models.versions import ModelPlan
+from services.errors import ModelNotFound
+from services.health import ServiceHealth, probe_of
+from services.registry import ModelRoutes, Registry, ServedModel
+from services.runtimes import ModelInfo
+
+
+def served(name: str, placement: Placement, framework: Framework) -> ModelRoutes:
+    info = ModelInfo(
+        name=name,
+        store_name=name,
+        version="v1",
+        framework=framework,
+        n_features=4,
+        dtype=np.dtype("float64"),
+        feature_names=["a", "b", "c", "d"],
+        class_names=["x", "y"],
+        labels={},
+        metadata={},
+    )
+    plan = ModelPlan(name, name, ("v1",), {}, "v1", "latest")
+    return ModelRoutes(plan, {"v1": ServedModel(info, placement, batcher=None)})  # type: ignore[arg-type]
+
+
+class Probes:
+    """Stand-in probes: ``answers[service]`` is True, False or an exception to raise."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, Any] = {}
+
+    def __call__(self, service: str):
+        async def probe(timeout_s: float) -> bool:
+            answer = self.answers.get(service, TimeoutError())
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+
+        return probe
+
+
+def setup(*, llm: bool = False) -> tuple[Registry, ServiceHealth, Probes]:
+    probes = Probes()
+    names = ["sklearn", "xgboost", "pytorch"] + (["llm"] if llm else [])
+    health = ServiceHealth({n: probes(n) for n in names})
+    registry = Registry(
+        {
+            "iris": served("iris", Placement.INLINE, Framework.SKLEARN),
+            "iris-svc": served("iris-svc", Placement.SERVICE, Framework.SKLEARN),
+            "digits-svc": served("digits-svc", Placement.SERVICE, Framework.PYTORCH),
+        }
+    )
+    registry.health = health
+    registry.other_services = ("llm",) if llm else ()
+    return registry, health, probes
+
+
+def listed(registry: Registry) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in registry.describe()}
+
+
+def test_readyz_waits_for_the_services_the_models_need_then_survives_a_restart() -> None:
+    registry, health, probes = setup()
+    assert registry.services() == {"sklearn", "pytorch"}  # xgboost serves nothing here
+    assert not registry.ready()
+    asyncio.run(health.probe(registry.services()))  # nobody answers yet: still starting
+    assert not registry.ready()
+    assert "has not answered" in (registry.problem("iris-svc") or "")
+    probes.answers.update(sklearn=True, pytorch=True)
+    asyncio.run(health.probe(registry.services()))
+    assert registry.ready() and registry.problem("iris-svc") is None
+    assert all(m["ready"] for m in listed(registry).values())
+
+    # sklearn's worker dies: its model alone is not ready, the router stays ready
+    probes.answers["sklearn"] = TimeoutError()
+    asyncio.run(health.probe(registry.services()))
+    assert registry.ready()
+    why = registry.problem("iris-svc")
+    assert why is not None and "sklearn service is not reachable since" in why
+    assert "TimeoutError" in why
+    models = listed(registry)
+    assert models["iris-svc"]["ready"] is False and models["iris-svc"]["error"] == why
+    assert models["iris"]["ready"] is True and models["digits-svc"]["ready"] is True
+    assert registry.describe_model("iris-svc")["ready"] is False
+    assert registry.problem("iris") is None and registry.problem("digits-svc") is None
+
+    # it comes back
+    probes.answers["sklearn"] = True
+    asyncio.run(health.probe(registry.services()))
+    assert registry.problem("iris-svc") is None and listed(registry)["iris-svc"]["ready"]
+    with pytest.raises(ModelNotFound):
+        registry.problem("nope")
+
+
+def test_calls_mark_a_service_down_at_once_and_up_again() -> None:
+    registry, health, _ = setup()
+    health.mark_down("sklearn", "a call failed: ConnectError")  # before it ever answered
+    assert "has not answered" in (registry.problem("iris-svc") or "")
+    health.mark_up(Framework.SKLEARN)  # the router passes Framework members
+    health.mark_up("pytorch")
+    assert registry.ready() and registry.problem("iris-svc") is None
+    health.mark_down(Framework.SKLEARN, "a call failed: RemoteProtocolError")
+    assert "RemoteProtocolError" in (registry.problem("iris-svc") or "")
+    health.mark_down("sklearn", "a call failed: ConnectError")  # the first cause is kept
+    assert "RemoteProtocolError" in (registry.problem("iris-svc") or "")
+    health.mark_up("sklearn")
+    assert registry.problem("iris-svc") is None
+
+
+def test_not_ready_when_nothing_can_answer() -> None:
+    registry, health, _ = setup()
+    registry = Registry({"iris-svc": served("iris-svc", Placement.SERVICE, Framework.SKLEARN)})
+    registry.health = health
+    health.mark_up("sklearn")
+    assert registry.ready()
+    health.mark_down("sklearn", "probe failed: TimeoutError")
+    assert not registry.ready()  # the only model cannot answer: better another replica
+    health.mark_up("sklearn")
+    assert registry.ready()
+
+
+def test_the_llm_service_counts_for_readiness() -> None:
+    registry, health, probes = setup(llm=True)
+    probes.answers.update(sklearn=True, pytorch=True)
+    asyncio.run(health.probe(registry.services()))
+    assert not registry.ready()  # vLLM still loading
+    probes.answers["llm"] = True
+    asyncio.run(health.probe(registry.services()))
+    assert registry.ready()
+
+
+def test_a_configured_model_with_nothing_to_serve_is_still_not_ready() -> None:
+    registry, health, _ = setup()
+    for s in ("sklearn", "pytorch"):
+        health.mark_up(s)
+    registry._swap(dict(registry._models), {"ghost": "no versions in the store"})
+    assert not registry.ready()
+
+
+def test_watch_probes_what_the_registry_needs_and_survives_failures() -> None:
+    seen: list[list[str]] = []
+
+    async def main() -> None:
+        async def probe(timeout_s: float) -> bool:
+            seen.append(["sklearn"])
+            if len(seen) == 2:
+                raise RuntimeError("boom")
+            return True
+
+        health = ServiceHealth({"sklearn": probe})
+        task = asyncio.ensure_future(health.watch(lambda: ["sklearn", "other"], 0.01, 0.01))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        assert health.problem("sklearn") is None
+
+    asyncio.run(main())
+    assert len(seen) >= 3
+
+
+def test_probe_of_an_in_process_dependency_always_answers() -> None:
+    assert asyncio.run(probe_of(object())(1.0)) is True
+
+    class Remote:
+        async def is_ready(self, timeout: float) -> bool:
+            await asyncio.sleep(10)
+            return True
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(probe_of(Remote())(0.05))
