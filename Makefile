@@ -76,7 +76,14 @@ serve: models models-llm
 	$(PY) -m models.check
 	$(VENV)/bin/bentoml serve services:Router --host $(HOST) --port $(PORT)
 
+# Prometheus + promtool (Debian package prometheus) for tests/unit/test_rules.py and
+# tests/integration/test_prometheus.py, which fail without them. The tests start their own
+# Prometheus on a free loopback port; where an init system runs, the package also starts its own.
 test: models
+	@command -v prometheus >/dev/null 2>&1 || apt-get install -y --no-install-recommends prometheus \
+		>/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y \
+		--no-install-recommends prometheus >/dev/null 2>&1; } || \
+		{ echo "make test needs prometheus: apt-get install -y prometheus"; exit 1; }
 	$(PY) -m pytest tests
 
 # wrk (Debian package) is the load generator; without it the bench falls back to a Python client.

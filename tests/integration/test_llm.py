@@ -374,6 +374,35 @@ def test_servery_bench_openai_streaming(llm_server: Server, tmp_path: Path) -> N
         assert llm["itl_ms"]["p50"] > 0
 
 
+# The last test before the SIGTERM one, which stops the module's server.
+def test_dashboard_and_rule_llm_metrics_exist_on_metrics(client: Any, llm_server: Server) -> None:
+    """Every ``vllm:*`` and ``servery_llm_*`` metric that deploy/dashboards/servery.json and
+    deploy/prometheus/servery-rules.yml select is on the Bento's ``/metrics`` after a streamed
+    request, the vLLM ones labelled with the served name as ``model_name`` (what their queries
+    filter and group by). The classifier metrics: tests/integration/test_prometheus.py."""
+    from tests import promql
+
+    wanted = promql.llm_metrics()
+    assert wanted
+    stream = client.completions.create(
+        model=LLM_NAME, prompt=PROMPT, max_tokens=8, stream=True, extra_body=LONG
+    )
+    assert len([c for c in stream if c.choices and c.choices[0].text]) > 1
+
+    def missing() -> set[str]:
+        found = {
+            name
+            for name, labels, _ in metric_samples(f"{llm_server.url}/metrics")
+            if not name.startswith("vllm:") or labels.get("model_name") == LLM_NAME
+        }
+        return wanted - found
+
+    deadline = time.monotonic() + 10  # the router counts just after the stream ends
+    while missing() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not missing(), f"not on /metrics: {sorted(missing())}"
+
+
 def test_sigterm_lets_the_stream_in_flight_finish(client: Any, llm_server: Server) -> None:
     """SIGTERM to ``bentoml serve`` (Kubernetes stopping the pod) mid-stream: the stream still
     ends with every token and ``[DONE]``, then the server exits on its own.

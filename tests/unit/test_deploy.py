@@ -384,6 +384,12 @@ def test_servicemonitor_component(with_servicemonitor: list[Obj]) -> None:
         assert endpoint["path"] == "/metrics"
         for service in services:
             assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    # servery's rules for the same Prometheus (generated from deploy/prometheus/servery-rules.yml,
+    # checked in tests/unit/test_rules.py)
+    (rules,) = of_kind(with_servicemonitor, "PrometheusRule")
+    assert rules["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rules["metadata"]["namespace"] == NAMESPACE
+    assert rules["spec"]["groups"]
 
 
 # --- how the Bento runs in the pods -------------------------------------------------------------
