@@ -72,6 +72,7 @@ serve: models models-llm
 	@echo "  llm:    curl -sN http://$(HOST):$(PORT)/v1/chat/completions -H 'content-type: application/json' \\"
 	@echo "               -d '{\"model\": \"smollm2\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'"
 	@echo "  health: http://$(HOST):$(PORT)/readyz    metrics: http://$(HOST):$(PORT)/metrics"
+	@echo "  console: http://$(HOST):$(PORT)/console/"
 	@echo ""
 	$(PY) -m models.check
 	$(VENV)/bin/bentoml serve services:Router --host $(HOST) --port $(PORT)
@@ -84,6 +85,10 @@ test: models
 		>/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y \
 		--no-install-recommends prometheus >/dev/null 2>&1; } || \
 		{ echo "make test needs prometheus: apt-get install -y prometheus"; exit 1; }
+	@# Debian's Chromium, driven by Playwright in tests/e2e/test_console.py (no browser download).
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y chromium >/dev/null 2>&1 || \
+		{ apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1; } || \
+		{ echo "make test needs chromium: apt-get install -y chromium"; exit 1; }
 	$(PY) -m pytest tests
 
 # wrk (Debian package) is the load generator; without it the bench falls back to a Python client.

@@ -32,6 +32,11 @@ OPEN_PATHS = frozenset(
 )
 """HTTP paths served without a key (liveness/readiness probes and Prometheus scrapes)."""
 
+CONSOLE = "/console"
+"""The web console's page and static assets (services/console/) are open: a browser cannot put a
+key on ``<script src>``; they hold no data, and every call the page makes for data carries the
+key the user typed in."""
+
 SCOPE_KEY = "servery.api_key"
 """ASGI scope entry holding the caller's :class:`~services.auth.ApiKey` once admitted (handlers
 that learn the model from the body, ``/predict``, call its ``check_model``)."""
@@ -53,7 +58,12 @@ class HttpGate:
     async def admit(self, scope: dict[str, Any], receive: Any) -> tuple[Response | None, Any]:
         """``(None, receive)`` to go on (``receive`` replays a body read here), or a refusal."""
         path: str = scope["path"]
-        if path in OPEN_PATHS or (self.admin_token_set and path.startswith("/admin/")):
+        if (
+            path in OPEN_PATHS
+            or path == CONSOLE
+            or path.startswith(CONSOLE + "/")
+            or (self.admin_token_set and path.startswith("/admin/"))
+        ):
             return None, receive
         try:
             key = self.keys.authenticate(header(scope, b"authorization"))

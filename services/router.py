@@ -9,6 +9,8 @@ and keeps ``/livez``, ``/readyz`` and ``/metrics``):
 * ``POST /admin/reload`` — re-read the models file, the store and the aliases now
 * ``/v1/*`` — the OpenAI API of the LLM service (``services/llm_service.py``), streamed through
   unbuffered by ``services/llm_proxy.py`` (when ``SERVERY_LLM_ENABLED``)
+* ``GET /console/`` — the web console (``services/console/``: static pages that call the routes
+  above and ``/metrics`` from the browser)
 
 With API keys configured (``services/auth.py``) every route but the probes and ``/metrics`` needs
 one, checked in front of BentoML's app (``services/gate.py``); ``/predict``, whose model is in
@@ -41,7 +43,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from models.config import Framework
-from services import auth, logs, metrics, oip_rest
+from services import auth, console, logs, metrics, oip_rest
 from services.errors import (
     BadRequest,
     ModelNotReady,
@@ -320,6 +322,9 @@ if SETTINGS.llm_enabled:
     app.add_route("/v1/{path:path}", LLM_PROXY, methods=["GET", "POST"], include_in_schema=False)
 else:
     LLM_PROXY = None
+
+# The web console (services/console/): static pages under /console/, not on the prediction path.
+console.mount(app, auth=KEYS is not None, llm=SETTINGS.llm_enabled)
 
 
 def _remote(dependency: Any, framework: Framework, health: ServiceHealth) -> RemotePredict:

@@ -152,7 +152,7 @@ def test_every_import_of_the_served_code_is_pinned() -> None:
     functions) come from a distribution the bentofiles pin."""
     first_party = {"services", "models"}
     modules: set[str] = set()
-    for src in [*ROOT.glob("services/*.py"), *ROOT.glob("models/*.py")]:
+    for src in [*ROOT.glob("services/**/*.py"), *ROOT.glob("models/*.py")]:
         for node in ast.walk(ast.parse(src.read_text())):
             if isinstance(node, ast.Import):
                 modules.update(a.name.split(".")[0] for a in node.names)
@@ -171,6 +171,13 @@ def test_every_import_of_the_served_code_is_pinned() -> None:
     assert not missing, f"imported but not in bentofile.yaml: {missing}"
 
 
+def files(root: Path) -> set[Path]:
+    """Every file under ``root`` (caches aside), relative to it."""
+    return {
+        p.relative_to(root) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
 def test_bento_contents(built: Built) -> None:
     store_versions = {m: (built.home / "models" / m / "latest").read_text().strip() for m in DEMOS}
     for variant in BENTOFILES:
@@ -182,6 +189,10 @@ def test_bento_contents(built: Built) -> None:
         assert (src / "models/models.yaml").is_file()
         assert {p.name for p in (src / "services").iterdir()} == {
             p.name for p in (ROOT / "services").glob("*.py")
+        } | {"console"}
+        # the web console: its module, page and static assets (not the README's screenshot)
+        assert files(src / "services" / "console") == {
+            p for p in files(ROOT / "services" / "console") if p.suffix != ".png"
         }
         assert not list(src.rglob("__pycache__"))
         info = yaml.safe_load((bento / "bento.yaml").read_text())
@@ -290,5 +301,8 @@ def test_export_import_and_serve_the_built_tag(
         assert list((src / "services" / "__pycache__").glob("router.*.pyc")), (
             "the server did not import services/ from the Bento"
         )
+        # the web console's page and assets ship in the Bento
+        for path in ("/console/", "/console/static/app.js", "/console/static/console.css"):
+            assert httpx.get(f"{server.url}{path}", timeout=10).status_code == 200, path
     finally:
         server.stop()

@@ -350,6 +350,19 @@ def test_probes_and_metrics_need_no_key(tmp_path: Path, fast: bool, path: str) -
     assert inner.calls[0][0] == path
 
 
+@pytest.mark.parametrize("path", ["/console", "/console/", "/console/static/app.js"])
+def test_the_console_page_and_assets_need_no_key(tmp_path: Path, path: str) -> None:
+    """A browser cannot put a key on <script src>: the page and its files are open (no data)."""
+    app, inner, *_ = gated(tmp_path)
+    assert call(app, scope("GET", path)).status == 200 and inner.calls[0][0] == path
+
+
+@pytest.mark.parametrize("path", ["/consoles", "/console-x/app.js", "/consolex"])
+def test_only_the_console_itself_is_open(tmp_path: Path, path: str) -> None:
+    app, inner, *_ = gated(tmp_path)
+    assert call(app, scope("GET", path)).status == 401 and inner.calls == []
+
+
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize(
     ("method", "path", "envelope"),

@@ -1,0 +1,176 @@
+// Chat playground: streams POST /v1/chat/completions (server-sent events) into the page token
+// by token. Stop aborts the fetch; the router's proxy sees the client go away and vLLM aborts
+// the generation (README, "LLMs").
+
+import { call, errorOf } from "./api.js";
+import { $, h, num } from "./dom.js";
+
+/** The `data:` payloads of a server-sent event stream, as they arrive. */
+export async function* events(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value.replace(/\r/g, "");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const data = block
+          .split("\n")
+          .filter((line) => line.startsWith("data:"))
+          .map((line) => line.slice(5).replace(/^ /, ""))
+          .join("\n");
+        if (data) yield data;
+      }
+    }
+  } finally {
+    reader.releaseLock();
+  }
+}
+
+export class Chat {
+  constructor() {
+    this.messages = []; // the conversation sent with each request
+    this.controller = null;
+    $("chat-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.send();
+    });
+    $("chat-input").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        this.send();
+      }
+    });
+    $("chat-form").addEventListener("keydown", (e) => {
+      if (e.key === "Escape" && this.controller) {
+        e.preventDefault();
+        this.stop();
+      }
+    });
+    $("chat-stop").addEventListener("click", () => this.stop());
+    $("chat-model").addEventListener("change", (e) => {
+      history.replaceState(null, "", `#/chat/${encodeURIComponent(e.target.value)}`);
+    });
+    $("chat-new").addEventListener("click", () => {
+      this.stop();
+      this.messages = [];
+      $("chat-log").replaceChildren();
+      $("chat-stats").textContent = "";
+      $("chat-error").textContent = "";
+    });
+  }
+
+  setModels(llms, enabled) {
+    $("chat-off").hidden = enabled;
+    $("chat-form").hidden = !enabled;
+    const select = $("chat-model");
+    const keep = select.value;
+    const ids = llms.map((c) => c.id).join();
+    if (ids !== select.dataset.ids) {
+      select.dataset.ids = ids;
+      select.replaceChildren(
+        ...llms.map((c) => h("option", { value: c.id }, c.parent ? `${c.id} (task → ${c.parent})` : c.id)),
+      );
+      if (llms.some((c) => c.id === keep)) select.value = keep;
+    }
+  }
+
+  select(name) {
+    if ([...$("chat-model").options].some((o) => o.value === name)) $("chat-model").value = name;
+  }
+
+  stop() {
+    if (this.controller) this.controller.abort();
+  }
+
+  bubble(role, text) {
+    const content = h("div", { class: "content" }, text);
+    const li = h("li", { class: `msg ${role}` }, h("span", { class: "role" }, role === "user" ? "You" : "Assistant"), content);
+    $("chat-log").append(li);
+    return { li, content };
+  }
+
+  async send() {
+    if (this.controller) return;
+    const input = $("chat-input");
+    const text = input.value.trim();
+    if (!text) return;
+    $("chat-error").textContent = "";
+    const system = $("chat-system").value.trim();
+    this.messages.push({ role: "user", content: text });
+    this.bubble("user", text);
+    input.value = "";
+    const body = {
+      model: $("chat-model").value,
+      messages: system ? [{ role: "system", content: system }, ...this.messages] : this.messages,
+      stream: true,
+      stream_options: { include_usage: true },
+      max_tokens: Number($("chat-max-tokens").value) || 256,
+      temperature: Number($("chat-temperature").value),
+    };
+    if ($("chat-ignore-eos").checked) body.ignore_eos = true;
+
+    const { li, content } = this.bubble("assistant", "");
+    li.setAttribute("aria-live", "polite");
+    li.setAttribute("aria-busy", "true");
+    li.dataset.state = "streaming";
+    const answer = document.createTextNode("");
+    content.append(answer);
+    this.controller = new AbortController();
+    $("chat-send").disabled = true;
+    $("chat-stop").disabled = false;
+    $("chat-stats").textContent = "Waiting for the first token…";
+    const start = performance.now();
+    let first = null;
+    let chunks = 0;
+    let tokens = null;
+    let state = "done";
+    try {
+      const resp = await call("/v1/chat/completions", { method: "POST", body, signal: this.controller.signal });
+      if (!resp.ok) throw await errorOf(resp);
+      for await (const data of events(resp.body)) {
+        if (data === "[DONE]") break;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message || "the stream failed");
+        const delta = chunk.choices?.[0]?.delta?.content;
+        if (delta) {
+          if (first === null) first = performance.now();
+          answer.appendData(delta);
+          chunks += 1;
+          if (chunks % 8 === 0) $("chat-stats").textContent = `${chunks} chunks…`;
+        }
+        if (chunk.usage) tokens = chunk.usage.completion_tokens;
+      }
+    } catch (e) {
+      if (e.name === "AbortError") state = "stopped";
+      else {
+        state = "error";
+        $("chat-error").textContent = e.message;
+      }
+    } finally {
+      this.controller = null;
+      $("chat-send").disabled = false;
+      $("chat-stop").disabled = true;
+      li.setAttribute("aria-busy", "false");
+      li.dataset.state = state;
+    }
+    if (answer.data) this.messages.push({ role: "assistant", content: answer.data });
+    else if (state === "error") {
+      li.remove();
+      this.messages.pop(); // the user's message: send it again after fixing the problem
+      input.value = text;
+    }
+    const took = (performance.now() - start) / 1000;
+    const count = tokens ?? chunks;
+    const parts = [state === "stopped" ? `Stopped after ${count} tokens` : `${count} tokens`];
+    if (first !== null) parts.push(`first token after ${num(first - start)} ms`);
+    if (first !== null && count > 1) parts.push(`${num(count / ((performance.now() - first) / 1000))} tokens/s`);
+    parts.push(`${num(took)} s in all`);
+    $("chat-stats").textContent = state === "error" ? "" : parts.join(", ") + ".";
+    input.focus();
+  }
+}
