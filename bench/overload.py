@@ -41,17 +41,21 @@ from bench.report import machine, run_line, table, use_project_store, write_sect
 from bench.server import ROOT, start_server
 
 READING = (
-    "How to read it: `max_queue` bounds what waits in a model version's micro-batcher, so it "
-    "bounds the latency of admitted requests where the model is what saturates (here the "
-    "8.5 M-parameter MLP; without the bound its queue grows for as long as the overload lasts). "
-    "Where the router's front end saturates first (a cheap model: HTTP parsing, not the model, "
-    "is the cost; e.g. `--model breast_cancer_large --placement service` measured p99 15.4 s "
-    "with shedding vs 16.0 s without, 2026-11-27, before pinning), requests wait in socket buffers "
-    "and uvicorn "
-    "before any in-process queue bound sees them, and refusing one still costs its HTTP parse; "
-    "bounding that needs admission before the request is read (a per-worker in-flight cap "
-    "ahead of parsing, or the load balancer's own queue). The server and this client are "
-    "pinned to different cores (`pin_apart`)."
+    "How to read it: `max_queue` (per model version) and `max_in_flight` (per router worker) "
+    "bound what waits inside a router worker, so admitted requests are answered within about "
+    "that many / throughput once they are read: the median shows it (2026-11-27, three runs of "
+    "the default command on the otherwise idle 2-core VM: p50 1.3-1.9 s with shedding vs "
+    "8.4-10.1 s without). The tail does not: the open-loop client opens a connection per "
+    "concurrent request (up to 2,048), and a request waits for the router to accept its "
+    "connection (kernel backlog; uvloop accepts on turns of a loop that is saturated) and in "
+    "the client's connection pool before any servery code sees it, so p99 measured from the "
+    "scheduled start was 2.5-10.4 s with shedding vs 10.5-13.7 s without. With `--server-env "
+    "SERVERY_MAX_BATCH_SIZE=4` (capacity ~540 req/s) no request reached either bound (0 % "
+    "refused) and p99 was still 15 s: the wait was entirely outside the process. Bounding it "
+    "needs admission where connections are accepted (a load balancer's queue and connection "
+    "limit in front of the router, as in Kubernetes). The client (one Python core) also falls "
+    "behind its schedule at these rates. The server and this client are pinned to different "
+    "cores (`pin_apart`)."
 )
 OUT_JSON = ROOT / "bench" / "out" / "overload.json"
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
@@ -180,6 +184,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--factor", type=float, default=2.0, help="offered load / measured capacity")
     p.add_argument("--seconds", type=float, default=10.0, help="length of the overload")
     p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for both servers (e.g. SERVERY_MAX_BATCH_SIZE=8), repeatable",
+    )
+    p.add_argument(
         "--rows",
         type=int,
         default=1,
@@ -206,9 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     capacity = 0.0
     no_bounds = {"SERVERY_MAX_QUEUE": UNBOUNDED, "SERVERY_MAX_IN_FLIGHT": "0"}
+    extra = dict(kv.split("=", 1) for kv in args.server_env)
     for name, env in (("shedding (defaults)", {}), ("no shedding", no_bounds)):
         with tempfile.TemporaryDirectory(prefix="servery-overload-") as tmp:
-            server = start_server(home, config, Path(tmp), env=env)
+            server = start_server(home, config, Path(tmp), env={**extra, **env})
             try:
                 pin_apart(server.proc.pid)
                 url = f"{server.url}/predict"
@@ -250,7 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "## Overload: load shedding (issue 7)\n\n"
         f"{run_line(meta)}\n\n"
         f"`{args.model}` (placement {args.placement}), native `/predict`, "
-        f"{args.rows} row(s) per request. Capacity "
+        f"{args.rows} row(s) per request"
+        + (f", server environment `{' '.join(args.server_env)}`" if args.server_env else "")
+        + ". Capacity "
         f"{capacity:,.0f} req/s (closed loop, c=64); then open-loop arrivals at "
         f"{args.factor:g}x that for {args.seconds:g} s, latency timed from each request's "
         "scheduled start, on a server with load shedding (default `SERVERY_MAX_QUEUE`) and one "
