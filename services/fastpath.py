@@ -125,7 +125,7 @@ class FastPath:
             if refused is None and self.gate is not None:
                 refused, receive = await self.gate.admit(scope, receive)
             if refused is not None:
-                refused.headers[logs.HEADER] = rid
+                refused.raw_headers.append((_RID_HEADER, rid.encode()))
                 await refused(scope, receive, send)
                 if self.access is not None:
                     self._log(scope, refused.status_code, None, time.perf_counter() - start)
@@ -159,7 +159,7 @@ class FastPath:
                 )
             finally:
                 self.in_flight -= 1
-        response.headers[logs.HEADER] = rid
+        response.raw_headers.append((_RID_HEADER, rid.encode()))  # MutableHeaders scans first
         await response(scope, receive, send)
         elapsed = time.perf_counter() - start
         route.seconds.observe(elapsed)
@@ -189,16 +189,19 @@ class FastPath:
         client = scope.get("client")
         peer = f"{client[0]}:{client[1]}" if client else "-"
         ms = seconds * 1000.0
-        fields = {
-            "method": scope["method"],
-            "path": scope["path"],
-            "status": status,
-            "latency_ms": round(ms, 3),
-            "client": peer,
-        }
-        served = scope.get(logs.MODEL_KEY)
-        if served is not None:
-            fields["model"], fields["version"] = served
+        extra = None
+        if logs.structured():  # the fields only JSON lines show: not built for text logs
+            fields = {
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "latency_ms": round(ms, 3),
+                "client": peer,
+            }
+            served = scope.get(logs.MODEL_KEY)
+            if served is not None:
+                fields["model"], fields["version"] = served
+            extra = {logs.ACCESS_FIELDS: fields}
         self.access.info(  # type: ignore[union-attr]
             "%s (scheme=%s,method=%s,path=%s) (status=%d,length=%s) %.3fms",
             peer,
@@ -208,8 +211,11 @@ class FastPath:
             status,
             length or "-",
             ms,
-            extra={logs.ACCESS_FIELDS: fields},
+            extra=extra,
         )
+
+
+_RID_HEADER = logs.HEADER.encode()
 
 
 async def _drain(receive: Any) -> None:

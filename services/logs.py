@@ -109,10 +109,19 @@ def _trace_ids() -> tuple[str | None, str | None]:
 LOGGERS = ("", "bentoml", "uvicorn", "uvicorn.error", "uvicorn.access", "circus", "servery")
 
 
+_STRUCTURED = [False]
+
+
+def structured() -> bool:
+    """Whether this process writes JSON lines (:func:`configure` with ``json``)."""
+    return _STRUCTURED[0]
+
+
 def configure(fmt: str) -> None:
     """Add the request-id filter to every handler of the server's loggers and, for ``json``,
     give them the JSON formatter (idempotent). Called at import of ``services``, after BentoML
     configured the worker's logging."""
+    _STRUCTURED[0] = fmt == "json"
     seen: set[int] = set()
     for name in LOGGERS:
         for handler in logging.getLogger(name).handlers:

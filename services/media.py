@@ -76,6 +76,14 @@ def decode(body: bytes, encoding: str | None, max_bytes: int) -> bytes:
 
 async def read_body(request: Request, *, binary: bool, max_bytes: int) -> bytes:
     """The request's body, its content type checked and its content encoding undone."""
-    headers = request.headers
-    check_content_type(headers.get("content-type"), binary=binary)
-    return decode(await request.body(), headers.get("content-encoding"), max_bytes)
+    # One pass over the raw ASGI headers (names are lower-case): this runs on every prediction.
+    ctype = encoding = None
+    for key, value in request.scope["headers"]:
+        if key == b"content-type":
+            ctype = value
+        elif key == b"content-encoding":
+            encoding = value
+    if ctype is not None and ctype != b"application/json":
+        check_content_type(ctype.decode("latin-1"), binary=binary)
+    body = await request.body()
+    return body if encoding is None else decode(body, encoding.decode("latin-1"), max_bytes)

@@ -174,9 +174,11 @@ def test_access_line_and_handler_lines_share_the_request_id() -> None:
     for lg in loggers:
         lg.addHandler(capture)
         lg.setLevel(logging.INFO)
+    logs._STRUCTURED[0] = True  # as after configure("json")
     try:
         call(make(), scope(rid=b"r-42"))
     finally:
+        logs._STRUCTURED[0] = False
         for lg, level in zip(loggers, levels, strict=True):
             lg.removeHandler(capture)
             lg.setLevel(level)
