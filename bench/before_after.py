@@ -1,0 +1,86 @@
+"""This tree against an earlier commit, on one model and one endpoint, in paired runs.
+
+    python -m bench.before_after --rev d168bef [--model breast_cancer_large] [--endpoint oip]
+                                 [-c 64] [--repeats 8] [--seconds 5]
+
+Both routers serve ``--model`` inline from the project's store at once (the earlier commit from a
+``git worktree``); wrk drives one at a time, alternating which goes first each repeat, so slow
+drift of this shared VM's speed hits both alike. Prints each repeat's req/s and the ratio
+this/before, and the median ratio. Use it to find what a change costs the hot path of a model
+that ``bench.versioning`` (iris, ``/predict``) does not cover. Writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.foundation import load_subject
+from bench.report import use_project_store
+from bench.server import ROOT, start_server
+from bench.versioning import worktree
+from bench.wrk import run_wrk
+
+
+def bodies(model: str, endpoint: str) -> list[str]:
+    rows = load_subject(model).rows[:64].tolist()
+    if endpoint == "predict":
+        return [json.dumps({"model": model, "inputs": [r]}) for r in rows]
+    return [
+        json.dumps(
+            {"inputs": [{"name": "input-0", "shape": [1, len(r)], "datatype": "FP32", "data": r}]}
+        )
+        for r in rows
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.before_after", description=__doc__)
+    p.add_argument("--rev", required=True, help="git revision to compare against")
+    p.add_argument("--model", default="breast_cancer_large")
+    p.add_argument("--endpoint", choices=("oip", "predict"), default="oip")
+    p.add_argument("-c", "--concurrency", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--seconds", type=int, default=5)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    home = use_project_store(ROOT)
+    config = f"models:\n  - {{name: {args.model}, tag: {args.model}, placement: inline}}\n"
+    path = "/predict" if args.endpoint == "predict" else f"/v2/models/{args.model}/infer"
+    payload = bodies(args.model, args.endpoint)
+    rps: dict[str, list[float]] = {"this": [], "before": []}
+    with tempfile.TemporaryDirectory(prefix="servery-before-after-") as tmp_name:
+        tmp = Path(tmp_name)
+        with worktree(args.rev, tmp) as before_tree:
+            servers = {
+                "this": start_server(home, config, tmp / "this"),
+                "before": start_server(home, config, tmp / "before", root=before_tree),
+            }
+            try:
+                for rep in range(args.repeats):
+                    order = ["this", "before"] if rep % 2 == 0 else ["before", "this"]
+                    for name in order:
+                        url = servers[name].url + path
+                        result = run_wrk(
+                            url, payload, concurrency=args.concurrency, seconds=args.seconds
+                        )
+                        rps[name].append(result.rps)
+                        print(f"repeat {rep + 1} {name:6} {result.rps:8,.0f} req/s", flush=True)
+            finally:
+                for srv in servers.values():
+                    srv.stop()
+    ratios = [a / b for a, b in zip(rps["this"], rps["before"], strict=True)]
+    print(f"this/{args.rev} per repeat: " + ", ".join(f"{r:.3f}" for r in ratios))
+    print(
+        f"median this/{args.rev}: {statistics.median(ratios):.3f} "
+        f"({args.model}, {args.endpoint}, c={args.concurrency}, {args.repeats} x {args.seconds} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
