@@ -228,7 +228,7 @@ async def _drain(receive: Any) -> None:
 
 def _with_request_id(send: Any, rid: str) -> Any:
     """``send`` that adds ``X-Request-ID: rid`` to the response (replacing any the app set)."""
-    header = (logs.HEADER.encode(), rid.encode())
+    header = (_RID_HEADER, rid.encode())
 
     async def send_with_id(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -266,7 +266,7 @@ def _not_found_default(original: ASGIApp) -> ASGIApp:
     Starlette's ``Router.default`` (``not_found``) answers ``text/plain`` "Not Found"; BentoML
     builds the router's outer app, so its default is replaced here. Websockets keep the original.
     The path is not echoed: it may be 10 KB of control characters."""
-    from services.errors import ServeryError, error_response
+    from services.errors import error_response
 
     async def not_found(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

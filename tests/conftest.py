@@ -120,3 +120,17 @@ class Sent:
     @property
     def body(self) -> Any:
         return json.loads(b"".join(m.get("body", b"") for m in self.messages[1:]))
+
+
+def engine_metric(url: str, name: str, model: str) -> float:
+    """vLLM engine metric ``name`` of served LLM ``model`` (its ``model_name`` label), summed over
+    its series, from the ``/metrics`` at server ``url``; fails when it is missing."""
+    from bench.report import metric_samples
+
+    values = [
+        v
+        for n, labels, v in metric_samples(f"{url}/metrics")
+        if n == name and labels.get("model_name") == model
+    ]
+    assert values, f"{name} missing from /metrics"
+    return sum(values)

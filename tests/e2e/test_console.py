@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.report import metric_samples
 from bench.server import ROOT, Server, start_server
 from tests.conftest import bentoml_store, save_iris
+from tests.conftest import engine_metric as shared_engine_metric
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -344,13 +344,7 @@ def test_chat_streams_and_the_stop_button_ends_the_generation(
 
 
 def engine_metric(server: Server, name: str) -> float:
-    values = [
-        v
-        for n, labels, v in metric_samples(f"{server.url}/metrics")
-        if n == name and labels.get("model_name") == LLM
-    ]
-    assert values, f"{name} missing from /metrics"
-    return sum(values)
+    return shared_engine_metric(server.url, name, LLM)
 
 
 @pytest.mark.parametrize("console", [{"width": 390, "height": 844}], indirect=True)

@@ -20,6 +20,7 @@ import pytest
 
 from bench.report import metric_samples
 from bench.server import BENTOML, ROOT, Server, ServerProcess, free_port, launch
+from tests.conftest import engine_metric as shared_engine_metric
 from tests.integration.conftest import LLM_NAME
 
 openai = pytest.importorskip("openai")
@@ -49,13 +50,7 @@ def complete(client: Any, **kwargs: Any) -> Any:
 
 def engine_metric(server: Server, name: str) -> float:
     """A vLLM engine metric of the served model from the service's ``/metrics``."""
-    values = [
-        v
-        for n, labels, v in metric_samples(f"{server.url}/metrics")
-        if n == name and labels.get("model_name") == LLM_NAME
-    ]
-    assert values, f"{name} missing from /metrics"
-    return sum(values)
+    return shared_engine_metric(server.url, name, LLM_NAME)
 
 
 def wait_for(predicate: Any, timeout: float) -> float:
