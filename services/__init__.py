@@ -13,8 +13,8 @@ from services.settings import SETTINGS
 
 patches.apply()
 # BentoML configured this worker's logging before importing the service: request ids on every
-# line, and JSON lines if asked for (SERVERY_LOG_FORMAT).
-logs.configure(SETTINGS.log_format)
+# line, JSON lines if asked for (SERVERY_LOG_FORMAT), INFO lines flushed every SERVERY_LOG_FLUSH_MS.
+logs.configure(SETTINGS.log_format, SETTINGS.log_flush_ms / 1000.0)
 # BentoML's server logging leaves the root logger at WARNING; servery's own INFO lines (models
 # loaded and reloaded, shadow answers on "servery.shadow") are part of what an operator reads.
 logging.getLogger("servery").setLevel(logging.INFO)

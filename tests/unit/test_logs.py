@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from typing import Any
 
 import pytest
@@ -188,3 +189,113 @@ def test_access_line_and_handler_lines_share_the_request_id() -> None:
     fields = getattr(by_name["bentoml.access"], logs.ACCESS_FIELDS)
     assert fields["model"] == "iris" and fields["version"] == "v1" and fields["status"] == 200
     assert fields["method"] == "POST" and fields["path"] == "/predict" and fields["latency_ms"] >= 0
+
+
+# --- the cost per line: deferred flushes, cached time stamps, fields no format shows ------------
+
+
+class CountingStream:
+    """A stream that records what reached it at each flush (what a reader of the pipe sees)."""
+
+    def __init__(self) -> None:
+        self.buffer: list[str] = []
+        self.flushed: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.buffer.append(text)
+
+    def flush(self) -> None:
+        self.flushed.extend(self.buffer)
+        self.buffer.clear()
+
+
+def test_info_lines_wait_for_the_interval_and_warnings_flush_at_once() -> None:
+    stream = CountingStream()
+    handler = logs._deferred(logging.StreamHandler(stream), 0.05)  # type: ignore[arg-type]
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.handle(record_at(logging.INFO, "first"))
+    handler.handle(record_at(logging.INFO, "second"))
+    assert stream.flushed == [] and len(stream.buffer) == 2  # written, not yet flushed
+    handler.handle(record_at(logging.WARNING, "third"))
+    assert stream.flushed == ["INFO first\n", "INFO second\n", "WARNING third\n"]  # in order
+    handler.handle(record_at(logging.INFO, "fourth"))
+    deadline = time.monotonic() + 5
+    while not stream.flushed[3:] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert stream.flushed[3:] == ["INFO fourth\n"]  # the flusher thread wrote it out
+
+
+def record_at(level: int, msg: str) -> logging.LogRecord:
+    return logging.LogRecord("servery", level, __file__, 1, msg, None, None)
+
+
+def test_configure_defers_plain_stream_handlers_once_and_keeps_their_setup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keep_flags(monkeypatch)
+    shared = logging.StreamHandler(CountingStream())  # type: ignore[arg-type]
+    shared.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
+    shared.setFormatter(fmt)
+    file_handler = logging.FileHandler("/dev/null")
+    a, b = logging.getLogger("servery"), logging.getLogger("circus")
+    for logger in (a, b):
+        logger.addHandler(shared)
+    a.addHandler(file_handler)
+    try:
+        logs.configure("text", 0.1)
+        logs.configure("text", 0.1)
+        new = [h for h in a.handlers if isinstance(h, logs.DeferredFlushHandler)]
+        assert len(new) == 1 and new[0] in b.handlers  # one replacement for the shared handler
+        assert shared not in a.handlers and shared not in b.handlers
+        assert new[0].formatter is fmt and new[0].level == logging.INFO
+        assert sum(isinstance(f, logs.RequestIdFilter) for f in new[0].filters) == 1
+        assert file_handler in a.handlers  # files and other handler classes are left alone
+    finally:
+        for logger in (a, b):
+            for h in list(logger.handlers):
+                if h is shared or h is file_handler or isinstance(h, logs.DeferredFlushHandler):
+                    logger.removeHandler(h)
+        file_handler.close()
+
+
+def test_time_stamps_render_once_per_second_and_read_the_same() -> None:
+    cached = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
+    plain = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
+    logs._cache_seconds(cached)
+    logs._cache_seconds(cached)  # idempotent
+    rec = record_at(logging.INFO, "m")
+    for created in (1_700_000_000.1, 1_700_000_000.9, 1_700_000_001.2, 1_700_000_000.5):
+        rec.created = created
+        assert cached.format(rec) == plain.format(rec)
+    no_datefmt = logging.Formatter("%(asctime)s")  # milliseconds: never cached
+    logs._cache_seconds(no_datefmt)
+    assert not getattr(no_datefmt.formatTime, "__servery_cached__", False)
+
+
+def keep_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    for flag in ("logThreads", "logProcesses", "logMultiprocessing", "_srcfile"):
+        monkeypatch.setattr(logging, flag, getattr(logging, flag))
+
+
+def test_fields_no_format_shows_are_not_looked_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    keep_flags(monkeypatch)
+    logs._skip_unused_fields([logging.Formatter("%(asctime)s %(process)d %(message)s"), None])
+    assert logging.logThreads is False and logging.logMultiprocessing is False
+    assert logging.logProcesses is True  # shown: still filled in
+    assert logging._srcfile is None  # type: ignore[attr-defined]
+    rec = logging.getLogger("servery").makeRecord("servery", logging.INFO, "f", 1, "m", (), None)
+    assert rec.thread is None and isinstance(rec.process, int)
+
+
+def test_an_unknown_formatter_keeps_every_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    keep_flags(monkeypatch)
+
+    class Custom(logging.Formatter):
+        pass
+
+    before = (logging.logThreads, logging._srcfile)  # type: ignore[attr-defined]
+    logs._skip_unused_fields([logging.Formatter("%(message)s"), Custom("%(message)s")])
+    assert (logging.logThreads, logging._srcfile) == before  # type: ignore[attr-defined]
+    logs._skip_unused_fields([logging.Formatter("%(funcName)s:%(lineno)d %(message)s")])
+    assert logging._srcfile is not None  # type: ignore[attr-defined]
