@@ -16,12 +16,12 @@ that has ``parameters.binary_data_size`` (in input order). Outputs requested wit
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.responses import Response
@@ -207,7 +207,7 @@ def encode_infer_response(
     body["outputs"] = entries
     if not chunks:
         return json_response(body)
-    header = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    header = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
     return Response(
         b"".join([header, *chunks]),
         headers={HEADER_LENGTH: str(len(header))},
