@@ -104,6 +104,9 @@ class OutputTensor:
     data: np.ndarray
 
 
+_NUMBERS = frozenset((float, int))
+
+
 def rows_from_inputs(inputs: Sequence[InputTensor], info: ModelInfo, max_rows: int) -> np.ndarray:
     """Validate the request's input tensors and return a 2-D array in the model's dtype.
 
@@ -135,6 +138,28 @@ def rows_from_inputs(inputs: Sequence[InputTensor], info: ModelInfo, max_rows: i
     if shape[0] > max_rows:
         raise PayloadTooLarge(f"{shape[0]} rows in one request; the limit is {max_rows}")
     data = tensor.data
+    if (
+        src == info.dtype
+        and isinstance(data, list)
+        and len(data) == shape[0] * shape[1]
+        and set(map(type, data)) <= _NUMBERS
+    ):
+        # The common request, flat JSON numbers for a tensor in the model's dtype: one
+        # conversion, no casts to check (a value too large becomes inf, refused below). Anything
+        # else (nesting, strings, bools, null) takes the general path, which names the problem.
+        try:
+            with np.errstate(over="ignore"):  # the overflow is reported below, as the 400
+                out = np.array(data, dtype=src)
+        except (ValueError, TypeError, OverflowError):
+            out = None
+        if out is not None:
+            out = out.reshape(shape)
+            if not np.isfinite(out).all():
+                raise InvalidInput(
+                    f"input '{INPUT_NAME}' holds NaN/Infinity or values outside "
+                    f"{info.dtype.name} range"
+                )
+            return out
     if isinstance(data, np.ndarray):
         arr = data
     else:
@@ -182,14 +207,12 @@ def _check_integers(arr: np.ndarray, src: np.dtype, datatype: str) -> None:
 
 def _holds_bool(data: Any) -> bool:
     """JSON true/false parse as Python bools, which numpy would silently read as 1/0."""
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, bool):
-            return True
-        if isinstance(item, list):
-            stack.extend(item)
-    return False
+    if not isinstance(data, list):
+        return isinstance(data, bool)
+    types = set(map(type, data))  # one C-level pass over a flat list
+    if bool in types:
+        return True
+    return list in types and any(_holds_bool(item) for item in data if type(item) is list)
 
 
 def requested_outputs(names: Sequence[str] | None) -> tuple[str, ...]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import zlib
+from typing import Any
 
 import pytest
+from starlette.requests import ClientDisconnect, Request
 
 from services.errors import BadRequest, PayloadTooLarge
-from services.media import UnsupportedMediaType, check_content_type, decode
+from services.media import UnsupportedMediaType, check_content_type, decode, read_body
 
 BODY = b'{"model": "iris", "inputs": [[1, 2, 3, 4]]}'
 
@@ -75,3 +78,41 @@ def test_inflated_size_is_bounded() -> None:
 def test_corrupt_streams_are_400(encoding: str, data: bytes, words: str) -> None:
     with pytest.raises(BadRequest, match=words):
         decode(data, encoding, 1024)
+
+
+def request_of(*messages: dict[str, Any], encoding: bytes | None = None) -> Request:
+    queue = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        return queue.pop(0)
+
+    headers = [(b"content-type", b"application/json")]
+    if encoding is not None:
+        headers.append((b"content-encoding", encoding))
+    return Request({"type": "http", "method": "POST", "headers": headers}, receive)
+
+
+def chunk(body: bytes, more: bool) -> dict[str, Any]:
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+@pytest.mark.parametrize("split", [1, 2, 5])
+def test_body_in_any_number_of_messages_reads_whole(split: int) -> None:
+    size = -(-len(BODY) // split)
+    parts = [BODY[i : i + size] for i in range(0, len(BODY), size)]
+    messages = [chunk(p, i < len(parts) - 1) for i, p in enumerate(parts)]
+    request = request_of(*messages)
+    assert asyncio.run(read_body(request, binary=False, max_bytes=1000)) == BODY
+    assert asyncio.run(request.body()) == BODY  # kept on the request: no second receive
+
+
+def test_compressed_body_in_messages_is_decoded() -> None:
+    packed = gzip.compress(BODY)
+    request = request_of(chunk(packed[:10], True), chunk(packed[10:], False), encoding=b"gzip")
+    assert asyncio.run(read_body(request, binary=False, max_bytes=1000)) == BODY
+
+
+def test_client_gone_before_the_body_ends_is_a_disconnect() -> None:
+    request = request_of(chunk(BODY[:5], True), {"type": "http.disconnect"})
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(read_body(request, binary=False, max_bytes=1000))
