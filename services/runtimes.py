@@ -214,14 +214,74 @@ def _sklearn_predictor(estimator: Any, threads: int) -> Predictor:
 
 
 def _xgboost_predictor(booster: Any, threads: int) -> Predictor:
+    predict = _xgboost_dense_predict(booster)
+
     def predict_proba(x: np.ndarray) -> np.ndarray:
-        # inplace_predict skips DMatrix construction: the cheapest XGBoost call for small batches.
-        out = booster.inplace_predict(x)
+        out = predict(x)
         if out.ndim == 1:  # binary:logistic returns P(class 1)
             return np.stack([1.0 - out, out], axis=1)
         return out
 
     return predict_proba
+
+
+def _xgboost_dense_predict(booster: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """``booster.inplace_predict(x)`` for a 2-D numpy array, through the C function it calls.
+
+    ``inplace_predict`` (no DMatrix) is XGBoost's cheapest call for small batches, but its Python
+    side (input-type dispatch over pandas/arrow/polars/cupy, JSON arguments built per call,
+    feature validation, a ctypes class made per call for the output) was about half of a call
+    in the router: 382 -> 191 us for one row and 464 -> 383 us for 32 rows of the 300-tree
+    breast_cancer_large model. This makes the same ``XGBoosterPredictFromDense`` call (XGBoost's
+    public C API) with the arguments prepared once; the result is identical. Falls back to
+    ``inplace_predict`` when the private helpers it reuses move in another XGBoost release.
+    """
+    import ctypes
+
+    try:
+        from xgboost.core import _LIB, _check_call, c_bst_ulong, make_jcargs
+    except ImportError:
+        return booster.inplace_predict  # type: ignore[no-any-return]
+    config = make_jcargs(
+        type=0,  # probabilities, not margins
+        training=False,
+        iteration_begin=0,
+        iteration_end=0,
+        missing=float("nan"),
+        strict_shape=False,
+        cache_id=0,
+    )
+    n_features = booster.num_features()
+    no_proxy = ctypes.c_void_p()
+    c_float_p = ctypes.POINTER(ctypes.c_float)
+    shape_p = ctypes.POINTER(c_bst_ulong)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)  # XGBoost compares features as float32
+        if x.ndim != 2 or x.shape[1] != n_features:
+            raise ValueError(f"Feature shape mismatch, expected: {n_features}, got {x.shape}")
+        iface = b'{"data":[%d,true],"shape":[%d,%d],"strides":null,"typestr":"<f4","version":3}' % (
+            x.ctypes.data,
+            x.shape[0],
+            x.shape[1],
+        )
+        shape, dims, preds = shape_p(), c_bst_ulong(), c_float_p()
+        _check_call(
+            _LIB.XGBoosterPredictFromDense(
+                booster.handle,  # through the booster: the closure keeps it (and its handle) alive
+                iface,
+                config,
+                no_proxy,
+                ctypes.byref(shape),
+                ctypes.byref(dims),
+                ctypes.byref(preds),
+            )
+        )
+        out = np.empty([shape[i] for i in range(dims.value)], dtype=np.float32)
+        ctypes.memmove(out.ctypes.data, preds, out.nbytes)  # XGBoost reuses its buffer: copy
+        return out
+
+    return predict
 
 
 def _torch_predictor(net: Any, threads: int) -> Predictor:
