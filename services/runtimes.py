@@ -258,6 +258,8 @@ def _xgboost_dense_predict(booster: Any) -> Callable[[np.ndarray], np.ndarray]:
 
     def predict(x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)  # XGBoost compares features as float32
+        if not x.flags.aligned:  # e.g. unpickled from a byte offset; XGBoost refuses those
+            x = x.copy()
         if x.ndim != 2 or x.shape[1] != n_features:
             raise ValueError(f"Feature shape mismatch, expected: {n_features}, got {x.shape}")
         iface = b'{"data":[%d,true],"shape":[%d,%d],"strides":null,"typestr":"<f4","version":3}' % (

@@ -42,6 +42,16 @@ def test_direct_call_takes_float64_and_non_contiguous_rows() -> None:
     )
 
 
+def test_misaligned_rows_are_realigned() -> None:
+    b = booster(2)
+    want = np.random.default_rng(4).normal(size=(3, 7)).astype(np.float32)
+    raw = bytearray(1 + want.nbytes)
+    x = np.frombuffer(raw, dtype=np.float32, count=want.size, offset=1).reshape(3, 7)
+    raw[1:] = want.tobytes()  # x is a view of raw at byte offset 1
+    assert not x.flags.aligned
+    np.testing.assert_array_equal(_xgboost_dense_predict(b)(x), b.inplace_predict(want))
+
+
 def test_result_is_a_copy_not_xgboosts_buffer() -> None:
     predict = _xgboost_dense_predict(booster(2))
     gc.collect()  # the predictor alone keeps the booster (and its C handle) alive
