@@ -25,6 +25,7 @@ def apply() -> None:
     _patch_llm_watcher_stop()
     _patch_mount_newlines()
     _patch_traffic_metrics_labels()
+    _patch_uvicorn_one_write()
     _applied = True
 
 
@@ -197,6 +198,85 @@ def _patch_traffic_metrics_labels() -> None:
 
     __call__.__servery__ = True  # type: ignore[attr-defined]
     RunnerTrafficMetricsMiddleware.__call__ = __call__  # type: ignore[method-assign]
+
+
+class _Held:
+    """A stand-in transport that keeps what is written (a response's head) instead of sending it."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class _Prefixed:
+    """A stand-in transport whose first write sends ``head`` and the data in one call."""
+
+    __slots__ = ("head", "transport")
+
+    def __init__(self, transport: Any, head: bytes) -> None:
+        self.transport = transport
+        self.head = head
+
+    def write(self, data: bytes) -> None:
+        if self.head:
+            data, self.head = self.head + data, b""
+        self.transport.write(data)
+
+
+def _patch_uvicorn_one_write() -> None:
+    """Send a response's status line and headers in the same write as its body.
+
+    uvicorn 0.54, ``uvicorn/protocols/http/httptools_impl.py``, ``RequestResponseCycle.send``
+    writes the head when the app sends ``http.response.start`` and the body at
+    ``http.response.body``: two ``transport.write`` calls per response, each a ``send(2)`` on
+    uvloop and, with ``TCP_NODELAY``, a TCP segment of its own for the client to receive and
+    acknowledge. For a response whose length is known (every prediction answer), the head is now
+    held and written with the first body chunk: one system call and one segment. Streamed
+    (chunked) responses, such as the LLM's server-sent events, still get their head at once, so a
+    client sees the status before the first token. uvicorn's own code still builds and checks
+    the head; this only defers its write (upstream has no option for it; h11's implementation is
+    not used here: BentoML picks httptools when it is installed).
+    """
+    from uvicorn.protocols.http import httptools_impl
+
+    cycle = httptools_impl.RequestResponseCycle
+    if getattr(cycle.send, "__servery_one_write__", False):
+        return
+    original = cycle.send
+
+    async def send(self: Any, message: Any) -> None:
+        if self.response_started:
+            head = getattr(self, "_servery_head", b"")
+            if not head:
+                return await original(self, message)
+            self._servery_head = b""
+            transport = self.transport
+            self.transport = prefixed = _Prefixed(transport, head)
+            try:
+                await original(self, message)
+            finally:
+                self.transport = transport
+            if prefixed.head and not self.disconnected:  # nothing written (HEAD, empty body)
+                transport.write(prefixed.head)
+            return None
+        transport = self.transport
+        self.transport = held = _Held()
+        try:
+            await original(self, message)
+        finally:
+            self.transport = transport
+        if held.data:
+            if self.chunked_encoding:  # a stream: its head goes out now
+                transport.write(held.data)
+            else:
+                self._servery_head = held.data
+
+    send.__servery_one_write__ = True  # type: ignore[attr-defined]
+    cycle.send = send  # type: ignore[method-assign]
 
 
 def _patch_llm_watcher_stop() -> None:

@@ -362,3 +362,85 @@ def test_only_the_llm_watcher_leaves_its_children_to_the_worker(
     args = ["-m", "_bentoml_impl.worker.service", "services:Router", "--service-name", service]
     watcher = bentoml.serving.create_watcher(name=f"service_{service}", args=args)
     assert watcher.stop_children is stop_children
+
+
+# --- uvicorn: a response's head and body in one write -------------------------------------------
+
+
+class CountingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def run_response(response: Response, method: str = "GET") -> list[bytes]:
+    import logging
+
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    transport = CountingTransport()
+    scope = {"type": "http", "method": method, "path": "/", "headers": [], "http_version": "1.1"}
+
+    async def run() -> None:
+        cycle = RequestResponseCycle(
+            scope=scope,  # type: ignore[arg-type]
+            transport=transport,  # type: ignore[arg-type]
+            flow=SimpleNamespace(write_paused=False),  # type: ignore[arg-type]
+            logger=logging.getLogger("test"),
+            access_logger=logging.getLogger("test"),
+            access_log=False,
+            default_headers=[(b"server", b"uvicorn")],
+            message_event=asyncio.Event(),
+            expect_100_continue=False,
+            keep_alive=True,
+            on_response=lambda: None,
+        )
+
+        requests = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if requests:
+                return requests.pop()
+            await asyncio.Event().wait()  # the client stays connected
+            raise AssertionError("unreachable")
+
+        await response(scope, receive, cycle.send)  # type: ignore[arg-type]
+        assert cycle.response_complete
+
+    asyncio.run(run())
+    return transport.writes
+
+
+def test_a_response_of_known_length_is_one_write() -> None:
+    writes = run_response(JSONResponse({"ok": True}))
+    assert len(writes) == 1
+    head, _, body = writes[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 11" in head
+    assert body == b'{"ok":true}'
+
+
+def test_a_head_request_still_gets_its_head() -> None:
+    writes = run_response(Response(b"abc", media_type="text/plain"), method="HEAD")
+    assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\n")
+    assert b"content-length: 3" in writes[0]
+
+
+def test_a_stream_gets_its_head_before_the_first_chunk() -> None:
+    from starlette.responses import StreamingResponse
+
+    async def chunks() -> Any:
+        yield b"data: 1\n\n"
+        yield b"data: 2\n\n"
+
+    writes = run_response(StreamingResponse(chunks(), media_type="text/event-stream"))
+    assert writes[0].startswith(b"HTTP/1.1 200 OK") and writes[0].endswith(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in writes[0]
+    assert b"".join(writes[1:]) == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
