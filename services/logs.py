@@ -22,10 +22,11 @@ c=64). :func:`configure` trims what no configured format shows, along the loggin
 "Optimization" section: the caller's file and line (``logging._srcfile``), thread, process and
 multiprocessing names are not looked up when no handler's format asks for them; the time stamp
 of a format with a seconds-resolution ``datefmt`` (BentoML's) is rendered once per second; and
-the stream handlers write lines below WARNING through the process's buffer, flushed every
-``SERVERY_LOG_FLUSH_MS`` (100 ms) by a thread instead of after every line (a system call each).
+the stream handlers hold lines below WARNING and write them out every ``SERVERY_LOG_FLUSH_MS``
+(100 ms) from a thread, many lines per write, instead of a write (a system call) per line.
 WARNING and above flush at once, and logging's own exit hook flushes the rest; a process killed
-by SIGKILL loses at most that interval of INFO lines. ``SERVERY_LOG_FLUSH_MS=0`` flushes every
+by SIGKILL loses at most that interval of INFO lines. Writes stay whole lines of at most 4096
+bytes, so workers sharing a stdout pipe never cut each other's lines. ``SERVERY_LOG_FLUSH_MS=0`` flushes every
 line. Measured on one record of the access line's shape: 12.8 -> 7.3 us.
 """
 
@@ -164,35 +165,64 @@ def _handlers() -> list[logging.Handler]:
 
 
 class DeferredFlushHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler that flushes lines below WARNING from a background thread every
-    ``interval_s``, and WARNING and above at once.
+    """A stream handler that holds lines below WARNING and writes them out every ``interval_s``
+    (a background thread), and at once when a WARNING or worse arrives (after those before it)
+    or :data:`MAX_HELD` lines wait.
 
-    Written here because the standard library's buffering handler (``MemoryHandler``) keeps
-    records, not text: its target still formats and flushes each one when it drains."""
+    Lines go out in writes of whole lines of at most :data:`ATOMIC_WRITE` bytes: every worker
+    of a server shares one stdout pipe, and Linux keeps a pipe write from mixing with another
+    process's only up to ``PIPE_BUF`` (4096) bytes, so a larger write could be cut mid-line by
+    another worker's. Written here because the standard library's buffering handler
+    (``MemoryHandler``) keeps records, not text: its target still formats and flushes each one."""
 
     def __init__(self, stream: Any, interval_s: float) -> None:
         super().__init__(stream)
         self.interval_s = interval_s
-        self.pending = False
+        self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.stream.write(self.format(record) + self.terminator)
-            if record.levelno >= logging.WARNING:
-                self.pending = False
-                self.stream.flush()
-            else:
-                self.pending = True
+            self.lines.append(self.format(record) + self.terminator)
+            if record.levelno >= logging.WARNING or len(self.lines) >= MAX_HELD:
+                self.flush()
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
 
+    def flush(self) -> None:
+        """Write out every held line (also what ``logging.shutdown`` calls at exit)."""
+        with self.lock:  # type: ignore[union-attr]
+            lines, self.lines = self.lines, []
+            chunk: list[str] = []
+            size = 0
+            for line in lines:
+                n = len(line) if line.isascii() else len(line.encode())
+                if chunk and size + n > ATOMIC_WRITE:
+                    self._write("".join(chunk))
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += n
+            if chunk:
+                self._write("".join(chunk))
+            elif self.stream and hasattr(self.stream, "flush"):
+                self.stream.flush()
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
     def flush_pending(self) -> None:
-        if self.pending:
-            with self.lock:  # type: ignore[union-attr]
-                self.pending = False
-                self.flush()
+        if self.lines:
+            self.flush()
+
+
+MAX_HELD = 1024
+"""Lines held at most: past it the emitting thread writes them out itself (bounded memory, also
+if the flusher thread is starved)."""
+
+ATOMIC_WRITE = 4096
+"""``PIPE_BUF`` on Linux: the largest pipe write that never interleaves with other writers'."""
 
 
 _DEFERRED: weakref.WeakSet[DeferredFlushHandler] = weakref.WeakSet()

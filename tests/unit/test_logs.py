@@ -215,14 +215,42 @@ def test_info_lines_wait_for_the_interval_and_warnings_flush_at_once() -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     handler.handle(record_at(logging.INFO, "first"))
     handler.handle(record_at(logging.INFO, "second"))
-    assert stream.flushed == [] and len(stream.buffer) == 2  # written, not yet flushed
+    assert stream.flushed == [] and stream.buffer == []  # held
     handler.handle(record_at(logging.WARNING, "third"))
-    assert stream.flushed == ["INFO first\n", "INFO second\n", "WARNING third\n"]  # in order
+    assert stream.flushed == ["INFO first\nINFO second\nWARNING third\n"]  # in order, one write
     handler.handle(record_at(logging.INFO, "fourth"))
     deadline = time.monotonic() + 5
-    while not stream.flushed[3:] and time.monotonic() < deadline:
+    while not stream.flushed[1:] and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert stream.flushed[3:] == ["INFO fourth\n"]  # the flusher thread wrote it out
+    assert stream.flushed[1:] == ["INFO fourth\n"]  # the flusher thread wrote it out
+
+
+@pytest.mark.parametrize("text", ["x" * 100, "é" * 100, "y" * 5000])
+def test_held_lines_go_out_in_whole_lines_within_a_pipes_atomic_write(text: str) -> None:
+    stream = CountingStream()
+    handler = logs.DeferredFlushHandler(stream, 60)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    lines = [f"{i} {text}\n" for i in range(200)]
+    for line in lines:
+        handler.handle(record_at(logging.INFO, line[:-1]))
+    handler.flush()  # what logging.shutdown does at exit
+    assert "".join(stream.flushed) == "".join(lines)
+    for write in stream.flushed:
+        assert write.endswith("\n")
+        if len(write.encode()) > logs.ATOMIC_WRITE:  # only a single line longer than that
+            assert write.count("\n") == 1
+    if len(text) < 1000:
+        assert len(stream.flushed) < 50  # many lines per write
+
+
+def test_held_lines_are_bounded() -> None:
+    stream = CountingStream()
+    handler = logs.DeferredFlushHandler(stream, 3600)  # the flusher would wait an hour
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for i in range(logs.MAX_HELD * 3):
+        handler.handle(record_at(logging.INFO, str(i)))
+    assert len(handler.lines) < logs.MAX_HELD
+    assert "".join(stream.flushed).count("\n") + len(handler.lines) == logs.MAX_HELD * 3
 
 
 def record_at(level: int, msg: str) -> logging.LogRecord:
