@@ -8,12 +8,19 @@ Both routers serve ``--model`` inline from the project's store at once (the earl
 drift of this shared VM's speed hits both alike. Prints each repeat's req/s and the ratio
 this/before, and the median ratio. Use it to find what a change costs the hot path of a model
 that ``bench.versioning`` (iris, ``/predict``) does not cover. Writes nothing.
+
+It also prints the router workers' CPU time per answered request (user + system time from
+``/proc``, summed over the server's router worker processes, over the requests wrk got answers
+to). On this VM req/s of single repeats swing by ±30 % (other tenants take the CPU), while CPU per
+request moves far less, so a few percent show in the CPU column long before they show in req/s
+(e.g. one fewer write per response: 237 -> 219 us, req/s median 1.03 with repeats 0.84-1.37).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -53,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = "/predict" if args.endpoint == "predict" else f"/v2/models/{args.model}/infer"
     payload = bodies(args.model, args.endpoint)
     rps: dict[str, list[float]] = {"this": [], "before": []}
+    cpu_us: dict[str, list[float]] = {"this": [], "before": []}
     with tempfile.TemporaryDirectory(prefix="servery-before-after-") as tmp_name:
         tmp = Path(tmp_name)
         with worktree(args.rev, tmp) as before_tree:
@@ -61,15 +69,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "before": start_server(home, config, tmp / "before", root=before_tree),
             }
             try:
+                workers = {k: router_workers(srv.proc.pid) for k, srv in servers.items()}
                 for rep in range(args.repeats):
                     order = ["this", "before"] if rep % 2 == 0 else ["before", "this"]
                     for name in order:
                         url = servers[name].url + path
+                        used = cpu_seconds(workers[name])
                         result = run_wrk(
                             url, payload, concurrency=args.concurrency, seconds=args.seconds
                         )
+                        used = cpu_seconds(workers[name]) - used
                         rps[name].append(result.rps)
-                        print(f"repeat {rep + 1} {name:6} {result.rps:8,.0f} req/s", flush=True)
+                        cpu_us[name].append(used / max(result.ok, 1) * 1e6)
+                        print(
+                            f"repeat {rep + 1} {name:6} {result.rps:8,.0f} req/s "
+                            f"{cpu_us[name][-1]:7.1f} us router CPU/request",
+                            flush=True,
+                        )
             finally:
                 for srv in servers.values():
                     srv.stop()
@@ -79,7 +95,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"median this/{args.rev}: {statistics.median(ratios):.3f} "
         f"({args.model}, {args.endpoint}, c={args.concurrency}, {args.repeats} x {args.seconds} s)"
     )
+    this, before = statistics.median(cpu_us["this"]), statistics.median(cpu_us["before"])
+    print(
+        f"median router CPU per request: this {this:.1f} us, {args.rev} {before:.1f} us "
+        f"(this/{args.rev} {this / before:.3f})"
+    )
     return 0
+
+
+def router_workers(pid: int) -> list[int]:
+    """The router worker processes among ``pid``'s descendants (``bentoml serve`` -> circus)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            listed = Path(f"/proc/{parent}/task/{parent}/children").read_text()
+            children = [int(c) for c in listed.split()]
+        except OSError:
+            children = []
+        todo += children
+        for child in children:
+            try:
+                cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"services:Router" in cmd and b"--fd" in cmd:
+                found.append(child)
+    if not found:
+        raise RuntimeError(f"no router worker processes under pid {pid}")
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` so far (from /proc/<pid>/stat)."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
