@@ -145,9 +145,9 @@ class Settings(BaseSettings):
     See services/logs.py."""
 
     log_flush_ms: float = Field(100.0, ge=0, le=10_000)
-    """Most time a log line below WARNING waits in the process's buffer before it is written out
-    (nginx's ``access_log ... flush=``): one write per interval instead of one per request line.
-    WARNING and above, and shutdown, flush at once. 0 writes every line as it is logged."""
+    """Most time an access-log line waits in its process before it is written out (nginx's
+    ``access_log ... flush=``): one write per interval instead of one per request. Any other log
+    line, exit and SIGTERM flush them at once. 0 writes every line as it is logged."""
 
     fast_path: bool = True
     """Serve ``POST /predict`` and ``POST /v2/models/.../infer`` straight from the router's ASGI

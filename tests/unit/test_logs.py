@@ -253,8 +253,53 @@ def test_held_lines_are_bounded() -> None:
     assert "".join(stream.flushed).count("\n") + len(handler.lines) == logs.MAX_HELD * 3
 
 
-def record_at(level: int, msg: str) -> logging.LogRecord:
-    return logging.LogRecord("servery", level, __file__, 1, msg, None, None)
+def record_at(level: int, msg: str, name: str = logs.ACCESS_LOGGER) -> logging.LogRecord:
+    return logging.LogRecord(name, level, __file__, 1, msg, None, None)
+
+
+def test_any_other_line_writes_the_held_access_lines_first() -> None:
+    stream = CountingStream()
+    handler = logs.DeferredFlushHandler(stream, 3600)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    handler.handle(record_at(logging.INFO, "GET /a"))
+    assert stream.flushed == []
+    handler.handle(record_at(logging.INFO, "Completed async cleanup hook", name="bentoml"))
+    assert stream.flushed == ["bentoml.access GET /a\nbentoml Completed async cleanup hook\n"]
+
+
+SIGTERM_CHILD = """
+import logging, os, signal, sys
+from services import logs
+logger = logging.getLogger(logs.ACCESS_LOGGER)
+logger.addHandler(logging.StreamHandler(sys.stdout))
+logger.setLevel(logging.INFO)
+logger.propagate = False
+logs.LOGGERS = (logs.ACCESS_LOGGER,)
+logs.configure("text", 3600)  # held for an hour unless something writes them out
+logger.info("held line")
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_sigterm_writes_held_lines_then_ends_the_process_by_the_signal() -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from bench.server import ROOT
+
+    env = {**os.environ, "SERVERY_LOG_FLUSH_MS": "0"}  # only the child's own configure holds
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_CHILD],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout == "held line\n", proc.stderr
+    assert proc.returncode == -signal.SIGTERM  # still the signal's default action
 
 
 def test_configure_defers_plain_stream_handlers_once_and_keeps_their_setup(
