@@ -9,9 +9,8 @@ drift of this shared VM's speed hits both alike. Prints each repeat's req/s and 
 this/before, and the median ratio. Use it to find what a change costs the hot path of a model
 that ``bench.versioning`` (iris, ``/predict``) does not cover. Writes nothing.
 
-It also prints the router workers' CPU time per answered request (user + system time from
-``/proc``, summed over the server's router worker processes, over the requests wrk got answers
-to). On this VM req/s of single repeats swing by ±30 % (other tenants take the CPU), while CPU per
+It also prints the router workers' CPU time per answered request (user + system time, summed
+over the server's router worker processes, over the requests wrk got answers to). On this VM req/s of single repeats swing by ±30 % (other tenants take the CPU), while CPU per
 request moves far less, so a few percent show in the CPU column long before they show in req/s
 (e.g. one fewer write per response: 237 -> 219 us, req/s median 1.03 with repeats 0.84-1.37).
 """
@@ -20,16 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import psutil
+
 from bench.foundation import load_subject
 from bench.report import use_project_store
-from bench.server import ROOT, start_server
+from bench.server import ROOT, Server, start_server
+from bench.soak import processes
 from bench.versioning import worktree
 from bench.wrk import run_wrk
 
@@ -69,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "before": start_server(home, config, tmp / "before", root=before_tree),
             }
             try:
-                workers = {k: router_workers(srv.proc.pid) for k, srv in servers.items()}
+                workers = {k: router_workers(srv) for k, srv in servers.items()}
                 for rep in range(args.repeats):
                     order = ["this", "before"] if rep % 2 == 0 else ["before", "this"]
                     for name in order:
@@ -103,36 +104,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def router_workers(pid: int) -> list[int]:
-    """The router worker processes among ``pid``'s descendants (``bentoml serve`` -> circus)."""
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            listed = Path(f"/proc/{parent}/task/{parent}/children").read_text()
-            children = [int(c) for c in listed.split()]
-        except OSError:
-            children = []
-        todo += children
-        for child in children:
-            try:
-                cmd = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"services:Router" in cmd and b"--fd" in cmd:
-                found.append(child)
+def router_workers(server: Server) -> list[psutil.Process]:
+    """The server's router worker processes (named ``router-<n>`` by bench.soak.processes)."""
+    found = [p for name, p in processes(server).items() if name.startswith("router-")]
     if not found:
-        raise RuntimeError(f"no router worker processes under pid {pid}")
+        raise RuntimeError(f"no router worker processes under pid {server.proc.pid}")
     return found
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of ``pids`` so far (from /proc/<pid>/stat)."""
-    ticks = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU time of ``procs`` so far."""
+    return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
 
 
 if __name__ == "__main__":
