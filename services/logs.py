@@ -138,9 +138,9 @@ def structured() -> bool:
 def configure(fmt: str, flush_interval_s: float = 0.0) -> None:
     """Add the request-id filter to every handler of the server's loggers and, for ``json``,
     give them the JSON formatter; with ``flush_interval_s`` > 0, their plain stream handlers
-    flush INFO lines on that interval (:class:`DeferredFlushHandler`); then stop looking up
-    record fields no format shows (idempotent). Called at import of ``services``, after BentoML
-    configured the worker's logging."""
+    write access-log lines out on that interval (:class:`DeferredFlushHandler`); then stop
+    looking up record fields no format shows (idempotent). Called at import of ``services``,
+    after BentoML configured the worker's logging."""
     _STRUCTURED[0] = fmt == "json"
     seen: set[int] = set()
     replaced: dict[int, logging.Handler] = {}  # one handler may serve several loggers
@@ -260,8 +260,8 @@ def flush_all() -> None:
     """Write out the lines every :class:`DeferredFlushHandler` of this process holds."""
     for handler in list(_DEFERRED):
         try:
-            handler.flush()
-        except Exception:  # a closed stream: nothing left to write
+            handler.flush_pending()
+        except Exception:  # a closed stream at exit: nothing left to write
             pass
 
 
@@ -287,13 +287,8 @@ def _flush_on_sigterm() -> None:
 
 def _flush_forever() -> None:
     while True:
-        handlers = list(_DEFERRED)
-        time.sleep(min((h.interval_s for h in handlers), default=1.0))
-        for handler in handlers:
-            try:
-                handler.flush_pending()
-            except Exception:  # a closed stream at exit: nothing left to write
-                pass
+        time.sleep(min((h.interval_s for h in list(_DEFERRED)), default=1.0))
+        flush_all()
 
 
 def _cache_seconds(formatter: logging.Formatter | None) -> None:
