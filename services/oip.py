@@ -138,28 +138,37 @@ def rows_from_inputs(inputs: Sequence[InputTensor], info: ModelInfo, max_rows: i
     if shape[0] > max_rows:
         raise PayloadTooLarge(f"{shape[0]} rows in one request; the limit is {max_rows}")
     data = tensor.data
-    if (
-        src == info.dtype
-        and isinstance(data, list)
+    out = _flat_numbers(data, src, shape) if src == info.dtype else None
+    if out is None:
+        out = _converted(data, tensor.datatype, src, shape, info)
+    if not np.isfinite(out).all():
+        raise InvalidInput(
+            f"input '{INPUT_NAME}' holds NaN/Infinity or values outside {info.dtype.name} range"
+        )
+    return out
+
+
+def _flat_numbers(data: Any, dtype: np.dtype, shape: list[int]) -> np.ndarray | None:
+    """The common request, flat JSON numbers for a tensor in the model's dtype, in one
+    conversion with no casts to check (a value too large becomes inf, refused by the caller);
+    None for anything else (nesting, strings, bools, null), which :func:`_converted` names."""
+    if not (
+        isinstance(data, list)
         and len(data) == shape[0] * shape[1]
         and set(map(type, data)) <= _NUMBERS
     ):
-        # The common request, flat JSON numbers for a tensor in the model's dtype: one
-        # conversion, no casts to check (a value too large becomes inf, refused below). Anything
-        # else (nesting, strings, bools, null) takes the general path, which names the problem.
-        try:
-            with np.errstate(over="ignore"):  # the overflow is reported below, as the 400
-                out = np.array(data, dtype=src)
-        except (ValueError, TypeError, OverflowError):
-            out = None
-        if out is not None:
-            out = out.reshape(shape)
-            if not np.isfinite(out).all():
-                raise InvalidInput(
-                    f"input '{INPUT_NAME}' holds NaN/Infinity or values outside "
-                    f"{info.dtype.name} range"
-                )
-            return out
+        return None
+    try:
+        with np.errstate(over="ignore"):  # the overflow is reported by the caller, as the 400
+            return np.array(data, dtype=dtype).reshape(shape)
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
+def _converted(
+    data: Any, datatype: str, src: np.dtype, shape: list[int], info: ModelInfo
+) -> np.ndarray:
+    """``data`` of OIP ``datatype`` (numpy ``src``) checked and cast to the model's dtype."""
     if isinstance(data, np.ndarray):
         arr = data
     else:
@@ -168,24 +177,17 @@ def rows_from_inputs(inputs: Sequence[InputTensor], info: ModelInfo, max_rows: i
         except (ValueError, TypeError, OverflowError):
             raise InvalidInput(f"input '{INPUT_NAME}' data is not a regular array") from None
         if arr.dtype.kind not in "iuf" or _holds_bool(data):
-            raise InvalidInput(
-                f"input '{INPUT_NAME}' data does not match datatype '{tensor.datatype}'"
-            )
+            raise InvalidInput(f"input '{INPUT_NAME}' data does not match datatype '{datatype}'")
     if arr.size != shape[0] * shape[1]:
         raise InvalidInput(
             f"input '{INPUT_NAME}' has {arr.size} values but shape {shape} needs "
             f"{shape[0] * shape[1]}"
         )
     if src.kind in "iu" and arr.dtype != src:
-        _check_integers(arr, src, tensor.datatype)
+        _check_integers(arr, src, datatype)
     with np.errstate(over="ignore", invalid="ignore"):
         typed = arr.astype(src, copy=False) if arr.dtype != src else arr
-        out = typed.reshape(shape).astype(info.dtype, copy=False)
-    if not np.isfinite(out).all():
-        raise InvalidInput(
-            f"input '{INPUT_NAME}' holds NaN/Infinity or values outside {info.dtype.name} range"
-        )
-    return out
+        return typed.reshape(shape).astype(info.dtype, copy=False)
 
 
 def _check_integers(arr: np.ndarray, src: np.dtype, datatype: str) -> None:
