@@ -15,6 +15,9 @@ still up. A second SIGTERM stops at once. BentoML gives circus a ``graceful_time
 so what bounds the whole shutdown is the orchestrator (Kubernetes: ``terminationGracePeriodSeconds``
 of the pod, then SIGKILL); keep the drain well inside it. The LLM worker's engine processes are
 not signalled by circus (services/patches.py), so vLLM does not abort the streams in flight.
+The services' Unix sockets stay in place until every worker has stopped (services/patches.py,
+``_patch_arbiter_stop_order``): BentoML deleted them at SIGTERM, so a router worker that opened a
+new connection during the drain could not reach a service that was still serving.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 
 import aiohttp
+import psutil
 import pytest
 
 from bench.server import start_server
@@ -26,6 +27,15 @@ from tests.integration.conftest import MIXED_CONFIG
 # that uvicorn's shutdown was closing at that moment (reset / disconnected before any response).
 JSON = {"content-type": "application/json"}
 NOT_ADMITTED = {"ClientConnectorError", "ServerDisconnectedError", "ClientOSError"}
+
+
+def service_sockets(pid: int) -> set[str]:
+    """The Unix socket paths the ``bentoml serve`` process listens on for the framework services."""
+    return {
+        c.laddr
+        for c in psutil.Process(pid).net_connections(kind="unix")
+        if isinstance(c.laddr, str) and "bentoml-uds-" in c.laddr
+    }
 
 
 def all_workers_serving(srv) -> bool:
@@ -45,6 +55,8 @@ def test_sigterm_under_load_loses_no_admitted_request(demo_store, tmp_path, mode
     before: Counter[str] = Counter()
     after: Counter[str] = Counter()
     signalled = asyncio.Event()
+    sockets: set[str] = set()
+    kept: set[str] = set()
 
     async def client(session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -66,9 +78,8 @@ def test_sigterm_under_load_loses_no_admitted_request(demo_store, tmp_path, mode
         async with aiohttp.ClientSession(timeout=timeout) as session:
             clients = [asyncio.ensure_future(client(session, stop)) for _ in range(32)]
             # The clients' keep-alive connections may all sit on the worker that answered
-            # /readyz first. Signal once every worker has served: a worker whose first requests
-            # to a framework service come in the ~100 ms between SIGTERM and its listening
-            # socket closing could not reach the service (503), a known gap (session note).
+            # /readyz first. Signal once every worker has served, so both workers have requests
+            # in flight at the signal.
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not all_workers_serving(srv):
                 # new connections, so the kernel hands some to each worker
@@ -81,10 +92,16 @@ def test_sigterm_under_load_loses_no_admitted_request(demo_store, tmp_path, mode
                     )
                 await asyncio.sleep(0.2)
             assert all_workers_serving(srv), "a router worker never answered"
+            sockets.update(service_sockets(srv.proc.pid))
+            assert len(sockets) >= 3, sockets  # sklearn, xgboost, torch
             await asyncio.sleep(1.5)
             signalled.set()
             t0 = time.monotonic()
             os.kill(srv.proc.pid, signal.SIGTERM)
+            # While the services drain, a new connection to them must still find their sockets:
+            # BentoML deleted the directory at once (services/patches.py, arbiter stop order).
+            await asyncio.sleep(1.0)
+            kept.update(s for s in sockets if os.path.exists(s))
             while srv.proc.poll() is None and time.monotonic() - t0 < 40:
                 await asyncio.sleep(0.1)
             stop.set()
@@ -102,5 +119,9 @@ def test_sigterm_under_load_loses_no_admitted_request(demo_store, tmp_path, mode
         assert took < 25, took
         log = srv.log.read_text(errors="replace")
         assert "SIGTERM: serving 3.0 s more" in log  # the framework services drained
+        assert kept == sockets, f"deleted during the drain: {sorted(sockets - kept)}"
+        assert not any(os.path.exists(os.path.dirname(s)) for s in sockets)  # removed at exit
+        assert "is not reachable" not in log
+        assert "Exception in ASGI application" not in log
     finally:
         srv.stop()

@@ -370,23 +370,31 @@ def test_only_the_llm_watcher_leaves_its_children_to_the_worker(
 class CountingTransport:
     def __init__(self) -> None:
         self.writes: list[bytes] = []
+        self.closed = False
 
     def write(self, data: bytes) -> None:
+        assert not self.closed, "written after close"
         self.writes.append(data)
 
     def is_closing(self) -> bool:
-        return False
+        return self.closed
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
-def run_response(response: Response, method: str = "GET") -> list[bytes]:
+def run_response(
+    response: Response,
+    method: str = "GET",
+    keep_alive: bool = True,
+    transport: CountingTransport | None = None,
+) -> list[bytes]:
     import logging
 
     from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-    transport = CountingTransport()
+    transport = transport or CountingTransport()
+    completed: list[bool] = []
     scope = {"type": "http", "method": method, "path": "/", "headers": [], "http_version": "1.1"}
 
     async def run() -> None:
@@ -400,8 +408,8 @@ def run_response(response: Response, method: str = "GET") -> list[bytes]:
             default_headers=[(b"server", b"uvicorn")],
             message_event=asyncio.Event(),
             expect_100_continue=False,
-            keep_alive=True,
-            on_response=lambda: None,
+            keep_alive=keep_alive,
+            on_response=lambda: completed.append(True),
         )
 
         requests = [{"type": "http.request", "body": b"", "more_body": False}]
@@ -413,7 +421,7 @@ def run_response(response: Response, method: str = "GET") -> list[bytes]:
             raise AssertionError("unreachable")
 
         await response(scope, receive, cycle.send)  # type: ignore[arg-type]
-        assert cycle.response_complete
+        assert cycle.response_complete and completed == [True]
 
     asyncio.run(run())
     return transport.writes
@@ -425,6 +433,21 @@ def test_a_response_of_known_length_is_one_write() -> None:
     head, _, body = writes[0].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 11" in head
     assert body == b'{"ok":true}'
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_response_that_ends_the_connection_is_written_then_closed(method: str) -> None:
+    # Connection: close from the client, or uvicorn shutting down: uvicorn closes the transport
+    # after the last chunk. The close went to the stand-in transport, which had no close():
+    # every such response logged "Exception in ASGI application" (seen in CI's shutdown test).
+    transport = CountingTransport()
+    writes = run_response(
+        JSONResponse({"ok": True}), method=method, keep_alive=False, transport=transport
+    )
+    assert transport.closed
+    assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"connection: close" in writes[0]
+    assert writes[0].endswith(b"\r\n\r\n" if method == "HEAD" else b'{"ok":true}')
 
 
 def test_a_head_request_still_gets_its_head() -> None:
