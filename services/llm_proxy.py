@@ -11,6 +11,9 @@ as soon as aiohttp reads it (``iter_any``). A client that goes away mid-stream i
 ASGI ``receive`` channel (uvicorn silently drops sends to a closed connection, so writing alone
 never notices): the upstream request is then cancelled and its connection closed, which makes
 vLLM abort the generation in the engine.
+
+``GET /v1/models`` for an API key limited to some models (services/auth.py) lists only those: the
+service's answer is read whole and filtered, as ``GET /models`` is for the platform's own models.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+
+from services.gate import SCOPE_KEY
 
 logger = logging.getLogger("servery")
 
@@ -112,6 +117,10 @@ class StreamingProxy:
             body += message.get("body", b"")
             if not message.get("more_body", False):
                 break
+        if scope["method"] == "GET" and scope.get("root_path", "") + scope["path"] == "/v1/models":
+            key = scope.get(SCOPE_KEY)
+            if key is not None and key.models is not None:
+                send = _only_models(send, key.allows)
         start = time.perf_counter()
         status = [499]  # until the upstream answers: the client left first
         forward = asyncio.ensure_future(self._forward(scope, bytes(body), send, status))
@@ -185,6 +194,48 @@ class StreamingProxy:
                     "body": _timeout_body(self._read_timeout_s) if timed_out else _UNAVAILABLE,
                 }
             )
+
+
+def _only_models(send: Any, allows: Callable[[str | None], bool]) -> Any:
+    """``send`` for a ``/v1/models`` answer that keeps only the models ``allows`` (by ``id``).
+
+    The answer is held until its last chunk (a short JSON document), filtered, and sent with its
+    ``content-length`` set again. Error answers pass unchanged; a 200 that is not the expected
+    list becomes a 502, rather than a list nobody filtered.
+    """
+    held: list[dict[str, Any]] = []
+    body = bytearray()
+
+    async def filtered(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            held.append(message)
+            return
+        body.extend(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        start, out = held[0], bytes(body)
+        headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+        status = start["status"]
+        if status == 200:
+            try:
+                listing = json.loads(out)
+                listing["data"] = [m for m in listing["data"] if allows(m.get("id"))]
+                out = json.dumps(listing).encode()
+            except (ValueError, TypeError, KeyError, AttributeError):
+                logger.error("LLM service: /v1/models answer is not a model list")
+                status, out = 502, _BAD_LISTING
+                headers = [(b"content-type", b"application/json")]
+        headers.append((b"content-length", str(len(out)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": out})
+
+    return filtered
+
+
+_BAD_LISTING = (
+    b'{"error": {"message": "the LLM service answered /v1/models with something else than '
+    b'a model list", "type": "BadGatewayError", "param": null, "code": 502}}'
+)
 
 
 def _timeout_body(seconds: float | None) -> bytes:

@@ -19,7 +19,7 @@ import pytest
 import tritonclient.grpc as tg
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -315,6 +315,12 @@ async def _completions(request: Request) -> StreamingResponse:
     return StreamingResponse(chunks(), media_type="text/event-stream")
 
 
+async def _models(request: Request) -> JSONResponse:
+    cards = [{"id": m, "object": "model", "owned_by": "servery"} for m in ("tiny", "big", "chat")]
+    cards[2]["parent"] = "big"  # a task name that points at a model, as the LLM service lists
+    return JSONResponse({"object": "list", "data": cards})
+
+
 @pytest.fixture(scope="module")
 def llm_front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The router's /v1/ as the fast path serves it (FastPath + gate + StreamingProxy) in front
@@ -324,12 +330,18 @@ def llm_front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     path.write_text(
         f"keys:\n  - name: tiny\n    key: {KEY_IRIS}\n    models: [tiny]\n"
         "    tokens_per_minute: 100\n"
+        f"  - name: all\n    key: {KEY_ALL}\n"
     )
     settings = Settings(_env_file=None, api_keys_file=path, router_workers=1)  # type: ignore[call-arg]
     gate = http_gate(auth.keyring(settings), settings)
     sock = work / "llm.sock"
     upstream = Background(
-        Starlette(routes=[Route("/v1/chat/completions", _completions, methods=["POST"])]),
+        Starlette(
+            routes=[
+                Route("/v1/chat/completions", _completions, methods=["POST"]),
+                Route("/v1/models", _models),
+            ]
+        ),
         uds=str(sock),
     )
     proxy = StreamingProxy(lambda: f"unix://{sock}", connect_timeout_s=5, read_timeout_s=5)
@@ -360,3 +372,14 @@ def test_llm_api_key_model_and_token_limit(llm_front: str) -> None:
     r = httpx.post(url, json=body, headers=bearer(KEY_IRIS))  # 40 of 100 tokens left
     assert r.status_code == 429 and r.headers["retry-after"] == "12"
     assert r.json()["error"]["type"] == "RateLimitError" and len(seen_upstream) == 1
+
+
+def test_llm_model_list_shows_a_restricted_key_only_its_models(llm_front: str) -> None:
+    url = llm_front + "/v1/models"
+    assert httpx.get(url).status_code == 401
+    r = httpx.get(url, headers=bearer(KEY_IRIS))
+    assert r.status_code == 200 and r.headers["content-length"] == str(len(r.content))
+    assert r.json()["object"] == "list"
+    assert [m["id"] for m in r.json()["data"]] == ["tiny"]
+    every = httpx.get(url, headers=bearer(KEY_ALL)).json()
+    assert [m["id"] for m in every["data"]] == ["tiny", "big", "chat"]
