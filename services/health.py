@@ -63,6 +63,16 @@ class ServiceHealth:
         self._clock = clock
         self._answered: set[str] = set()  # answered at least once since this worker started
         self._down: dict[str, str] = {}  # answered before, unreachable now: why, since when
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever a service's :meth:`problem` changes (first answer, down,
+        up again): the registry republishes ``servery_model_ready`` from it."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def problem(self, service: str) -> str | None:
         """Why ``service`` cannot answer now (None: it can, as far as this worker knows)."""
@@ -84,9 +94,15 @@ class ServiceHealth:
         return self._down.get(service) if self._down else None
 
     def mark_up(self, service: str) -> None:
+        if not self._down and service in self._answered:  # every answered call: nothing new
+            return
+        first = service not in self._answered
         self._answered.add(service)
-        if self._down.pop(service, None) is not None:
+        back = self._down.pop(service, None) is not None
+        if back:
             logger.warning("the %s service answers again", service)
+        if first or back:
+            self._changed()
 
     def mark_down(self, service: str, cause: str) -> None:
         """Record that ``service`` was not reached (one that never answered stays starting)."""
@@ -95,6 +111,7 @@ class ServiceHealth:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._clock()))
         self._down[service] = f"the {service} service is not reachable since {when} ({cause})"
         logger.error("the %s service is not reachable (%s)", service, cause)
+        self._changed()
 
     async def probe(self, services: Iterable[str]) -> None:
         """Probe ``services`` concurrently and record what they answered."""

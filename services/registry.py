@@ -19,9 +19,9 @@ or an alias changed (``models/reload.py``), or at once on ``POST /admin/reload``
 
 ``servery_model_ready{model}`` follows the map: 1 for every name with a table, 0 for configured
 names with nothing served, NaN for names no longer configured (a multiprocess series cannot be
-removed; NaN keeps ``== 0`` alerts quiet for a model taken out on purpose); a framework service
-found unreachable by a model call sets its model to 0 until a call succeeds again
-(services/loader.py).
+removed; NaN keeps ``== 0`` alerts quiet for a model taken out on purpose); a model whose
+framework service this worker finds unreachable (a probe or a call, services/health.py), or that
+has not answered since the worker started, is 0 until the service answers.
 """
 
 from __future__ import annotations
@@ -227,11 +227,24 @@ class Registry:
         self._lock = asyncio.Lock()
         self._shadows: set[asyncio.Task[None]] = set()
         self.last_reload: dict[str, Any] = {}
-        self.health: ServiceHealth | None = None
-        """What the router knows of the services behind ``service`` placements (None: all up)."""
+        self._health: ServiceHealth | None = None
         self.other_services: tuple[str, ...] = ()
         """Services the router needs besides those of its models (the LLM service)."""
         self._published: set[str] = set()
+        self._publish_ready()
+
+    @property
+    def health(self) -> ServiceHealth | None:
+        """What the router knows of the services behind ``service`` placements (None: all up).
+        Setting it republishes ``servery_model_ready`` now and whenever a service's state
+        changes (a probe or a call finds it down, or answering again)."""
+        return self._health
+
+    @health.setter
+    def health(self, health: ServiceHealth | None) -> None:
+        self._health = health
+        if health is not None:
+            health.on_change(self._publish_ready)
         self._publish_ready()
 
     def __len__(self) -> int:
@@ -384,10 +397,11 @@ class Registry:
         self._publish_ready()
 
     def _publish_ready(self) -> None:
-        """``servery_model_ready``: 1 per served name, 0 per configured name with nothing served,
-        NaN for a name published before and no longer configured."""
-        for name in self._models:
-            metrics.set_model_ready(name, True)
+        """``servery_model_ready``: 1 per served name whose default version can answer, 0 per
+        served name whose service cannot (:meth:`problem`) and per configured name with nothing
+        served, NaN for a name published before and no longer configured."""
+        for name, routes in self._models.items():
+            metrics.set_model_ready(name, self._problem(routes.default) is None)
         for name in self._errors:
             metrics.set_model_ready(name, False)
         for name in self._published - self._models.keys() - self._errors.keys():

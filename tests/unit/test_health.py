@@ -179,3 +179,48 @@ def test_probe_of_an_in_process_dependency_always_answers() -> None:
 
     with pytest.raises(TimeoutError):
         asyncio.run(probe_of(Remote())(0.05))
+
+
+def ready_gauge(model: str) -> float:
+    from services import metrics
+
+    family = metrics.MODEL_READY.collect()[0]
+    (sample,) = [s for s in family.samples if s.labels["model"] == model]
+    return sample.value
+
+
+def test_model_ready_gauge_follows_probes_without_any_call() -> None:
+    # Before: servery_model_ready learned a service was down only when a call to it failed, so
+    # an idle model behind a dead service stayed 1 (ServeryModelNotReady never fired).
+    registry, health, probes = setup()
+    assert ready_gauge("iris") == 1  # inline: needs no service
+    assert ready_gauge("iris-svc") == 0  # its service has not answered since the worker started
+    probes.answers.update(sklearn=True, pytorch=True)
+    asyncio.run(health.probe(registry.services()))
+    assert ready_gauge("iris-svc") == 1 and ready_gauge("digits-svc") == 1
+
+    probes.answers["sklearn"] = TimeoutError()  # the sklearn worker dies; no traffic at all
+    asyncio.run(health.probe(registry.services()))
+    assert ready_gauge("iris-svc") == 0
+    assert ready_gauge("digits-svc") == 1 and ready_gauge("iris") == 1
+
+    health.mark_up("sklearn")  # a call (or the next probe) is answered again
+    assert ready_gauge("iris-svc") == 1
+    health.mark_down("sklearn", "a call failed: ConnectError")
+    assert ready_gauge("iris-svc") == 0
+
+
+def test_on_change_listeners_run_only_on_a_change() -> None:
+    health = ServiceHealth({})
+    calls: list[None] = []
+    health.on_change(lambda: calls.append(None))
+    health.mark_down("sklearn", "x")  # never answered: stays starting, no change
+    assert calls == []
+    health.mark_up("sklearn")  # first answer
+    health.mark_up("sklearn")  # answered again: nothing new
+    assert len(calls) == 1
+    health.mark_down("sklearn", "x")
+    health.mark_down("sklearn", "y")  # already down
+    assert len(calls) == 2
+    health.mark_up("sklearn")
+    assert len(calls) == 3
