@@ -337,8 +337,9 @@ def _patch_arbiter_stop_order() -> None:
     (``start`` returns), after every watcher stopped and circus closed its sockets. Applied in
     the ``bentoml serve`` process, which imports this package before it builds the arbiter.
     """
+    # circus's own Arbiter is reached through super(): circus is BentoML's dependency, not one
+    # this package pins (tests/integration/test_bento_build.py).
     from bentoml._internal.utils import circus as bentoml_circus
-    from circus.arbiter import Arbiter as CircusArbiter
 
     arbiter = bentoml_circus.Arbiter
     if getattr(arbiter.stop, "__servery__", False):
@@ -347,14 +348,14 @@ def _patch_arbiter_stop_order() -> None:
     def start(self: Any, cb: Any = None) -> None:
         self.exit_stack.__enter__()
         try:
-            fut = CircusArbiter.start(self, cb)
+            fut = super(arbiter, self).start(cb)
             if exc := fut.exception():
                 raise exc
         finally:
             self.exit_stack.__exit__(None, None, None)
 
     def stop(self: Any) -> Any:
-        return CircusArbiter.stop(self)
+        return super(arbiter, self).stop()
 
     stop.__servery__ = True  # type: ignore[attr-defined]
     arbiter.start = start  # type: ignore[method-assign]
