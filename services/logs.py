@@ -19,8 +19,8 @@ swaps their formatter afterwards.
 Cost per line. With the access log on, every request writes a line, and Python logging's
 per-record work was about 10 % of a router worker's CPU under load (py-spy, XGBoost OIP REST at
 c=64). :func:`configure` trims what no configured format shows, along the logging HOWTO's
-"Optimization" section: the caller's file and line (``logging._srcfile``), thread, process and
-multiprocessing names are not looked up when no handler's format asks for them; the time stamp
+"Optimization" section: the caller's file and line are not looked up for access-log lines when
+no handler's format asks for them (:func:`_skip_caller_lookup`); the time stamp
 of a format with a seconds-resolution ``datefmt`` (BentoML's) is rendered once per second; and
 the stream handlers hold access-log lines and write them out every ``SERVERY_LOG_FLUSH_MS``
 (100 ms) from a thread, many lines per write, instead of a write (a system call) per line.
@@ -159,11 +159,11 @@ def configure(fmt: str, flush_interval_s: float = 0.0) -> None:
             if fmt == "json" and not isinstance(handler.formatter, JsonFormatter):
                 handler.setFormatter(JsonFormatter())
             _cache_seconds(handler.formatter)
-    _skip_unused_fields([h.formatter for h in _handlers()])
+    _skip_caller_lookup([h.formatter for h in _handlers()])
 
 
 def _handlers() -> list[logging.Handler]:
-    return [h for name in LOGGERS for h in logging.getLogger(name).handlers]
+    return [h for name in (*LOGGERS, ACCESS_LOGGER) for h in logging.getLogger(name).handlers]
 
 
 class DeferredFlushHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -314,36 +314,41 @@ def _cache_seconds(formatter: logging.Formatter | None) -> None:
     formatter.formatTime = format_time  # type: ignore[method-assign]
 
 
-# Record fields that logging looks up for every record, and the format fields that show them.
-_OPTIONAL_FIELDS = {
-    "logThreads": ("thread", "threadName"),
-    "logProcesses": ("process",),
-    "logMultiprocessing": ("processName",),
-}
+# Format fields that need logging's caller look-up (findCaller: a stack walk per record).
 _SOURCE_FIELDS = ("pathname", "filename", "module", "funcName", "lineno")
-# what logging sets it to (its own file, which findCaller skips); None turns findCaller off
-_SRCFILE = os.path.normcase(logging.addLevelName.__code__.co_filename)
+_NO_CALLER = ("(unknown file)", 0, "(unknown function)", None)
 
 
-def _skip_unused_fields(formatters: list[logging.Formatter | None]) -> None:
-    """Turn off logging's look-ups of fields that none of ``formatters`` shows (and back on for
-    those one shows). Only formats it can read (plain ``logging.Formatter`` and
-    :class:`JsonFormatter`) count as known; any other formatter may show anything, so nothing is
-    changed then."""
+def _no_caller(stack_info: bool = False, stacklevel: int = 1) -> tuple[str, int, str, None]:
+    return _NO_CALLER
+
+
+def _skip_caller_lookup(formatters: list[logging.Formatter | None]) -> None:
+    """Skip the caller look-up for access-log records (a line per request) when none of
+    ``formatters`` (every handler those lines can reach) shows the caller's file, line or
+    function; look it up again when one does. Only formats it can read (plain
+    ``logging.Formatter`` and :class:`JsonFormatter`) count as known; any other formatter may
+    show anything, so the look-up stays then.
+
+    Only the access logger changes (an attribute of that logger object). logging's process-wide
+    switches (``logging._srcfile``, ``logThreads``, ``logProcesses``, ``logMultiprocessing``)
+    stay as they are: a library that sets up its own logging later relies on them. vLLM's format
+    has ``pid=%(process)d`` and the file and line; with those switched off, every vLLM line of
+    the LLM service was a "--- Logging error ---" instead (seen in CI's logs).
+    """
+    access = logging.getLogger(ACCESS_LOGGER)
     formats = []
     for f in formatters:
-        if f is None:  # a handler without one formats with logging's default, the message only
-            continue
-        if isinstance(f, JsonFormatter):
-            continue  # its fields are listed in add_fields: none of these
+        if f is None or isinstance(f, JsonFormatter):
+            continue  # the default format (the message only); the JSON fields: no caller
         if type(f) is not logging.Formatter:
-            return
+            formats = None
+            break
         formats.append(f._fmt or "")
-    text = " ".join(formats)
-
-    def shown(fields: tuple[str, ...]) -> bool:
-        return any(f"%({x})" in text or f"{{{x}" in text or f"${x}" in text for x in fields)
-
-    for flag, fields in _OPTIONAL_FIELDS.items():
-        setattr(logging, flag, shown(fields))
-    logging._srcfile = _SRCFILE if shown(_SOURCE_FIELDS) else None  # type: ignore[attr-defined]
+    if formats is not None:
+        text = " ".join(formats)
+        shown = (f"%({x})" in text or f"{{{x}" in text or f"${x}" in text for x in _SOURCE_FIELDS)
+        if not any(shown):
+            access.findCaller = _no_caller  # type: ignore[method-assign]
+            return
+    access.__dict__.pop("findCaller", None)

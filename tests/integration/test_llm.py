@@ -10,6 +10,7 @@ streaming that arrives token by token, and a client disconnect that aborts the g
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,19 @@ def tokenizer(tiny_llm_store: tuple[Path, Path]) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_llm_store[1])
+
+
+def test_the_service_worker_logs_vllm_lines_in_vllm_format(client: Any, llm_server: Server) -> None:
+    """vLLM's own log lines in the LLM service's worker (not only its engine processes) come
+    out in vLLM's format (``pid=%(process)d``): servery's logging set-up once switched off the
+    record fields that format needs, and each line became a "--- Logging error ---"."""
+    complete(client, max_tokens=2)  # the server is up and has answered
+    log = llm_server.log.read_text(errors="replace")
+    assert "--- Logging error ---" not in log
+    worker_lines = [
+        line for line in log.splitlines() if re.match(r"\((?!EngineCore)\S+ pid=\d+\)", line)
+    ]
+    assert worker_lines, "no vLLM line from the service worker"
 
 
 def complete(client: Any, **kwargs: Any) -> Any:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -303,9 +305,8 @@ def test_sigterm_writes_held_lines_then_ends_the_process_by_the_signal() -> None
 
 
 def test_configure_defers_plain_stream_handlers_once_and_keeps_their_setup(
-    monkeypatch: pytest.MonkeyPatch,
+    access_logger: logging.Logger,
 ) -> None:
-    keep_flags(monkeypatch)
     shared = logging.StreamHandler(CountingStream())  # type: ignore[arg-type]
     shared.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
@@ -346,29 +347,83 @@ def test_time_stamps_render_once_per_second_and_read_the_same() -> None:
     assert not getattr(no_datefmt.formatTime, "__servery_cached__", False)
 
 
-def keep_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    for flag in ("logThreads", "logProcesses", "logMultiprocessing", "_srcfile"):
-        monkeypatch.setattr(logging, flag, getattr(logging, flag))
+FLAGS = ("logThreads", "logProcesses", "logMultiprocessing", "_srcfile")
 
 
-def test_fields_no_format_shows_are_not_looked_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    keep_flags(monkeypatch)
-    logs._skip_unused_fields([logging.Formatter("%(asctime)s %(process)d %(message)s"), None])
-    assert logging.logThreads is False and logging.logMultiprocessing is False
-    assert logging.logProcesses is True  # shown: still filled in
-    assert logging._srcfile is None  # type: ignore[attr-defined]
-    rec = logging.getLogger("servery").makeRecord("servery", logging.INFO, "f", 1, "m", (), None)
-    assert rec.thread is None and isinstance(rec.process, int)
+@pytest.fixture
+def access_logger() -> Iterator[logging.Logger]:
+    """The access logger, its caller look-up restored afterwards; logging's switches checked."""
+    before = {flag: getattr(logging, flag) for flag in FLAGS}
+    access = logging.getLogger(logs.ACCESS_LOGGER)
+    try:
+        yield access
+    finally:
+        access.__dict__.pop("findCaller", None)
+        # process-wide switches are never touched: libraries (vLLM) format with them
+        assert {flag: getattr(logging, flag) for flag in FLAGS} == before
 
 
-def test_an_unknown_formatter_keeps_every_field(monkeypatch: pytest.MonkeyPatch) -> None:
-    keep_flags(monkeypatch)
+def access_record(access: logging.Logger) -> logging.LogRecord:
+    seen: list[logging.LogRecord] = []
 
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    handler = Keep()
+    access.addHandler(handler)
+    level, access.level = access.level, logging.INFO
+    try:
+        access.info("line")
+    finally:
+        access.removeHandler(handler)
+        access.level = level
+    return seen[0]
+
+
+def test_access_lines_skip_the_caller_look_up_no_format_shows(
+    access_logger: logging.Logger,
+) -> None:
+    logs._skip_caller_lookup([logging.Formatter("%(asctime)s %(process)d %(message)s"), None])
+    rec = access_record(access_logger)
+    assert rec.lineno == 0 and rec.funcName == "(unknown function)"
+    assert isinstance(rec.process, int) and isinstance(rec.thread, int)  # still filled in
+    # other loggers keep their caller
+    other = logging.getLogger("servery").makeRecord("servery", logging.INFO, "f", 7, "m", (), None)
+    assert other.lineno == 7
+
+
+def test_a_format_with_the_caller_or_an_unknown_formatter_keeps_the_look_up(
+    access_logger: logging.Logger,
+) -> None:
     class Custom(logging.Formatter):
         pass
 
-    before = (logging.logThreads, logging._srcfile)  # type: ignore[attr-defined]
-    logs._skip_unused_fields([logging.Formatter("%(message)s"), Custom("%(message)s")])
-    assert (logging.logThreads, logging._srcfile) == before  # type: ignore[attr-defined]
-    logs._skip_unused_fields([logging.Formatter("%(funcName)s:%(lineno)d %(message)s")])
-    assert logging._srcfile is not None  # type: ignore[attr-defined]
+    logs._skip_caller_lookup([logging.Formatter("%(message)s")])
+    assert access_record(access_logger).lineno == 0
+    logs._skip_caller_lookup([logging.Formatter("%(message)s"), Custom("%(message)s")])
+    rec = access_record(access_logger)
+    assert rec.lineno > 0 and rec.funcName == "access_record"
+    logs._skip_caller_lookup([logging.Formatter("%(funcName)s:%(lineno)d %(message)s")])
+    assert access_record(access_logger).funcName == "access_record"
+
+
+def test_a_library_format_with_the_pid_still_formats_after_configure(
+    access_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the server's own formats show no pid (here: one handler, pytest's own left out); vLLM sets
+    # up its format (vllm/logger.py) afterwards
+    monkeypatch.setattr(logs, "LOGGERS", ("servery",))
+    logger = logging.getLogger("servery")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    try:
+        logs.configure("text")
+    finally:
+        logger.removeHandler(handler)
+    vllm_like = logging.Formatter(
+        "(pid=%(process)d) %(levelname)s [%(filename)s:%(lineno)d] %(message)s"
+    )
+    record = logging.getLogger("vllm").makeRecord("vllm", logging.INFO, "x.py", 3, "m", (), None)
+    assert vllm_like.format(record) == f"(pid={os.getpid()}) INFO [x.py:3] m"
