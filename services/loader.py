@@ -9,14 +9,13 @@ remembers failures until the model's store folder changes, and unloads what no t
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from models.aliases import AliasStore
 from models.config import (
@@ -30,8 +29,7 @@ from models.config import (
 )
 from models.reload import Desired, desired, fingerprint, read_desired
 from services import metrics
-from services.batcher import MicroBatcher, Result
-from services.errors import ModelNotReady
+from services.batcher import MicroBatcher
 from services.registry import (
     LoadFailure,
     ModelRoutes,
@@ -94,14 +92,9 @@ class Loader:
             info, _ = load_info(entry, version)
             call = self.remote[info.framework]
 
-            async def predict(x: np.ndarray, _call=call, _info=info) -> Result:
-                try:
-                    result = await _call(_info.name, _info.version, x)
-                except ModelNotReady:  # the service is unreachable (not merely overloaded)
-                    metrics.set_model_ready(_info.name, False)
-                    raise
-                metrics.set_model_ready(_info.name, True)  # a dict lookup unless it changed
-                return result
+            # servery_model_ready follows the service's health (a failed call marks it down,
+            # an answered one up): Registry._publish_ready, through ServiceHealth.on_change.
+            predict = functools.partial(call, info.name, info.version)
 
             is_async = True
         batcher = MicroBatcher(

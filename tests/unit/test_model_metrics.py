@@ -329,27 +329,35 @@ def test_unknown_model_names_create_no_new_series(iris_store: Path, tmp_path: Pa
 
 
 def test_model_ready_follows_the_registry_and_the_service(iris_store: Path, tmp_path: Path) -> None:
-    """Service placement: ready after load, 0 once a model call finds the service unreachable,
-    1 again when a call succeeds; 0 when nothing is loaded; NaN once the name leaves the config."""
+    """Service placement: 0 until the service first answers, 0 once a model call finds it
+    unreachable, 1 again when a call succeeds; 0 when nothing is loaded; NaN once the name leaves
+    the config. The remote call reports to the worker's ServiceHealth as the router's does."""
+    from models.config import Framework
+    from services.health import ServiceHealth
+
     reachable = [True]
+    health = ServiceHealth({})
 
     async def remote(name: str, version: str, x: np.ndarray) -> Result:
         if not reachable[0]:
+            health.mark_down("sklearn", "a call failed: ConnectError")
             raise ModelNotReady(f"model '{name}' is not reachable")
+        health.mark_up("sklearn")
         return np.zeros(len(x), dtype=np.int64), np.ones((len(x), 3))
-
-    from models.config import Framework
 
     name = "iris_" + tag()
     config = f"models:\n  - name: {name}\n    tag: iris\n    placement: service\n"
     with bentoml_store(iris_store):
         registry = build(tmp_path, config, {Framework.SKLEARN: remote})
-    assert value(metrics.MODEL_READY, model=name) == 1
+    registry.health = health
+    assert value(metrics.MODEL_READY, model=name) == 0  # the service has not answered yet
     served = registry.get(name)
 
     async def call() -> None:
         await served.batcher.submit(np.ones((1, 4)))
 
+    asyncio.run(call())
+    assert value(metrics.MODEL_READY, model=name) == 1
     reachable[0] = False
     with pytest.raises(ModelNotReady):
         asyncio.run(call())
