@@ -1,7 +1,7 @@
 """The foundation benchmark: what the router adds, and what batching buys, per model.
 
     python -m bench.foundation [--models iris,digits_large] [--concurrency 1,16,64]
-                               [--duration 5] [--quick] [--client wrk|aiohttp]
+                               [--duration 5] [--quick] [--client wrk|aiohttp] [--gain-repeats 5]
 
 Single-row ``POST /predict`` requests (rows from the model's own dataset) for each model and
 concurrency, through:
@@ -12,6 +12,16 @@ concurrency, through:
     the baseline every ratio divides by, with (d) for the batching gain;
 (d) the router, inline, micro-batching off (``<m>-nobatch``, ``max_batch_size: 1``);
 (e) the model's runtime in this process: one row per call, and one 4,096-row call (the ceiling).
+
+The batching gain of the large models is then measured again on its own, interleaved: one router
+and one bare uvicorn + Starlette server (:mod:`bench.bare_server`: the router's own OIP handler,
+batcher and runtime with no BentoML) each serve ``<m>`` and ``<m>-nobatch`` inline, and OIP V2
+REST loads at c=64 alternate batched / batching off ``--gain-repeats`` times (the a/d cells above
+are single runs minutes apart on a noisy VM); the median of the per-pair ratios is the gain, and
+the CPU the server's workers used per answered request says where the ceiling is: batching can
+save the model's per-call cost, never the front end's per-request cost, so the gain is at most
+(CPU per request, batching off) / (CPU per request, batched), and the bare server's gain is what
+a Python HTTP front end allows for that model on this machine.
 
 One router serves (a), (b) and (d); then one standalone service per framework serves (c); never
 two servers at once. Each configuration is checked with one request (200, the in-process
@@ -26,11 +36,12 @@ import argparse
 import json
 import re
 import shlex
+import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -77,6 +88,8 @@ TARGETS = (
     "through the router at c=64 at least 2x what the framework service serves when called "
     "directly; batching >= 3x unbatched on the large models at c=64; 0 errors"
 )
+GAIN_CONCURRENCY = 64
+GAIN_SERVERS = ("servery", "bare")
 
 
 @dataclass
@@ -259,20 +272,198 @@ def ratios(http: dict[str, dict[int, dict[str, Any]]], conc: Sequence[int]) -> d
     return out
 
 
+def gain_config(names: Sequence[str]) -> str:
+    """The interleaved gain servers' config: ``<m>`` batched and ``<m>-nobatch``, both inline."""
+    lines = ["models:"]
+    for m in names:
+        lines += [f"  - {{name: {m}, tag: {m}, placement: inline}}"]
+        lines += [f"  - {{name: {m}-nobatch, tag: {m}, placement: inline, max_batch_size: 1}}"]
+    return "\n".join(lines) + "\n"
+
+
+def oip_bodies(subject: Subject) -> list[str]:
+    """OIP V2 REST bodies, one row each (what both gain servers answer)."""
+    return [
+        json.dumps(
+            {"inputs": [{"name": "input-0", "shape": [1, len(r)], "datatype": "FP32", "data": r}]}
+        )
+        for r in subject.rows[:N_BODIES].tolist()
+    ]
+
+
+def summarize_gain(windows: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Medians of alternating runs: ``windows`` maps ``batched``/``off`` to one dict per run
+    (``ok_rps``, ``cpu_us``: worker CPU per answered request, ``errors``), in pairs."""
+    pairs = zip(windows["batched"], windows["off"], strict=True)
+    ratios_ = [b["ok_rps"] / o["ok_rps"] if o["ok_rps"] else 0.0 for b, o in pairs]
+    med = {
+        k: {f: statistics.median(w[f] for w in runs) for f in ("ok_rps", "cpu_us")}
+        for k, runs in windows.items()
+    }
+    return {
+        "gain": statistics.median(ratios_),
+        "gains": ratios_,
+        "ok_rps_batched": med["batched"]["ok_rps"],
+        "ok_rps_off": med["off"]["ok_rps"],
+        "cpu_us_batched": med["batched"]["cpu_us"],
+        "cpu_us_off": med["off"]["cpu_us"],
+        "errors": int(sum(w["errors"] for runs in windows.values() for w in runs)),
+        "runs": windows,
+    }
+
+
+def alternate(
+    url_of: Callable[[str], str],
+    workers: list[Any],
+    subject: Subject,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """``subject`` batched vs batching off on one server, alternating, with worker CPU."""
+    from bench.before_after import cpu_seconds
+
+    body = oip_bodies(subject)
+    urls = {"batched": url_of(subject.name), "off": url_of(f"{subject.name}-nobatch")}
+    kw: dict[str, Any] = {"concurrency": GAIN_CONCURRENCY, "client": args.client}
+    for url in urls.values():
+        measure(url, body, seconds=1, **kw)  # warm-up, not recorded
+    windows: dict[str, list[dict[str, float]]] = {"batched": [], "off": []}
+    for rep in range(args.gain_repeats):
+        for key in ("batched", "off") if rep % 2 == 0 else ("off", "batched"):
+            used = cpu_seconds(workers)
+            result = measure(urls[key], body, seconds=args.duration, **kw)
+            used = cpu_seconds(workers) - used
+            windows[key].append(
+                {
+                    "ok_rps": result.ok_rps,
+                    "cpu_us": used / max(result.ok, 1) * 1e6,
+                    "errors": result.errors,
+                    "p99_ms": result.p99_ms,
+                }
+            )
+    return summarize_gain(windows)
+
+
+def interleaved_gains(
+    home: Path, subjects: Sequence[Subject], args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    """Per subject and server (servery, bare): the interleaved batching gain at c=64."""
+    import psutil
+
+    from bench.before_after import router_workers
+    from bench.peers import start_bare
+    from bench.server import start_server
+    from models.config import Settings
+
+    out: dict[str, dict[str, Any]] = {s.name: {} for s in subjects}
+    config = gain_config([s.name for s in subjects])
+    with tempfile.TemporaryDirectory(prefix="servery-bench-gain-") as tmp_name:
+        tmp = Path(tmp_name)
+        for server_name in GAIN_SERVERS:
+            print(f"starting {server_name} for the interleaved batching gain ...", flush=True)
+            if server_name == "servery":
+                server = start_server(home, config, tmp / server_name)
+                process, workers = server, router_workers(server)
+            else:
+                config_file = tmp / "gain-models.yaml"
+                config_file.write_text(config)
+                peer = start_bare(config_file, tmp, Settings().router_workers)
+                process = peer.process
+                workers = psutil.Process(process.proc.pid).children(recursive=True)
+            try:
+                for s in subjects:
+                    url_of = f"{process.url}/v2/models/{{}}/infer".format
+                    g = alternate(url_of, workers, s, args)
+                    out[s.name][server_name] = g
+                    print(
+                        f"  {s.name:<20} {server_name:<8} gain {g['gain']:.2f}x "
+                        f"({', '.join(f'{x:.2f}' for x in g['gains'])}); req/s "
+                        f"{fmt(g['ok_rps_batched'])} batched, {fmt(g['ok_rps_off'])} off; CPU/req "
+                        f"{fmt(g['cpu_us_batched'], 0)} / {fmt(g['cpu_us_off'], 0)} us; "
+                        f"errors {g['errors']}",
+                        flush=True,
+                    )
+            finally:
+                process.stop()
+    return out
+
+
+def gain_report(results: dict[str, dict[str, Any]], markdown: bool) -> str:
+    """The interleaved gain table (empty when it was not measured)."""
+    rows = []
+    for name, r in results.items():
+        for server_name, g in r.get("gain", {}).items():
+            one_row_us = 1e6 / r["inproc"]["one_by_one_rows_per_s"]
+            rows.append(
+                [
+                    name,
+                    server_name,
+                    fmt(g["ok_rps_batched"]),
+                    fmt(g["ok_rps_off"]),
+                    f"{g['gain']:.2f}x",
+                    ", ".join(f"{x:.2f}" for x in g["gains"]),
+                    fmt(g["cpu_us_batched"], 0),
+                    fmt(g["cpu_us_off"], 0),
+                    fmt(one_row_us, 0),
+                    str(g["errors"]),
+                ]
+            )
+    if not rows:
+        return ""
+    header = [
+        "model",
+        "server",
+        "batched req/s",
+        "off req/s",
+        "gain (median)",
+        "gain per pair",
+        "CPU us/req batched",
+        "CPU us/req off",
+        "1-row call us (e)",
+        "err",
+    ]
+    title = f"Batching gain at c={GAIN_CONCURRENCY}, interleaved (OIP V2 REST)"
+    heading = f"### {title}\n\n" if markdown else f"== {title} ==\n"
+    note = (
+        "Medians of alternating runs on one server; CPU is what the server's workers used per "
+        "answered request (the load generator's own CPU is not in it)."
+    )
+    return heading + note + "\n\n" + table(header, rows, markdown)
+
+
 def target_checks(results: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-    """The issue's targets as (PASS | FAIL | not measured | info, what) pairs."""
+    """The issue's targets as (PASS | FAIL | not measured | info, what) pairs.
+
+    The batching gain is judged on the interleaved runs where they were made (``gain``), else on
+    the single-run a/d cells."""
     checks: list[tuple[str, str]] = []
     for name, r in results.items():
         goals = [("a/c", 2.0, "router (a) >= 2x service direct (c)")]
-        if name.endswith("_large"):
+        gain = r.get("gain", {})
+        if name.endswith("_large") and "servery" not in gain:
             goals.append(("a/d", 3.0, "batching gain a/d >= 3x"))
         for key, floor, what in goals:
             value = r["ratios"][key].get(64)
             mark = "not measured" if value is None else "PASS" if value >= floor else "FAIL"
             got = "" if value is None else f" ({value:.2f}x)"
             checks.append((mark, f"{name}: {what} at c=64{got}"))
+        if "servery" in gain:
+            ours = gain["servery"]["gain"]
+            mark = "PASS" if ours >= 3.0 else "FAIL"
+            what = f"batching gain >= 3x at c={GAIN_CONCURRENCY}, interleaved median ({ours:.2f}x)"
+            checks.append((mark, f"{name}: {what}"))
+        if "bare" in gain:
+            bare = gain["bare"]
+            checks.append(
+                (
+                    "info",
+                    f"{name}: bare uvicorn + Starlette with the same batcher gains "
+                    f"{bare['gain']:.2f}x (CPU per request {fmt(bare['cpu_us_off'], 0)} us "
+                    f"off, {fmt(bare['cpu_us_batched'], 0)} us batched)",
+                )
+            )
     # The baseline (c) is BentoML's own adaptive batching: its errors are reported, not judged.
-    for keys, what in (("abd", "0 errors through the router (a, b, d)"), ("c", "errors in (c)")):
+    routed = "0 errors through the router (a, b, d, interleaved gain) and the bare server"
+    for keys, what in (("abd", routed), ("c", "errors in (c)")):
         errors, where = 0, []
         for name, r in results.items():
             for key, by_c in r["http"].items():
@@ -281,6 +472,10 @@ def target_checks(results: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
                         errors += run["errors"]
                         logged = run["server_log_errors"] or "none logged"
                         where.append(f"{name} ({key}) c={c}: {run['errors']}, statuses {logged}")
+            for server_name, g in r.get("gain", {}).items():
+                if keys == "abd" and g["errors"]:
+                    errors += g["errors"]
+                    where.append(f"{name} gain runs on {server_name}: {g['errors']}")
         mark = "info" if keys == "c" else "PASS" if errors == 0 else "FAIL"
         checks.append((mark, f"{what}: {errors}" + (f" ({'; '.join(where)})" if where else "")))
     return checks
@@ -322,6 +517,9 @@ def report(results: dict[str, dict[str, Any]], conc: Sequence[int], markdown: bo
             for k in RATIOS
         ]
         parts.append(table(["req/s ratio"] + [f"c={c}" for c in conc], ratio_rows, markdown))
+    gains = gain_report(results, markdown)
+    if gains:
+        parts.append(gains)
     parts.append(("### Targets" if markdown else "== Targets ==") + f"\nFrom the issue: {TARGETS}.")
     bullet = "- " if markdown else "  "
     parts.append("\n".join(f"{bullet}{mark}: {what}" for mark, what in target_checks(results)))
@@ -338,8 +536,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     run_arguments(p, ",".join(ALL_MODELS), "2 s runs, fewer in-process rows")
     p.add_argument("--client", choices=("wrk", "aiohttp"), default="wrk")
+    p.add_argument(
+        "--gain-repeats",
+        type=int,
+        default=5,
+        help="alternating batched/off pairs per large model and server (0: skip; --quick: 1)",
+    )
     args = p.parse_args(argv)
     finish_run_arguments(args)
+    if args.quick:
+        args.gain_repeats = min(args.gain_repeats, 1)
     if args.client == "wrk" and wrk_path() is None:
         print(f"WARNING: {INSTALL_HINT}\nFalling back to --client aiohttp.", file=sys.stderr)
         args.client = "aiohttp"
@@ -377,6 +583,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if jobs:
             serve_and_load(home, config_yaml, target, jobs, args, results)
 
+    large = [s for s in subjects if s.name.endswith("_large")]
+    if large and args.gain_repeats > 0:
+        for name, by_server in interleaved_gains(home, large, args).items():
+            results[name]["gain"] = by_server
     for r in results.values():
         r["ratios"] = ratios(r["http"], args.concurrency)
     text = report(results, args.concurrency, markdown=False)
