@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.errors import error_response, json_response
-from services.fastpath import FastPath, Route, prediction_routes
+from services.fastpath import Deadlines, FastPath, Route, prediction_routes
 from tests.conftest import Sent
 
 
@@ -286,3 +287,137 @@ def test_in_flight_is_released_on_timeout_and_zero_means_off() -> None:
         return [s.status for s in sents]
 
     assert asyncio.run(many()) == [200] * 20
+
+
+# --- the shared request timeout (Deadlines) -----------------------------------------------------
+
+
+def test_only_the_slow_requests_of_many_time_out_each_near_its_own_deadline() -> None:
+    delays = {"/v2/models/fast/infer": 0.0, "/v2/models/slow/infer": 5.0}
+    timeout_s = 0.2
+    ended: dict[int, float] = {}
+
+    async def handler(request: Request, match: re.Match[str]) -> Response:
+        await asyncio.sleep(delays[request.url.path])
+        return json_response({"ok": True})
+
+    routes = [Route("t/infer", r"^/v2/models/(?P<name>[^/]+)/infer$", handler, error_response)]
+    app = FastPath(Inner(), object(), routes, timeout_s=timeout_s, access_log=False)
+    assert app.deadlines.tick_s == 0.01  # a twentieth of 0.2 s, at least 10 ms
+
+    async def one(i: int, path: str, start_after: float, t0: float) -> Sent:
+        await asyncio.sleep(start_after)
+        sent = Sent()
+        begun = time.monotonic()
+        await app(scope(path=path), receive, sent)
+        ended[i] = time.monotonic() - begun
+        return sent
+
+    async def scenario() -> list[Sent]:
+        t0 = time.monotonic()
+        # slow requests start at 0, 50 and 100 ms: each must get its own full timeout
+        jobs = [one(i, "/v2/models/slow/infer", 0.05 * i, t0) for i in range(3)]
+        jobs += [one(10 + i, "/v2/models/fast/infer", 0.02 * i, t0) for i in range(5)]
+        return await asyncio.gather(*jobs)
+
+    sents = asyncio.run(scenario())
+    assert [s.status for s in sents] == [504] * 3 + [200] * 5
+    for i in range(3):
+        assert timeout_s <= ended[i] < timeout_s + 0.15, ended
+    assert len(app.deadlines) == 0 and not app.deadlines._expired
+    assert app.deadlines._timer is None  # nothing in flight: no timer left behind
+
+
+def test_a_shutdown_cancel_is_not_turned_into_a_504() -> None:
+    app, *_ = make(handler_delay=5.0, timeout_s=5.0)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(app(scope(), receive, Sent()))
+        await asyncio.sleep(0.05)
+        task.cancel()  # what the server does to requests still running when it stops
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert len(app.deadlines) == 0 and not app.deadlines._expired
+
+
+@pytest.mark.parametrize("shutdown", [True, False])
+def test_a_shutdown_cancel_on_top_of_the_timeout_still_propagates(shutdown: bool) -> None:
+    deadlines = Deadlines(0.05, tick_s=0.01)
+    outcome: list[str] = []
+
+    async def request() -> None:
+        task = deadlines.arm()
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            outcome.append("timeout" if deadlines.end(task, cancelled=True) else "re-raised")
+            raise
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(request())
+        await asyncio.sleep(0.03)
+        # the deadline passes while the task has not run yet; the server cancels it as well
+        time.sleep(0.05)
+        await asyncio.sleep(0)  # the timer runs: the deadline's cancel
+        if shutdown:
+            task.cancel()  # and the shutdown's
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert outcome == ["re-raised" if shutdown else "timeout"]
+
+
+def test_a_handler_that_swallows_the_cancel_is_answered_and_its_task_uncancelled() -> None:
+    deadlines = Deadlines(0.02, tick_s=0.01)
+
+    async def request() -> tuple[str, int]:
+        task = deadlines.arm()
+        try:
+            await asyncio.sleep(5)
+            result = "slept"
+        except asyncio.CancelledError:
+            result = "swallowed"  # a handler that ignores cancellation
+        assert deadlines.end(task, cancelled=False) is False  # not reported as a timeout
+        return result, task.cancelling()
+
+    assert asyncio.run(request()) == ("swallowed", 0)
+    assert len(deadlines) == 0 and not deadlines._expired
+
+
+def test_a_handler_that_raises_leaves_no_deadline_behind() -> None:
+    async def boom(request: Request, match: re.Match[str]) -> Response:
+        raise RuntimeError("handler bug")
+
+    routes = [Route("/predict", r"^/predict$", boom, error_response)]
+    app = FastPath(Inner(), object(), routes, timeout_s=5, access_log=False)
+    with pytest.raises(RuntimeError, match="handler bug"):
+        call(app, scope())
+    assert len(app.deadlines) == 0 and app.deadlines._timer is None and app.in_flight == 0
+
+
+def test_one_timer_serves_every_request_in_flight() -> None:
+    deadlines = Deadlines(30.0)
+    timers: list[Any] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        real_call_at = loop.call_at
+
+        def counting_call_at(*args: Any, **kwargs: Any) -> Any:
+            timers.append(args)
+            return real_call_at(*args, **kwargs)
+
+        loop.call_at = counting_call_at  # type: ignore[method-assign]
+
+        async def request() -> None:
+            task = deadlines.arm()
+            await asyncio.sleep(0.01)
+            deadlines.end(task, cancelled=False)
+
+        await asyncio.gather(*(request() for _ in range(100)))
+
+    asyncio.run(scenario())
+    assert len([t for t in timers if getattr(t[1], "__self__", None) is deadlines]) == 1
