@@ -425,7 +425,10 @@ def gain_report(results: dict[str, dict[str, Any]], markdown: bool) -> str:
     heading = f"### {title}\n\n" if markdown else f"== {title} ==\n"
     note = (
         "Medians of alternating runs on one server; CPU is what the server's workers used per "
-        "answered request (the load generator's own CPU is not in it)."
+        "answered request (the load generator's own CPU is not in it). Batching saves the "
+        "model's per-call cost, not the front end's per-request cost: with the CPU saturated the "
+        "gain is about CPU per request off / batched, and the bare server's gain is what a Python "
+        "HTTP front end allows for the model on this machine."
     )
     return heading + note + "\n\n" + table(header, rows, markdown)
 
