@@ -1,4 +1,5 @@
-"""Failure isolation: a framework service worker killed under load (issue 7).
+"""Failure isolation: a framework service worker killed under load (issue 7), or stopped with
+requests in it (the request timeout answers them 504).
 
 Only the models of that service fail while it is down, the others keep answering, and BentoML's
 circus restarts the worker so those models serve again. Meanwhile the router says so: the model
@@ -187,5 +188,79 @@ def test_killed_service_worker_fails_only_its_models_and_comes_back(demo_store, 
         reasons = {s[v][1] for s in outage_views for v in ("models", "model", "oip") if not s[v][0]}
         assert reasons and all("sklearn service" in r for r in reasons), reasons
         assert all(all_ready(s) for s in views["after"][-6:]), views["after"]
+    finally:
+        srv.stop()
+
+
+HUNG_CONFIG = """models:
+  - {name: iris, tag: iris, placement: inline}
+  - {name: iris-svc, tag: iris, placement: service}
+  - {name: iris-svc2, tag: iris, placement: service}
+"""
+"""Two models in the sklearn service: each has its own micro-batcher, so one router worker has
+two calls in the service at once (one batcher sends one batch at a time)."""
+
+
+def test_a_hung_service_call_ends_in_a_504_timeout_and_the_service_recovers(
+    demo_store, tmp_path
+) -> None:
+    """SIGSTOP the sklearn worker. A request whose call is in the service when its deadline
+    passes is answered 504 ``timeout`` at the request timeout, not 503 by BentoML's client giving
+    up on the call 1 % later. The router's deadlines share one timer: the second model's request,
+    whose deadline falls 15 ms after the first's, must still be cancelled inside that margin.
+    Requests queued behind those calls (a batcher sends one batch at a time) end with the same 504
+    or, once the timed-out call has marked the service down, a 503 ``model_not_ready`` that says
+    so. The inline model keeps answering meanwhile, and the service serves again after SIGCONT."""
+    timeout_s = 2.0
+    env = {"SERVERY_REQUEST_TIMEOUT_S": str(timeout_s), "SERVERY_ROUTER_WORKERS": "1"}
+    srv = start_server(demo_store, HUNG_CONFIG, tmp_path, env=env)
+    rows = {**ROWS, "iris-svc2": ROWS["iris-svc"]}
+
+    async def post(session: aiohttp.ClientSession, model: str) -> tuple[int, Any, float]:
+        body = {"model": model, "inputs": [rows[model]]}
+        start = time.monotonic()
+        async with session.post(f"{srv.url}/predict", json=body) as r:
+            return r.status, await r.json(content_type=None), time.monotonic() - start
+
+    async def main() -> tuple[list[Any], Any, Any]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            for model in ("iris-svc", "iris-svc2"):
+                assert (await post(session, model))[0] == 200
+            victim = worker_of(srv, "sklearn")
+            assert victim is not None, "no sklearn worker"
+            os.kill(victim.pid, signal.SIGSTOP)
+            try:
+                # routed while the service still counts as up (its probe needs 1 s to fail),
+                # the two models in turn, 15 ms apart
+                hung = []
+                for i in range(6):
+                    model = ("iris-svc", "iris-svc2")[i % 2]
+                    hung.append(asyncio.ensure_future(post(session, model)))
+                    await asyncio.sleep(0.015)
+                inline = await post(session, "iris")
+                answers = await asyncio.gather(*hung)
+            finally:
+                os.kill(victim.pid, signal.SIGCONT)
+            # the service answers again once it runs (the probe marks it up)
+            deadline = time.monotonic() + 30
+            while True:
+                again = await post(session, "iris-svc")
+                if again[0] == 200 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.5)
+            return answers, inline, again
+
+    try:
+        answers, inline, again = asyncio.run(main())
+        for status, body, seconds in answers[:2]:  # in a service call at their deadline
+            assert (status, body["error"]["type"]) == (504, "timeout"), (status, body, seconds)
+            assert timeout_s <= seconds < timeout_s + 1.0, seconds
+        for status, body, seconds in answers[2:]:  # queued behind those calls
+            assert (status, body["error"]["type"]) in {(504, "timeout"), (503, "model_not_ready")}
+            if status == 503:
+                assert "sklearn service is not reachable" in body["error"]["message"], body
+            assert seconds < timeout_s + 1.0, seconds
+        assert inline[0] == 200, inline  # the inline model never waited on the stopped service
+        assert again[0] == 200, again
     finally:
         srv.stop()
