@@ -10,7 +10,8 @@ this/before, and the median ratio. Use it to find what a change costs the hot pa
 that ``bench.versioning`` (iris, ``/predict``) does not cover. Writes nothing.
 
 It also prints the router workers' CPU time per answered request (user + system time, summed
-over the server's router worker processes, over the requests wrk got answers to). On this VM req/s of single repeats swing by ±30 % (other tenants take the CPU), while CPU per
+over the server's router worker processes, over the requests wrk got answers to). On this VM
+req/s of single repeats swing by ±30 % (other tenants take the CPU), while CPU per
 request moves far less, so a few percent show in the CPU column long before they show in req/s
 (e.g. one fewer write per response: 237 -> 219 us, req/s median 1.03 with repeats 0.84-1.37).
 """
@@ -18,7 +19,6 @@ request moves far less, so a few percent show in the CPU column long before they
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import psutil
 
-from bench.foundation import load_subject
+from bench.foundation import bodies as foundation_bodies
+from bench.foundation import load_subject, oip_bodies
 from bench.report import use_project_store
 from bench.server import ROOT, Server, start_server
 from bench.soak import processes
@@ -36,15 +37,9 @@ from bench.wrk import run_wrk
 
 
 def bodies(model: str, endpoint: str) -> list[str]:
-    rows = load_subject(model).rows[:64].tolist()
-    if endpoint == "predict":
-        return [json.dumps({"model": model, "inputs": [r]}) for r in rows]
-    return [
-        json.dumps(
-            {"inputs": [{"name": "input-0", "shape": [1, len(r)], "datatype": "FP32", "data": r}]}
-        )
-        for r in rows
-    ]
+    """One-row bodies of ``model``'s own rows for ``/predict`` or OIP V2 REST."""
+    subject = load_subject(model)
+    return foundation_bodies(subject, "a") if endpoint == "predict" else oip_bodies(subject)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -283,12 +283,9 @@ def gain_config(names: Sequence[str]) -> str:
 
 def oip_bodies(subject: Subject) -> list[str]:
     """OIP V2 REST bodies, one row each (what both gain servers answer)."""
-    return [
-        json.dumps(
-            {"inputs": [{"name": "input-0", "shape": [1, len(r)], "datatype": "FP32", "data": r}]}
-        )
-        for r in subject.rows[:N_BODIES].tolist()
-    ]
+    from bench.mlserver_peer import oip_body
+
+    return [json.dumps(oip_body(row)) for row in subject.rows[:N_BODIES]]
 
 
 def summarize_gain(windows: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
