@@ -9,9 +9,9 @@ large: 300 trees of depth 8 on a synthetic 20,000 x 50 ``make_classification`` s
 (services/runtimes.py) a one-row call costs ~0.2 ms and a row in a batch of 32 ~12 us, so the
 cap fell to (0.2 + 0.2) / (0.2 + 0.012) ~ 1.9x: the cheaper unbatched call is a gain for users,
 not a loss. ``make bench`` measures it (interleaved runs at c=64, with the CPU the server used
-per request): ~2x for servery and ~2.2x for bare uvicorn + Starlette running the same batcher, so
-the 3x of issue 4 is out of reach of a Python HTTP front end for this model here. A 1,000-tree
-version gained no more (0.44 ms vs 34 us per row) and served fewer requests.
+per request): 2.0-2.2x for servery and 2.2x for bare uvicorn + Starlette running the same
+batcher, so the 3x of issue 4 is out of reach of a Python HTTP front end for this model here. A
+1,000-tree version gained no more (0.44 ms vs 34 us per row) and served fewer requests.
 
     python -m training.breast_cancer [--size small|large] [--seed N]
 """
