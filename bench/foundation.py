@@ -164,12 +164,15 @@ def measure_inproc(
     }
 
 
-def models_yaml(names: Sequence[str]) -> str:
-    """The config for every server: ``<m>`` inline, ``<m>-svc`` service, ``<m>-nobatch``."""
+def models_yaml(names: Sequence[str], service: bool = True) -> str:
+    """The config for every server: ``<m>`` inline, ``<m>-svc`` service (unless not
+    ``service``: the interleaved gain servers, the bare one serves inline models only),
+    ``<m>-nobatch``."""
     lines = ["models:"]
     for m in names:
         lines += [f"  - {{name: {m}, tag: {m}, placement: inline}}"]
-        lines += [f"  - {{name: {m}-svc, tag: {m}, placement: service}}"]
+        if service:
+            lines += [f"  - {{name: {m}-svc, tag: {m}, placement: service}}"]
         lines += [f"  - {{name: {m}-nobatch, tag: {m}, placement: inline, max_batch_size: 1}}"]
     return "\n".join(lines) + "\n"
 
@@ -272,15 +275,6 @@ def ratios(http: dict[str, dict[int, dict[str, Any]]], conc: Sequence[int]) -> d
     return out
 
 
-def gain_config(names: Sequence[str]) -> str:
-    """The interleaved gain servers' config: ``<m>`` batched and ``<m>-nobatch``, both inline."""
-    lines = ["models:"]
-    for m in names:
-        lines += [f"  - {{name: {m}, tag: {m}, placement: inline}}"]
-        lines += [f"  - {{name: {m}-nobatch, tag: {m}, placement: inline, max_batch_size: 1}}"]
-    return "\n".join(lines) + "\n"
-
-
 def oip_bodies(subject: Subject) -> list[str]:
     """OIP V2 REST bodies, one row each (what both gain servers answer)."""
     from bench.mlserver_peer import oip_body
@@ -352,7 +346,7 @@ def interleaved_gains(
     from models.config import Settings
 
     out: dict[str, dict[str, Any]] = {s.name: {} for s in subjects}
-    config = gain_config([s.name for s in subjects])
+    config = models_yaml([s.name for s in subjects], service=False)
     with tempfile.TemporaryDirectory(prefix="servery-bench-gain-") as tmp_name:
         tmp = Path(tmp_name)
         for server_name in GAIN_SERVERS:

@@ -305,7 +305,7 @@ def test_only_the_slow_requests_of_many_time_out_each_near_its_own_deadline() ->
     app = FastPath(Inner(), object(), routes, timeout_s=timeout_s, access_log=False)
     assert app.deadlines.tick_s == 0.001  # 0.5 % of 0.2 s, at least uvloop's 1 ms
 
-    async def one(i: int, path: str, start_after: float, t0: float) -> Sent:
+    async def one(i: int, path: str, start_after: float) -> Sent:
         await asyncio.sleep(start_after)
         sent = Sent()
         begun = time.monotonic()
@@ -314,10 +314,9 @@ def test_only_the_slow_requests_of_many_time_out_each_near_its_own_deadline() ->
         return sent
 
     async def scenario() -> list[Sent]:
-        t0 = time.monotonic()
         # slow requests start at 0, 50 and 100 ms: each must get its own full timeout
-        jobs = [one(i, "/v2/models/slow/infer", 0.05 * i, t0) for i in range(3)]
-        jobs += [one(10 + i, "/v2/models/fast/infer", 0.02 * i, t0) for i in range(5)]
+        jobs = [one(i, "/v2/models/slow/infer", 0.05 * i) for i in range(3)]
+        jobs += [one(10 + i, "/v2/models/fast/infer", 0.02 * i) for i in range(5)]
         return await asyncio.gather(*jobs)
 
     sents = asyncio.run(scenario())
