@@ -53,7 +53,8 @@ $(STAMP): $(LOCK)
 	elif $(PY) -m pip install --quiet --no-deps --retries 1 --timeout 20 \
 			--extra-index-url "$(TORCH_INDEX_URL)" -r $(VENV)/torch.txt 2>/dev/null; then \
 		extra="--extra-index-url $(TORCH_INDEX_URL)"; \
-	else echo "make: cannot get PyTorch ($$(sed 's/ *;.*//' $(VENV)/torch.txt | paste -sd/)) from pip's indexes nor from TORCH_INDEX_URL=$(TORCH_INDEX_URL): set TORCH_INDEX_URL to a reachable copy of PyTorch's CPU wheel index, or PIP_FIND_LINKS to a folder holding the wheel"; \
+	else torch=$$(grep -oE '^torch==[^ ;]+' $(VENV)/torch.txt | sort | tail -1); \
+		echo "make: cannot get $$torch from pip's indexes nor from TORCH_INDEX_URL=$(TORCH_INDEX_URL): set TORCH_INDEX_URL to a reachable copy of PyTorch's CPU wheel index, or PIP_FIND_LINKS to a folder holding the wheel"; \
 		exit 1; fi; \
 	echo "$(PY) -m pip install --no-deps -r $(LOCK) $$extra"; \
 	$(PY) -m pip install --quiet --no-deps $$extra -r $(LOCK)
