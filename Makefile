@@ -72,13 +72,14 @@ UV ?= $(VENV)/bin/uv
 LOCK_SOURCES = $(shell curl -sf -m 10 -o /dev/null "$(TORCH_INDEX_URL)/torch/" && \
 	echo --extra-index-url "$(TORCH_INDEX_URL)" --index-strategy unsafe-best-match) \
 	$(foreach d,$(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^[a-z:.]*find-links='\(.*\)'/\1/p" | sort -u),--find-links $(d))
+# (CPU locks only: the GPU locks take PyPI's CUDA torch, and a `+cpu` build in sight would win.)
 COMPILE = $(UV) pip compile pyproject.toml --universal --python-version 3.11 --quiet \
-	--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade) $(LOCK_SOURCES)
+	--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade)
 lock:
 	@test -x $(UV) || $(MAKE) $(STAMP)
-	$(COMPILE) --extra cpu -o requirements-cpu.txt
+	$(COMPILE) $(LOCK_SOURCES) --extra cpu -o requirements-cpu.txt
 	$(COMPILE) --extra gpu -o requirements-gpu.txt
-	$(COMPILE) --extra cpu --extra dev -c requirements-cpu.txt -o requirements-dev-cpu.txt
+	$(COMPILE) $(LOCK_SOURCES) --extra cpu --extra dev -c requirements-cpu.txt -o requirements-dev-cpu.txt
 	$(COMPILE) --extra gpu --extra dev -c requirements-gpu.txt -o requirements-dev-gpu.txt
 
 models: $(STAMP)
