@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import pytest
 import uvicorn
 
 from bench.server import Server, free_port, start_server
-from tests.conftest import bentoml_store, save_iris
+from tests.conftest import bentoml_store, eventually, save_iris
 
 DEMOS = ("iris", "breast_cancer", "digits")
 # served name -> store name; "-svc" entries run in their framework service
@@ -128,10 +127,7 @@ class Background:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **kwargs))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.server.started
+        eventually(lambda: self.server.started, "uvicorn started in its thread", every=0.02)
 
     def stop(self) -> None:
         self.server.should_exit = True

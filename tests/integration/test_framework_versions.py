@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from bench.server import Server, start_server
-from tests.conftest import bentoml_store, save_iris
+from tests.conftest import bentoml_store, eventually, eventually_async, save_iris
 
 CONFIG = "models:\n  - name: iris-svc\n    tag: iris\n    placement: service\n"
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
@@ -221,7 +221,8 @@ def test_the_watcher_survives_a_failing_reload(in_process) -> None:
 
     async def run() -> bool:
         task = asyncio.create_task(svc._watch(0.01))
-        await asyncio.sleep(0.2)
+        # three reloads: the watcher went on after the first two failed
+        await eventually_async(lambda: len(calls) >= 3 or task.done(), "a third reload")
         alive = not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -247,10 +248,11 @@ def test_a_broken_new_version_leaves_the_default_where_it_was(
     shutil.copytree(staging / "models" / "iris" / bad, incoming)
     incoming.rename(versioned.home / "models" / "iris" / bad)
 
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and f"version {bad} failed to load" not in log(srv):
-        time.sleep(0.2)
-    assert f"version {bad} failed to load" in log(srv), srv.log_tail()
+    eventually(
+        lambda: f"version {bad} failed to load" in log(srv),
+        f"the failed load of {bad} in the log",
+        every=0.2,
+    )
     resp = predict(srv)
     assert resp.status_code == 200, resp.text
     assert resp.json()[0]["version"] == current
@@ -266,14 +268,13 @@ def test_new_version_becomes_the_default_without_restart(versioned: Versioned) -
     srv, before = versioned.server, versioned.versions["current"]
     with bentoml_store(versioned.home):
         newest = save_iris(c=100.0)
-    deadline = time.monotonic() + 20  # reload interval 0.5 s plus a load
-    seen = before
-    while time.monotonic() < deadline and seen != newest:
+
+    def answered_by_newest() -> bool:
         resp = predict(srv)
         assert resp.status_code == 200, resp.text
-        seen = resp.json()[0]["version"]
-        time.sleep(0.2)
-    assert seen == newest, f"the service still answers with {seen}:\n{srv.log_tail()}"
+        return resp.json()[0]["version"] == newest
+
+    eventually(answered_by_newest, f"the service answering with {newest}", every=0.2)
     np.testing.assert_allclose(
         [r["probabilities"] for r in predict_rows(srv)],
         local_proba(versioned.home, newest),

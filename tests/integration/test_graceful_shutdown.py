@@ -20,12 +20,14 @@ import psutil
 import pytest
 
 from bench.server import start_server
+from tests.conftest import WAIT_S, eventually, eventually_async
 from tests.integration.conftest import MIXED_CONFIG
 
 # Connection-level failures of requests the server never read: a new connection after the
 # listening socket closed (refused), or a request written onto an idle keep-alive connection
 # that uvicorn's shutdown was closing at that moment (reset / disconnected before any response).
 JSON = {"content-type": "application/json"}
+DRAINING = "SIGTERM: serving 3.0 s more"  # a framework service's log line (services/shutdown.py)
 NOT_ADMITTED = {"ClientConnectorError", "ServerDisconnectedError", "ClientOSError"}
 
 
@@ -72,7 +74,7 @@ def test_sigterm_under_load_loses_no_admitted_request(demo_store, tmp_path, mode
                 tally[type(e).__name__] += 1
                 await asyncio.sleep(0.05)
 
-    async def main() -> float:
+    async def main() -> None:
         stop = asyncio.Event()
         timeout = aiohttp.ClientTimeout(total=30)
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -80,7 +82,7 @@ def test_sigterm_under_load_loses_no_admitted_request(demo_store, tmp_path, mode
             # The clients' keep-alive connections may all sit on the worker that answered
             # /readyz first. Signal once every worker has served, so both workers have requests
             # in flight at the signal.
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + WAIT_S
             while time.monotonic() < deadline and not all_workers_serving(srv):
                 # new connections, so the kernel hands some to each worker
                 async with aiohttp.ClientSession() as fresh:
@@ -94,29 +96,38 @@ def test_sigterm_under_load_loses_no_admitted_request(demo_store, tmp_path, mode
             assert all_workers_serving(srv), "a router worker never answered"
             sockets.update(service_sockets(srv.proc.pid))
             assert len(sockets) >= 3, sockets  # sklearn, xgboost, torch
-            await asyncio.sleep(1.5)
+            # the load is on (two answers a client so far), rather than a sleep for it to be
+            await eventually_async(lambda: before["200"] >= 2 * 32, "answers before the signal")
             signalled.set()
-            t0 = time.monotonic()
             os.kill(srv.proc.pid, signal.SIGTERM)
             # While the services drain, a new connection to them must still find their sockets:
-            # BentoML deleted the directory at once (services/patches.py, arbiter stop order).
-            await asyncio.sleep(1.0)
+            # BentoML deleted the directory at once (services/patches.py, arbiter stop order),
+            # before it signalled the services. Look once a service says it drains: the arbiter
+            # is past that point, and the drain (3 s) has just begun.
+            await eventually_async(
+                lambda: DRAINING in srv.log.read_text(errors="replace"), "a service draining"
+            )
             kept.update(s for s in sockets if os.path.exists(s))
-            while srv.proc.poll() is None and time.monotonic() - t0 < 40:
-                await asyncio.sleep(0.1)
+            # the deadline only catches a hang: the drain is 3 s (circus would wait a day)
+            await eventually_async(lambda: srv.proc.poll() is not None, "the server's exit")
             stop.set()
             await asyncio.gather(*clients)
-            return time.monotonic() - t0
+
+    def group_gone() -> bool:
+        try:
+            os.killpg(srv.proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
 
     try:
-        took = asyncio.run(main())
-        assert srv.proc.returncode is not None, "the server did not stop within 40 s"
+        asyncio.run(main())
         assert set(before) == {"200"}, before
         # requests in flight at the signal were answered, and nothing the server read failed
         assert after["200"] > 0, after
         assert set(after) <= {"200"} | NOT_ADMITTED, after
-        # graceful: every process finished on its own, well inside circus's 30 s kill timeout
-        assert took < 25, took
+        # graceful: every process of the server finished on its own (nothing here kills one)
+        eventually(group_gone, "every process of the server gone")
         log = srv.log.read_text(errors="replace")
         assert "SIGTERM: serving 3.0 s more" in log  # the framework services drained
         assert kept == sockets, f"deleted during the drain: {sorted(sockets - kept)}"

@@ -9,7 +9,6 @@ the latency.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from bench.server import Server, start_server
+from tests.conftest import eventually
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +42,19 @@ def log_lines(srv: Server) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in lines]
 
 
-def access_line(srv: Server, rid: str, timeout: float = 10.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [
+def access_line(srv: Server, rid: str) -> dict[str, Any]:
+    """The one access log line of request ``rid`` (a worker writes it just after the answer)."""
+
+    def found() -> list[dict[str, Any]]:
+        return [
             d
             for d in log_lines(srv)
             if d.get("request_id") == rid and d["logger"] == "bentoml.access"
         ]
-        if found or time.monotonic() > deadline:
-            assert len(found) == 1, (rid, found)
-            return found[0]
-        time.sleep(0.2)
+
+    lines = eventually(found, f"the access line of {rid}", every=0.2)
+    assert len(lines) == 1, (rid, lines)
+    return lines[0]
 
 
 @pytest.mark.parametrize("model", ["iris", "digits"])

@@ -8,7 +8,6 @@ names or URL paths.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from bench.server import Server, start_server
-from tests.conftest import bentoml_store, save_iris
+from tests.conftest import bentoml_store, eventually, save_iris
 
 INLINE, SERVICE = "iris", "iris-svc"
 CONFIG = (
@@ -169,14 +168,13 @@ def test_counts_and_histograms_sum_over_both_workers(server: Server) -> None:
         assert total(after, "servery_model_ready", model=model) == 1
 
     # gauges are sampled every 0.5 s per worker; both workers are idle now
-    deadline = time.monotonic() + 5
-    while True:
+    def idle() -> Samples:
         now = scrape(server)
         busy = total(now, "servery_in_flight_requests") + total(now, "servery_queue_depth")
-        if busy == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert busy == 0
+        assert busy == 0, f"{busy} requests in flight or queued"
+        return now
+
+    now = eventually(idle, "both workers' gauges back to 0", every=0.2)
     for model in (INLINE, SERVICE):
         gauge = {"model": model, "version": version[model]}
         assert ("servery_in_flight_requests", frozenset(gauge.items())) in now

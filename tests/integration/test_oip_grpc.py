@@ -20,6 +20,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from bench.server import free_port, start_server
+from tests.conftest import eventually
 from tests.integration.conftest import PLACEMENTS, dataset
 from tests.integration.test_load import batch_histogram
 
@@ -236,14 +237,13 @@ def test_infer_calls_are_timed_and_access_logged(server, client) -> None:
     with pytest.raises(InferenceServerException):
         client.infer(marker, [infer_input(rows, "FP64")])
     assert grpc_timed_calls(server) - before_timed == 6
-    deadline = time.monotonic() + 10  # the log file is written by the worker processes
-    while time.monotonic() < deadline:
+
+    def logged() -> list[str]:  # the log file is written by the worker processes
         log = server.log.read_text(errors="replace")
         lines = [x for x in log.splitlines() if "scheme=grpc,method=ModelInfer" in x]
-        if len(lines) - before_log >= 6:
-            break
-        time.sleep(0.2)
-    new = lines[before_log:]
+        return lines[before_log:] if len(lines) - before_log >= 6 else []
+
+    new = eventually(logged, "6 gRPC access lines", every=0.2)
     assert sum("model=iris," in x and "(status=200)" in x for x in new) >= 5
     # an unknown model is logged under the bounded placeholder, never the client's string
     assert any("model=_unknown," in x and "(status=404)" in x for x in new)
@@ -388,9 +388,12 @@ def test_every_router_worker_serves_grpc_and_connections_spread(server) -> None:
     workers = int(server.env.get("SERVERY_ROUTER_WORKERS", "2"))
     if workers < 2:
         pytest.skip("one router worker")
-    deadline = time.monotonic() + 60
-    while len(pids := grpc_listeners(server.grpc_port)) < workers and time.monotonic() < deadline:
-        time.sleep(0.5)  # /readyz answers once the first worker is up
+
+    def listening() -> set[int]:  # /readyz answers once the first worker is up
+        pids = grpc_listeners(server.grpc_port)
+        return pids if len(pids) >= workers else set()
+
+    pids = eventually(listening, "a gRPC listener in each router worker", every=0.5)
     assert len(pids) == workers
     # One channel is one HTTP/2 connection; a local subchannel pool stops channels sharing one.
     channels = [

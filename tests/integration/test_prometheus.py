@@ -11,7 +11,6 @@ by PID (its process group) at the end, like the Bento.
 from __future__ import annotations
 
 import shutil
-import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ import yaml
 from bench.report import metric_samples
 from bench.server import Server, ServerProcess, free_port, launch, start_server
 from tests import promql
+from tests.conftest import eventually
 from tests.integration.conftest import dataset
 
 # iris in the router, breast_cancer in its framework service: both placements' series
@@ -34,6 +34,7 @@ MODELS = (
 )
 JOB = "servery"  # ServeryTargetDown watches jobs named servery*
 SCRAPE_S = 1
+POLL_S = 0.5  # how often a test asks Prometheus again (it scrapes and evaluates every second)
 # requests sent per (model, kind); "bad" rows have the wrong width (4xx)
 LOAD = {("iris", "good"): 240, ("iris", "bad"): 17, ("breast_cancer", "good"): 120}
 LOAD |= {("breast_cancer", "bad"): 9, ("no-such-model", "good"): 5}
@@ -150,18 +151,6 @@ def some(result: dict[tuple[str, ...], float]) -> dict[tuple[str, ...], float]:
     return result
 
 
-def eventually(check: Any, timeout: float = 30) -> Any:
-    """Retry ``check()`` (an assertion) until it passes; Prometheus scrapes every second."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
-
-
 def test_prometheus_counts_every_request_sent(
     prometheus: str, bento: Server, sent: Counter[tuple[str, str]]
 ) -> None:
@@ -169,7 +158,7 @@ def test_prometheus_counts_every_request_sent(
     per model and status, and equals the Bento's own ``/metrics``."""
     expected = {key: float(n) for key, n in sent.items()}
 
-    def counted() -> None:
+    def counted() -> bool:
         got = values(
             prometheus,
             f'sum by (model, status) (servery_requests_total{{job="{JOB}"}})',
@@ -177,8 +166,9 @@ def test_prometheus_counts_every_request_sent(
             "status",
         )
         assert {k: v for k, v in got.items() if v} == expected
+        return True
 
-    eventually(counted)
+    eventually(counted, "the requests counted", every=POLL_S)
     assert values(prometheus, 'sum(servery_requests_total{model="iris"})') == {
         (): float(sum(n for (m, _), n in sent.items() if m == "iris"))
     }
@@ -200,14 +190,20 @@ def test_recording_rules_evaluate_to_sensible_numbers(
         assert {m for m, _ in got} >= {"iris", "breast_cancer", "_unknown"}, got
         return got
 
-    rate = sum(v for (m, _), v in eventually(rates).items() if m == "iris")
+    rate = sum(
+        v
+        for (m, _), v in eventually(rates, "the request rates", every=POLL_S).items()
+        if m == "iris"
+    )
     # per-second rate over the last minute: the load took seconds, so at most the whole load
     # (Prometheus extrapolates a window's edges by up to half a scrape interval each)
     assert 0 < rate * 60 <= 2 * iris_sent, rate
 
     # 4xx are the clients' mistakes: no server error was sent, so the 5xx share is 0, not absent
     ratio = eventually(
-        lambda: some(values(prometheus, "model:servery_requests_5xx:ratio_rate5m", "model"))
+        lambda: some(values(prometheus, "model:servery_requests_5xx:ratio_rate5m", "model")),
+        "the 5xx ratio",
+        every=POLL_S,
     )
     assert ratio[("iris",)] == 0 and ratio[("breast_cancer",)] == 0, ratio
 
@@ -220,7 +216,7 @@ def test_recording_rules_evaluate_to_sensible_numbers(
         assert ("iris",) in got and ("breast_cancer",) in got, got
         return got
 
-    for model, p99 in eventually(latency).items():
+    for model, p99 in eventually(latency, "the latency quantiles", every=POLL_S).items():
         assert 0 < p99 < 10, (model, p99)  # the buckets' range; the demo models answer in ms
     p50 = values(prometheus, "model_version:servery_model_request_duration_seconds:p50_rate5m")
     assert p50 and all(v > 0 for v in p50.values()), p50
@@ -230,7 +226,9 @@ def test_recording_rules_evaluate_to_sensible_numbers(
             values(
                 prometheus, "model_version_placement:servery_batch_size:mean_rate5m", "placement"
             )
-        )
+        ),
+        "the mean batch sizes",
+        every=POLL_S,
     )
     assert set(batch) == {("inline",), ("service",)} and all(v >= 1 for v in batch.values())
 
@@ -249,7 +247,7 @@ def test_rules_load_and_stay_quiet_on_a_healthy_bento(
         assert not bad, bad
         return loaded
 
-    eventually(healthy)
+    eventually(healthy, "every rule loaded and healthy", every=POLL_S)
     alerts = httpx.get(f"{prometheus}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
     # every `for` is longer than this test, so nothing can fire yet; a pending alert shows its
     # condition holds. Latency is the one condition a busy test machine may meet.
@@ -281,12 +279,13 @@ def test_dashboard_queries_return_data(prometheus: str, sent: Counter[tuple[str,
     ]
     assert queries
 
-    def answered() -> None:
+    def answered() -> bool:
         empty = [
             where
             for where, expr in queries
             if 'status=~"5.."' not in expr and not query(prometheus, expr)
         ]
         assert not empty, empty
+        return True
 
-    eventually(answered)
+    eventually(answered, "data for every dashboard query", every=POLL_S)

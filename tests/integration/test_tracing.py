@@ -7,7 +7,6 @@ Starlette app decoding OpenTelemetry's own protobuf messages) collects what the 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from bench.server import Server, free_port, start_server
+from tests.conftest import eventually
 from tests.integration.conftest import Background
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -85,15 +85,6 @@ def traced(
         collector.server.stop()
 
 
-def wait_for_spans(collector: Collector, want: Any, timeout: float = 20.0) -> list:
-    deadline = time.monotonic() + timeout
-    while True:
-        spans = collector.spans()
-        if want(spans) or time.monotonic() > deadline:
-            return spans
-        time.sleep(0.5)
-
-
 def test_prediction_spans_join_the_callers_trace(traced: tuple[Server, Collector]) -> None:
     srv, collector = traced
     for model in ("iris", "iris-svc"):
@@ -108,9 +99,13 @@ def test_prediction_spans_join_the_callers_trace(traced: tuple[Server, Collector
     def joined(spans: list) -> list:
         return [s for s in spans if s[2] == TRACE_ID]
 
-    spans = wait_for_spans(collector, lambda s: {x[0] for x in joined(s)} >= {"router", "sklearn"})
-    mine = joined(spans)
-    assert ("router", "POST /predict") in {(svc, name) for svc, name, _ in mine}, spans[:20]
+    def both_services() -> list:
+        mine = joined(collector.spans())
+        return mine if {x[0] for x in mine} >= {"router", "sklearn"} else []
+
+    # spans are exported in batches, every few seconds
+    mine = eventually(both_services, "the router's and the sklearn service's spans", every=0.5)
+    assert ("router", "POST /predict") in {(svc, name) for svc, name, _ in mine}, mine[:20]
     # the service-placed model's call to the sklearn service is a child in the same trace
     assert any(svc == "sklearn" for svc, _, _ in mine), mine
 
@@ -124,15 +119,14 @@ def test_json_log_lines_name_the_trace(traced: tuple[Server, Collector]) -> None
         timeout=30,
     )
     assert r.status_code == 200 and r.headers["x-request-id"] == "traced-1"
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def access_lines() -> list[dict[str, Any]]:
         lines = [
             json.loads(ln)
             for ln in srv.log.read_text().splitlines()
             if ln.startswith("{") and '"traced-1"' in ln
         ]
-        access = [d for d in lines if d["logger"] == "bentoml.access"]
-        if access:
-            break
-        time.sleep(0.2)
-    assert access and access[0]["trace_id"] == TRACE_ID, lines
+        return [d for d in lines if d["logger"] == "bentoml.access"]
+
+    access = eventually(access_lines, "the access line of request traced-1", every=0.2)
+    assert access[0]["trace_id"] == TRACE_ID, access

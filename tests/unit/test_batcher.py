@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from services.batcher import MicroBatcher, Result
+from tests.conftest import run_on_virtual_clock
 
 
 def rows(*values: float, width: int = 2) -> np.ndarray:
@@ -36,7 +37,11 @@ class RowSums:
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 5))
+    """Run ``coro`` on a loop whose clock jumps to its next timer instead of waiting for it: the
+    arrivals a few ms apart, the model calls' sleeps and the holds below happen in loop-time
+    order however busy the machine (a stall cannot make an arrival miss a hold it is meant to
+    join, or two arrivals share a tick). Gives up after 5 s of loop time."""
+    return run_on_virtual_clock(asyncio.wait_for(coro, 5))
 
 
 def check_own_rows(x: np.ndarray, result: Result) -> None:
@@ -381,20 +386,17 @@ def test_broken_hook_or_result_never_leaves_a_request_hanging(is_async: bool, br
         on_batch=_broken_hook if broken == "hook" else None,
     )
 
-    async def main() -> Any:
-        return await asyncio.wait_for(batcher.submit(rows(1)), 0.3)
-
     if broken == "hook":  # metrics failing must not fail a request the model answered
-        labels, _ = asyncio.run(main())
+        labels, _ = run(batcher.submit(rows(1)))
         assert labels.shape == (1,)
-    else:  # a malformed result fails the request at once (not TimeoutError: it is answered)
+    else:  # a malformed result fails the request (not TimeoutError: it is answered)
         with pytest.raises((RuntimeError, TypeError)):
-            asyncio.run(main())
+            run(batcher.submit(rows(1)))
 
 
 # --- holds: a lone request may wait for company under load --------------------------------------
 
-HOLD_S = 0.05  # long enough that "arrived during the hold" is unambiguous on a busy CI machine
+HOLD_S = 0.05  # in loop time (run()): arrivals 5 ms apart are well inside it
 
 
 def test_hold_gathers_requests_arriving_on_later_ticks() -> None:

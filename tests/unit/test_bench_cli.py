@@ -268,7 +268,8 @@ def test_drive_counts_requests_and_errors_by_status() -> None:
     assert result.errors == 32 and sorted(extras) == [i for i in range(100) if i % 5 and i % 7]
     assert 0 < result.p50_ms <= result.p95_ms <= result.p99_ms <= result.max_ms
     timed, _ = asyncio.run(drive(send, concurrency=2, seconds=0.1))
-    assert timed.requests > 10 and timed.seconds >= 0.1
+    # the window ends when its last call has answered; how many calls fit is the machine's speed
+    assert timed.seconds >= 0.1 and timed.requests == sum(timed.status.values()) > 0
 
 
 # --- the report: JSON, table, plots -----------------------------------------------------------

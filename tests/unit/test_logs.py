@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from services import logs
 from services.errors import json_response
 from services.fastpath import FastPath, Route
-from tests.conftest import Sent
+from tests.conftest import Sent, eventually
 
 
 @pytest.mark.parametrize("value", [b"abc-123", b"0f3e:req/7+x=y@z.q_", b"a" * 128])
@@ -221,9 +220,7 @@ def test_info_lines_wait_for_the_interval_and_warnings_flush_at_once() -> None:
     handler.handle(record_at(logging.WARNING, "third"))
     assert stream.flushed == ["INFO first\nINFO second\nWARNING third\n"]  # in order, one write
     handler.handle(record_at(logging.INFO, "fourth"))
-    deadline = time.monotonic() + 5
-    while not stream.flushed[1:] and time.monotonic() < deadline:
-        time.sleep(0.01)
+    eventually(lambda: stream.flushed[1:], "the flusher thread's next write", every=0.01)
     assert stream.flushed[1:] == ["INFO fourth\n"]  # the flusher thread wrote it out
 
 

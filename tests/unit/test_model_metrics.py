@@ -9,7 +9,6 @@ import json
 import math
 import random
 import string
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from services import metrics
 from services.batcher import MicroBatcher, Result
 from services.errors import ModelNotReady
-from tests.conftest import bentoml_store, save_iris
+from tests.conftest import bentoml_store, eventually, save_iris
 
 
 def value(metric: Any, suffix: str = "", **labels: str) -> float:
@@ -155,9 +154,15 @@ def test_gauges_show_requests_in_flight_and_waiting_then_zero() -> None:
 
         batcher = MicroBatcher(remote, max_batch_size=64, is_async=True, metrics=bm)
         first = [asyncio.ensure_future(batcher.submit(rows(1.0))) for _ in range(2)]
-        await asyncio.sleep(0.01)  # the first batch (2 requests) is in the model call
+        for _ in range(100):  # a few loop turns: submit, flush, the model call's task
+            if calls:
+                break
+            await asyncio.sleep(0)
+        assert calls == [2]  # the first batch (2 requests) is in the model call
         later = [asyncio.ensure_future(batcher.submit(rows(2.0))) for _ in range(3)]
-        await asyncio.sleep(0.01)  # their flush found the call in flight: they wait
+        # their flush finds the call in flight: they wait; the call is held open 10 ms more, so
+        # their queue wait is measurable (the sum asserted below)
+        await asyncio.sleep(0.01)
         metrics.sample_gauges()  # what the sampler thread does every GAUGE_INTERVAL_S
         seen.append((value(metrics.IN_FLIGHT, model=name), value(metrics.QUEUE_DEPTH, model=name)))
         gate.set()
@@ -182,10 +187,9 @@ def test_the_sampler_thread_updates_gauges_and_zeroes_unloaded_versions() -> Non
         RowSums(), max_batch_size=64, metrics=metrics.BatchMetrics(name, "v", "x")
     )
     batcher.queued = 7  # as if 7 requests were unanswered
-    deadline = time.monotonic() + 10 * metrics.GAUGE_INTERVAL_S
-    while value(metrics.IN_FLIGHT, model=name) != 7 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert value(metrics.IN_FLIGHT, model=name) == 7
+    eventually(
+        lambda: value(metrics.IN_FLIGHT, model=name) == 7, "the sampler thread's next sample"
+    )
     del batcher
     gc.collect()
     metrics.sample_gauges()
