@@ -132,16 +132,22 @@ class Sent:
         return json.loads(b"".join(m.get("body", b"") for m in self.messages[1:]))
 
 
-def engine_metric(url: str, name: str, model: str) -> float:
-    """vLLM engine metric ``name`` of served LLM ``model`` (its ``model_name`` label), summed over
-    its series, from the ``/metrics`` at server ``url``; fails when it is missing."""
+def engine_samples(url: str, name: str, model: str) -> list[tuple[dict[str, str], float]]:
+    """The (labels, value) samples of vLLM engine metric ``name`` of served LLM ``model`` (its
+    ``model_name`` label) on the ``/metrics`` at server ``url``."""
     from bench.report import metric_samples
 
-    values = [
-        v
+    return [
+        (labels, v)
         for n, labels, v in metric_samples(f"{url}/metrics")
         if n == name and labels.get("model_name") == model
     ]
+
+
+def engine_metric(url: str, name: str, model: str) -> float:
+    """vLLM engine metric ``name`` of served LLM ``model``, summed over its series, from the
+    ``/metrics`` at server ``url``; fails when it is missing."""
+    values = [v for _, v in engine_samples(url, name, model)]
     assert values, f"{name} missing from /metrics"
     return sum(values)
 
@@ -152,12 +158,9 @@ def finished_requests(url: str, model: str) -> dict[str, float]:
     stop token or string). vLLM 0.32 counts no reason for a request its client abandoned (the
     engine drops it, ``AsyncLLM.abort``): one that leaves the engine (``vllm:num_requests_running``
     back to 0) with these counts unchanged was aborted."""
-    from bench.report import metric_samples
-
     out: dict[str, float] = {}
-    for n, labels, v in metric_samples(f"{url}/metrics"):
-        if n == "vllm:request_success_total" and labels.get("model_name") == model:
-            out[labels["finished_reason"]] = out.get(labels["finished_reason"], 0.0) + v
+    for labels, v in engine_samples(url, "vllm:request_success_total", model):
+        out[labels["finished_reason"]] = out.get(labels["finished_reason"], 0.0) + v
     return out
 
 
@@ -167,6 +170,20 @@ WAIT_S = 60.0
 """How long :func:`eventually` and its kin wait by default. Something that happens at all happens
 far sooner, even on a slow, busy 2-core CI machine: this deadline only ends a wait for something
 that never comes. No test asserts how quickly a condition came true."""
+
+
+def _poll(check: Callable[[], T], what: str, timeout: float, deadline: float) -> tuple[bool, T]:
+    """One poll of :func:`eventually`: ``(True, result)`` when ``check()`` gave something truthy,
+    ``(False, result)`` when not yet; past ``deadline`` a "not yet" fails, naming ``what``."""
+    try:
+        result = check()
+    except AssertionError as e:
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout} s: {e}") from e
+        return False, None  # type: ignore[return-value]
+    if not result and time.monotonic() >= deadline:
+        raise AssertionError(f"{what}: not within {timeout} s (last: {result!r})")
+    return bool(result), result
 
 
 def eventually(
@@ -179,16 +196,9 @@ def eventually(
     """
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            result = check()
-        except AssertionError as e:
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{what}: not within {timeout} s: {e}") from e
-        else:
-            if result:
-                return result
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{what}: not within {timeout} s (last: {result!r})")
+        done, result = _poll(check, what, timeout, deadline)
+        if done:
+            return result
         time.sleep(every)
 
 
@@ -198,16 +208,9 @@ async def eventually_async(
     """:func:`eventually` inside an event loop: the loop keeps running between polls."""
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            result = check()
-        except AssertionError as e:
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{what}: not within {timeout} s: {e}") from e
-        else:
-            if result:
-                return result
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{what}: not within {timeout} s (last: {result!r})")
+        done, result = _poll(check, what, timeout, deadline)
+        if done:
+            return result
         await asyncio.sleep(every)
 
 
