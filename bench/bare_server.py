@@ -1,7 +1,8 @@
 """The baseline of issue 4: bare uvicorn + Starlette serving servery's own OIP V2 REST handler.
 
 No BentoML: one Starlette route, ``POST /v2/models/{name}/infer``, calls the router's handler
-(:func:`services.oip_rest.infer_request`: the same parsing, validation, :class:`MicroBatcher`,
+(:func:`services.protocols.oip.rest.infer_request`: the same parsing, validation,
+:class:`MicroBatcher`,
 runtime and encoding), with the models loaded inline from the same model config and store, in the
 same number of uvicorn workers (uvloop + httptools) as the router. What remains is what a Python
 HTTP front end costs at the least on this machine, so servery's req/s over this server's is the
@@ -31,8 +32,8 @@ def create_app() -> Any:
     from starlette.routing import Route
 
     from models.config import load_model_config
-    from services import oip_rest
-    from services.loader import build_registry
+    from services.protocols.oip import rest as oip_rest
+    from services.runtime.loader import build_registry
     from services.settings import SETTINGS
 
     config = load_model_config(SETTINGS.models_file)

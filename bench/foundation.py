@@ -77,9 +77,9 @@ CONFIGS = {
 }
 RATIOS = {"a/c": ("a", "c"), "b/c": ("b", "c"), "a/d": ("a", "d"), "b/d": ("b", "d")}
 SERVICE_TARGETS = {
-    "sklearn": "services.sklearn_service:SklearnService",
-    "xgboost": "services.xgboost_service:XGBoostService",
-    "pytorch": "services.torch_service:TorchService",
+    "sklearn": "services.frameworks.sklearn_service:SklearnService",
+    "xgboost": "services.frameworks.xgboost_service:XGBoostService",
+    "pytorch": "services.frameworks.torch_service:TorchService",
 }
 JSON = {"content-type": "application/json"}
 N_BODIES = 64
@@ -125,7 +125,7 @@ def dataset_rows(name: str, n_features: int, seed: int = 0) -> np.ndarray:
 def load_subject(name: str) -> Subject:
     """Load ``name``'s runtime from the store, as a server process would (one thread)."""
     from models.config import ModelEntry
-    from services.runtimes import load_runtime
+    from services.runtime.predictors import load_runtime
 
     runtime = load_runtime(ModelEntry(name=name), threads=1)
     info = runtime.info

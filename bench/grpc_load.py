@@ -233,7 +233,7 @@ def parse_h2load(stdout: str, rows: list[list[str]], concurrency: int) -> LoadRe
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from services.oip import NUMERIC_DTYPES
+    from services.protocols.oip.core import NUMERIC_DTYPES
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("target", help="host:port of the OIP gRPC server")

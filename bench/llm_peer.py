@@ -11,7 +11,7 @@ measure each other) by
 * **servery**: ``bentoml serve services:Router`` with the LLM service (router ``/v1`` proxy ->
   LLM service -> vLLM ``AsyncLLM``), which pins its engine and HTTP process to separate cores;
 * **bare**: ``python -m vllm.entrypoints.openai.api_server`` on the same Hugging Face directory
-  with the flags servery's engine gets (:func:`services.llm_settings.engine_argv`), as it comes;
+  with the flags servery's engine gets (:func:`services.llm.settings.engine_argv`), as it comes;
 * **bare-pinned**: the same, pinned after start-up the way servery pins itself, so servery vs
   bare-pinned isolates the cost of servery's own layers.
 
@@ -117,7 +117,7 @@ def block_plan(servers: Sequence[str], repeats: int) -> list[tuple[str, list[int
 
 
 def engine_knobs(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`services.llm_settings.LLMSettings` fields both servers' engines get."""
+    """The :class:`services.llm.settings.LLMSettings` fields both servers' engines get."""
     knobs: dict[str, Any] = {"enforce_eager": True, "cpu_kvcache_gib": args.kv_cache_gib}
     if args.max_model_len is not None:
         knobs["max_model_len"] = args.max_model_len
@@ -143,7 +143,7 @@ def servery_env(knobs: dict[str, Any], served: str, tag: str) -> dict[str, str]:
 
 def bare_argv(knobs: dict[str, Any], served: str, hf_path: Path | str, port: int) -> list[str]:
     """The bare vLLM OpenAI server's command: servery's own engine flags for the same knobs."""
-    from services.llm_settings import LLMEntry, LLMSettings, engine_argv
+    from services.llm.settings import LLMEntry, LLMSettings, engine_argv
 
     settings = LLMSettings(models=[LLMEntry(name=served)], models_file=None, tasks={}, **knobs)
     flags = engine_argv(settings.models[0], settings, hf_path, on_cpu=True)
@@ -361,7 +361,7 @@ def start(server: str, ctx: dict[str, Any], tmp: Path) -> tuple[ServerProcess, d
     proc.wait_ready(lists_model, 300, f"{server} /v1/models")
     facts["ready_s"] = round(time.perf_counter() - t0, 1)
     if server == "bare-pinned":
-        from services.llm_service import pin_cpus  # the pinning servery's LLM service applies
+        from services.llm.service import pin_cpus  # the pinning servery's LLM service applies
 
         time.sleep(1)  # the engine's threads are up once it answers; let stragglers start
         facts["pinned"] = pin_cpus(proc.proc.pid)

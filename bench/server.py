@@ -144,7 +144,7 @@ def start_server(
     # classifier servers by default; a test or bench that wants the LLM service passes it in env
     full_env["SERVERY_LLM_ENABLED"] = "false"
     # stop() is SIGTERM to the whole group: no drain window for requests that cannot come
-    # (services/shutdown.py); the shutdown tests set it
+    # (services/ops/shutdown.py); the shutdown tests set it
     full_env["SERVERY_SHUTDOWN_DRAIN_S"] = "0"
     full_env.update(env or {})
     log = workdir / f"serve-{port}.log"

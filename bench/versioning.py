@@ -152,11 +152,11 @@ sys.path.insert(0, tree)
 os.environ["BENTOML_HOME"] = home
 from models.config import load_model_config
 try:
-    from services.loader import build_registry
+    from services.runtime.loader import build_registry
 except ImportError:  # trees before versioning
-    from services.registry import build_registry
+    from services.runtime.registry import build_registry
 from services.settings import SETTINGS
-from services import router
+from services.gateway import router
 from starlette.requests import Request
 router.app.state.registry = build_registry(load_model_config(config_file), SETTINGS, {})
 body = json.dumps({"model": "iris", "inputs": [[5.1, 3.5, 1.4, 0.2]]}).encode()

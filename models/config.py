@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     shutdown_drain_s: float = Field(5.0, ge=0, le=300)
     """On SIGTERM, the framework services and the LLM service keep serving this long before their
     graceful shutdown (finish what is in flight, then stop), so requests the router admitted just
-    before still find them up (services/shutdown.py). 0: stop at once. Keep it well inside the
+    before still find them up (services/ops/shutdown.py). 0: stop at once. Keep it well inside the
     orchestrator's grace period (Kubernetes ``terminationGracePeriodSeconds``)."""
 
     request_timeout_s: float = Field(60.0, gt=0)
@@ -142,7 +142,7 @@ class Settings(BaseSettings):
     """``json``: every log line of every server process is one JSON object (time, level, logger,
     component, message, request_id, trace ids, and an access line's method, path, status,
     latency_ms, model, version); ``text``: BentoML's format. The Kubernetes manifests use json.
-    See services/logs.py."""
+    See services/ops/logs.py."""
 
     log_flush_ms: float = Field(100.0, ge=0, le=10_000)
     """Most time an access-log line waits in its process before it is written out (nginx's
@@ -158,7 +158,7 @@ class Settings(BaseSettings):
     spans."""
 
     llm_enabled: bool = True
-    """Run the LLM service (``services/llm_service.py``, vLLM) beside the router and serve its
+    """Run the LLM service (``services/llm/service.py``, vLLM) beside the router and serve its
     OpenAI API on the router's port under ``/v1``. Off: the Bento serves classifiers only and
     never imports vLLM (the test servers of the classifier suites run that way)."""
 
@@ -181,12 +181,14 @@ class Settings(BaseSettings):
     """Comma-separated API keys, each plaintext (16+ characters) or ``sha256:<hex digest>``;
     named ``env-1``, ``env-2``, ... Any key here or in ``api_keys_file`` turns authentication on:
     every request but the probes and ``/metrics`` then needs ``Authorization: Bearer <key>``
-    (gRPC: ``authorization`` metadata). Unset or empty: no keys (local use); services/auth.py."""
+    (gRPC: ``authorization`` metadata). Unset or empty: no keys (local use);
+    services/gateway/auth.py."""
 
     api_keys_file: Path | None = None
     """YAML/JSON file of named keys with optional allowed models and rate limits (e.g. a mounted
     Kubernetes Secret); each router worker re-reads it when it changes (rotation without a
-    restart, within ``SERVERY_RELOAD_INTERVAL_S``); format in services/auth.py and the README."""
+    restart, within ``SERVERY_RELOAD_INTERVAL_S``); format in services/gateway/auth.py and the
+    README."""
 
     rate_limit_requests_per_minute: float | None = Field(None, gt=0)
     """Requests per minute per API key, for keys whose entry sets none (unset: unlimited). A

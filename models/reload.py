@@ -4,7 +4,8 @@ together into one :class:`Desired` state, plus a cheap fingerprint to notice whe
 BentoML resolves ``name:latest`` once, when a service starts (bentoml#754 asks for more); servery's
 processes poll instead: every ``SERVERY_RELOAD_INTERVAL_S`` they compare :func:`fingerprint` (a few
 ``stat`` calls per model, no file reads) with the last one and only on a change read everything
-again (:func:`desired`) and reconcile (``services/registry.py``, ``services/framework.py``).
+again (:func:`desired`) and reconcile (``services/runtime/registry.py``,
+``services/frameworks/base.py``).
 """
 
 from __future__ import annotations

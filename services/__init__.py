@@ -1,6 +1,7 @@
 """servery's BentoML services. The Bento entry point is ``services:Router``.
 
-Importing this package applies the BentoML fixes in :mod:`services.patches` before BentoML builds
+Importing this package applies the BentoML fixes in :mod:`services.compat.patches` before BentoML
+builds
 any app, and stays cheap: torch and xgboost load only when a model of theirs is loaded.
 """
 
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import logging
 
-from services import fastpath, logs, patches
+from services.compat import patches
+from services.gateway import fastpath
+from services.ops import logs
 from services.settings import SETTINGS
 
 patches.apply()
@@ -27,10 +30,10 @@ fastpath.install(
     max_in_flight=SETTINGS.max_in_flight,
 )
 
-from services.llm_service import LLM  # noqa: E402  (vLLM loads only when engines start)
-from services.router import Router  # noqa: E402
-from services.sklearn_service import SklearnService  # noqa: E402
-from services.torch_service import TorchService  # noqa: E402
-from services.xgboost_service import XGBoostService  # noqa: E402
+from services.frameworks.sklearn_service import SklearnService  # noqa: E402
+from services.frameworks.torch_service import TorchService  # noqa: E402
+from services.frameworks.xgboost_service import XGBoostService  # noqa: E402
+from services.gateway.router import Router  # noqa: E402
+from services.llm.service import LLM  # noqa: E402  (vLLM loads only when engines start)
 
 __all__ = ["LLM", "Router", "SklearnService", "TorchService", "XGBoostService"]

@@ -6,7 +6,8 @@ large: 300 trees of depth 8 on a synthetic 20,000 x 50 ``make_classification`` s
 ``inplace_predict`` a one-row call cost ~0.4 ms (one thread, varied rows), a row in a batch of 32
 ~22 us; with the router's own ~0.18 ms of CPU per request that capped what batching can gain at
 (0.18 + 0.4) / (0.18 + 0.022) ~ 2.9x. Since the runtime calls XGBoost's C API directly
-(services/runtimes.py) a one-row call costs ~0.2 ms and a row in a batch of 32 ~12 us, so the
+(services/runtime/predictors.py) a one-row call costs ~0.2 ms and a row in a batch of 32 ~12 us, so
+the
 cap fell to (0.2 + 0.2) / (0.2 + 0.012) ~ 1.9x: the cheaper unbatched call is a gain for users,
 not a loss. ``make bench`` measures it (interleaved runs at c=64, with the CPU the server used
 per request): 2.0-2.2x for servery and 2.2x for bare uvicorn + Starlette running the same

@@ -55,7 +55,7 @@ def server(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def local_predict(demo_store: Path):
     """In-process predictions with the same runtimes the server uses: name -> rows -> result."""
     from models.config import ModelEntry
-    from services.runtimes import load_runtime
+    from services.runtime.predictors import load_runtime
 
     with bentoml_store(demo_store):
         runtimes = {d: load_runtime(ModelEntry(name=d)) for d in DEMOS}

@@ -27,10 +27,10 @@ from tritonclient.utils import InferenceServerException
 
 from bench.server import Server, free_port, start_server
 from models.config import Settings
-from services import auth
-from services.fastpath import FastPath
-from services.gate import http_gate
-from services.llm_proxy import StreamingProxy
+from services.gateway import auth
+from services.gateway.fastpath import FastPath
+from services.gateway.gate import http_gate
+from services.llm.proxy import StreamingProxy
 from tests.conftest import bentoml_store, eventually, save_iris
 from tests.integration.conftest import Background
 

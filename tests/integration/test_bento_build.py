@@ -152,7 +152,11 @@ def test_bento_contents(built: Built) -> None:
         bento = built.path(variant)
         src = bento / "src"
         assert {p.name for p in src.iterdir()} == {"bentofile.yaml", "services", "models"}
-        for name in ("services/__init__.py", "services/router.py", "services/llm_service.py"):
+        for name in (
+            "services/__init__.py",
+            "services/gateway/router.py",
+            "services/llm/service.py",
+        ):
             assert (src / name).is_file(), name
         assert (src / "models/models.yaml").is_file()
         assert {p.name for p in (src / "services").iterdir()} == {
@@ -230,7 +234,7 @@ def test_export_import_and_serve_the_built_tag(
     assert archive.is_file() and archive.stat().st_size > 0
     with tarfile.open(archive) as tar:
         members = {m.removeprefix("./") for m in tar.getnames()}
-    assert "src/services/router.py" in members
+    assert "src/services/gateway/router.py" in members
     assert not {m for m in members if m.split("/")[:2] in (["src", "tests"], ["src", "bench"])}
     info = yaml.safe_load((built.path("cpu") / "bento.yaml").read_text())
     for model in info["models"]:

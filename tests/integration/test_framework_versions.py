@@ -26,7 +26,7 @@ ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 
 def local_proba(home: Path, version: str) -> np.ndarray:
     from models.config import ModelEntry
-    from services.runtimes import load_runtime
+    from services.runtime.predictors import load_runtime
 
     with bentoml_store(home):
         runtime = load_runtime(ModelEntry(name="iris-svc", tag="iris"), version=version)
@@ -54,7 +54,7 @@ def versioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Versioned]:
         home,
         CONFIG,
         tmp_path_factory.mktemp("versions-serve"),
-        target="services.sklearn_service:SklearnService",
+        target="services.frameworks.sklearn_service:SklearnService",
         env={"SERVERY_RELOAD_INTERVAL_S": "0.5"},
     )
     try:
@@ -151,7 +151,7 @@ def test_prepare_unknown_model_or_version_is_404(
 def in_process(versioned: Versioned, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A FrameworkService instance on the module's store; counts model loads by version."""
     from models.config import Framework
-    from services import framework
+    from services.frameworks import base as framework
 
     config = tmp_path / "models.yaml"
     config.write_text(CONFIG)
@@ -189,7 +189,7 @@ def test_concurrent_on_demand_loads_load_a_version_once(versioned: Versioned, in
 
 
 def test_unplanned_versions_unload_only_after_the_grace(versioned: Versioned, in_process) -> None:
-    from services import framework
+    from services.frameworks import base as framework
 
     svc, _ = in_process
     current, old, older = (versioned.versions[k] for k in ("current", "old", "older"))

@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from services.oip import ALL_DATATYPES, INPUT_NAME, OUTPUT_NAMES
+from services.protocols.oip.core import ALL_DATATYPES, INPUT_NAME, OUTPUT_NAMES
 from tests.integration.conftest import PLACEMENTS
 
 TIMEOUT_S = 30
@@ -79,7 +79,7 @@ N_FEATURES = {"iris": 4, "breast_cancer": 30, "digits": 64}
 
 MAX_MAGNITUDE = sys.float_info.max
 """Generated numbers reach the largest float: finite inputs whose scores overflow are refused 422
-(services/runtimes.py ``check_scores``), never answered 500 or with NaN."""
+(services/runtime/predictors.py ``check_scores``), never answered 500 or with NaN."""
 
 
 def _numbers() -> st.SearchStrategy[float | int]:

@@ -2,7 +2,7 @@
 
 The signal goes to the ``bentoml serve`` process only, as Kubernetes sends it to the container's
 PID 1; circus then stops the router and its dependencies at once, and the dependencies keep
-serving ``SERVERY_SHUTDOWN_DRAIN_S`` (services/shutdown.py).
+serving ``SERVERY_SHUTDOWN_DRAIN_S`` (services/ops/shutdown.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from tests.integration.conftest import MIXED_CONFIG
 # listening socket closed (refused), or a request written onto an idle keep-alive connection
 # that uvicorn's shutdown was closing at that moment (reset / disconnected before any response).
 JSON = {"content-type": "application/json"}
-DRAINING = "SIGTERM: serving 3.0 s more"  # a framework service's log line (services/shutdown.py)
+DRAINING = (
+    "SIGTERM: serving 3.0 s more"  # a framework service's log line (services/ops/shutdown.py)
+)
 NOT_ADMITTED = {"ClientConnectorError", "ServerDisconnectedError", "ClientOSError"}
 
 
@@ -101,7 +103,8 @@ def test_sigterm_under_load_loses_no_admitted_request(demo_store, tmp_path, mode
             signalled.set()
             os.kill(srv.proc.pid, signal.SIGTERM)
             # While the services drain, a new connection to them must still find their sockets:
-            # BentoML deleted the directory at once (services/patches.py, arbiter stop order),
+            # BentoML deleted the directory at once (services/compat/patches.py, arbiter stop
+            # order),
             # before it signalled the services. Look once a service says it drains: the arbiter
             # is past that point, and the drain (3 s) has just begun.
             await eventually_async(

@@ -1,4 +1,4 @@
-"""services/llm_proxy.py against real servers: incremental streaming, disconnects, errors.
+"""services/llm/proxy.py against real servers: incremental streaming, disconnects, errors.
 
 An upstream Starlette app on a Unix socket (as BentoML runs a dependency service) streams
 chunks slowly; the proxy runs in uvicorn on a loopback port; clients are httpx.
@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from bench.server import free_port
-from services.llm_proxy import StreamingProxy
+from services.llm.proxy import StreamingProxy
 from tests.conftest import eventually
 from tests.integration.conftest import Background
 

@@ -1,4 +1,5 @@
-"""services/auth.py and services/gate.py: key parsing and hashing, lookup, token buckets, and the
+"""services/gateway/auth.py and services/gateway/gate.py: key parsing and hashing, lookup, token
+buckets, and the
 HTTP gate in FastPath (both with the fast path's routes and with none, as when
 SERVERY_FAST_PATH=false), including the OpenAI API under /v1/ with a stand-in for the LLM proxy."""
 
@@ -17,12 +18,18 @@ import grpc
 import pytest
 
 from models.config import ConfigError, Settings
-from services import auth
-from services.auth import ApiKey, TokenBucket, digest_of, keyring
-from services.errors import Forbidden, RateLimited, Unauthenticated, error_response, json_response
-from services.fastpath import FastPath, Route
-from services.gate import SCOPE_KEY, http_gate, llm_cost
-from services.oip_grpc import status_of, trailers
+from services.gateway import auth
+from services.gateway.auth import ApiKey, TokenBucket, digest_of, keyring
+from services.gateway.fastpath import FastPath, Route
+from services.gateway.gate import SCOPE_KEY, http_gate, llm_cost
+from services.protocols.oip.grpc import status_of, trailers
+from services.runtime.errors import (
+    Forbidden,
+    RateLimited,
+    Unauthenticated,
+    error_response,
+    json_response,
+)
 from tests.conftest import Sent
 
 KEY_A = "key-a-0123456789abcdef"

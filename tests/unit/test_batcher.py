@@ -1,4 +1,5 @@
-"""services/batcher.py: the router's asyncio micro-batcher, driven by plain ``asyncio.run``."""
+"""services/runtime/batcher.py: the router's asyncio micro-batcher, driven by plain
+``asyncio.run``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.batcher import MicroBatcher, Result
+from services.runtime.batcher import MicroBatcher, Result
 from tests.conftest import run_on_virtual_clock
 
 
@@ -563,8 +564,8 @@ def test_coming_back_hold_ends_once_the_last_batch_is_back() -> None:
 def test_full_queue_sheds_at_once_and_admits_again_when_answered() -> None:
     """max_queue unanswered requests: the next fails at once (QueueFull, a 503 Overloaded);
     once answers go out the batcher admits again, and nothing it admitted is lost."""
-    from services.batcher import QueueFull
-    from services.errors import Overloaded
+    from services.runtime.batcher import QueueFull
+    from services.runtime.errors import Overloaded
 
     release = asyncio.Event()
 

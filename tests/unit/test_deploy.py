@@ -28,7 +28,7 @@ TARGETS = ("base", "overlays/cpu", "overlays/gpu")
 KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
 NAMESPACE = "servery"
 GPU = "nvidia.com/gpu"
-# services/llm_service.py: @bentoml.service(name="llm")
+# services/llm/service.py: @bentoml.service(name="llm")
 LLM_SERVICE = "llm"
 
 Obj = dict[str, Any]
@@ -483,7 +483,7 @@ def test_model_store_and_configs(rendered: dict[str, list[Obj]], tmp_path: Path)
     from bentoml._internal.container.generate import BENTO_PATH
 
     from models.config import Settings, parse_model_config
-    from services.llm_settings import LLMSettings
+    from services.llm.settings import LLMSettings
 
     router_fields = set(Settings.model_fields)
     llm_fields = set(LLMSettings.model_fields)
@@ -548,10 +548,10 @@ def test_prometheus_adapter_rules_serve_the_autoscaler_metrics(
         }, name
         assert "<<.LabelMatchers>>" in rule["metricsQuery"], name
         assert "by (<<.GroupBy>>)" in rule["metricsQuery"], name
-    # the router's series is the histogram servery defines (services/metrics.py)
+    # the router's series is the histogram servery defines (services/ops/metrics.py)
     series = rules["servery_inflight_requests"]["seriesQuery"].split("{")[0]
     assert series.removesuffix("_sum") == "servery_request_duration_seconds"
-    assert '"servery_request_duration_seconds"' in (ROOT / "services/metrics.py").read_text()
+    assert '"servery_request_duration_seconds"' in (ROOT / "services/ops/metrics.py").read_text()
 
 
 def test_model_loader_pod(rendered: dict[str, list[Obj]]) -> None:
@@ -580,7 +580,7 @@ def test_model_loader_pod(rendered: dict[str, list[Obj]]) -> None:
 
 def test_api_keys_are_on_in_every_overlay(rendered: dict[str, list[Obj]]) -> None:
     """The router reads its keys file from the servery-api-keys Secret; the example parses."""
-    from services.auth import parse_keys_file
+    from services.gateway.auth import parse_keys_file
 
     for target, objs in rendered.items():
         deployment = named(objs, "Deployment", "servery-router")

@@ -1,4 +1,5 @@
-"""services/errors.py: the error hierarchy, the platform envelope and pydantic error mapping."""
+"""services/runtime/errors.py: the error hierarchy, the platform envelope and pydantic error
+mapping."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pydantic import BaseModel, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
-from services.errors import (
+from services.runtime.errors import (
     BadRequest,
     InvalidInput,
     ModelNotFound,
@@ -219,8 +220,8 @@ def test_shed_requests_are_not_logged_one_by_one(caplog: pytest.LogCaptureFixtur
     """Load shedding answers 503 without a log line per refusal; other 5xx are logged."""
     import logging
 
-    from services import oip_rest
-    from services.batcher import QueueFull
+    from services.protocols.oip import rest as oip_rest
+    from services.runtime.batcher import QueueFull
 
     with caplog.at_level(logging.WARNING, logger="servery"):
         for respond in (error_response, oip_rest.error_response):
@@ -233,7 +234,7 @@ def test_shed_requests_are_not_logged_one_by_one(caplog: pytest.LogCaptureFixtur
 
 def test_long_messages_are_truncated() -> None:
     """Messages quote client input: a 10 MB model name must not make a 10 MB answer."""
-    from services.errors import MAX_MESSAGE, ModelNotFound
+    from services.runtime.errors import MAX_MESSAGE, ModelNotFound
 
     err = ModelNotFound(f"model '{'m' * 10_000_000}' is not served")
     assert len(err.message) <= MAX_MESSAGE

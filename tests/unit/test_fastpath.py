@@ -1,4 +1,5 @@
-"""services.fastpath: which requests skip BentoML's middleware, timeouts, logging, metrics."""
+"""services.gateway.fastpath: which requests skip BentoML's middleware, timeouts, logging,
+metrics."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from prometheus_client import REGISTRY
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.errors import error_response, json_response
-from services.fastpath import Deadlines, FastPath, Route, prediction_routes
+from services.gateway.fastpath import Deadlines, FastPath, Route, prediction_routes
+from services.runtime.errors import error_response, json_response
 from tests.conftest import Sent, eventually_async, run_on_virtual_clock
 
 

@@ -1,4 +1,5 @@
-"""services/health.py and the readiness policy in services/registry.py: a framework service that
+"""services/ops/health.py and the readiness policy in services/runtime/registry.py: a framework
+service that
 answered once and is unreachable now makes only its models not ready; /readyz waits for the
 services to start, stays ready through one's restart, and is not ready when nothing can answer."""
 
@@ -12,10 +13,10 @@ import pytest
 
 from models.config import Framework, Placement
 from models.versions import ModelPlan
-from services.errors import ModelNotFound
-from services.health import ServiceHealth, probe_of
-from services.registry import ModelRoutes, Registry, ServedModel
-from services.runtimes import ModelInfo
+from services.ops.health import ServiceHealth, probe_of
+from services.runtime.errors import ModelNotFound
+from services.runtime.predictors import ModelInfo
+from services.runtime.registry import ModelRoutes, Registry, ServedModel
 from tests.conftest import eventually_async
 
 
@@ -187,7 +188,7 @@ def test_probe_of_an_in_process_dependency_always_answers() -> None:
 
 
 def ready_gauge(model: str) -> float:
-    from services import metrics
+    from services.ops import metrics
 
     family = metrics.MODEL_READY.collect()[0]
     (sample,) = [s for s in family.samples if s.labels["model"] == model]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from models import cli_llm
+from models.cli import llm as cli_llm
 from models.llm_config import (
     GIB,
     LLMConfigError,

@@ -1,4 +1,4 @@
-"""services/llm_service.py: the per-request generated-token cap (SERVERY_LLM_MAX_TOKENS_LIMIT)."""
+"""services/llm/service.py: the per-request generated-token cap (SERVERY_LLM_MAX_TOKENS_LIMIT)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services import llm_service
+from services.llm import service as llm_service
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""services/llm_settings.py: parsing SERVERY_LLM_* and building vLLM's flags (no vLLM import)."""
+"""services/llm/settings.py: parsing SERVERY_LLM_* and building vLLM's flags (no vLLM import)."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from services.llm_settings import GiB, LLMSettings, engine_argv
+from services.llm.settings import GiB, LLMSettings, engine_argv
 
 
 def settings(**env: str) -> LLMSettings:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from models import cli_llm
+from models.cli import llm as cli_llm
 from models.llm_config import LLMConfigError, safetensors_parameters
 from models.llm_store import check_hf_dir, hf_dir, save_hf_dir
 from models.store import StoreError

@@ -1,4 +1,4 @@
-"""Request ids and JSON logs (services/logs.py) and how the fast path uses them."""
+"""Request ids and JSON logs (services/ops/logs.py) and how the fast path uses them."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from services import logs
-from services.errors import json_response
-from services.fastpath import FastPath, Route
+from services.gateway.fastpath import FastPath, Route
+from services.ops import logs
+from services.runtime.errors import json_response
 from tests.conftest import Sent, eventually
 
 
@@ -268,7 +268,7 @@ def test_any_other_line_writes_the_held_access_lines_first() -> None:
 
 SIGTERM_CHILD = """
 import logging, os, signal, sys
-from services import logs
+from services.ops import logs
 logger = logging.getLogger(logs.ACCESS_LOGGER)
 logger.addHandler(logging.StreamHandler(sys.stdout))
 logger.setLevel(logging.INFO)

@@ -1,4 +1,4 @@
-"""services/metrics.py: the GC pause histogram."""
+"""services/ops/metrics.py: the GC pause histogram."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from services import metrics
+from services.ops import metrics
 from tests.conftest import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_collections_inside_prometheus_multiprocess_code_do_not_deadlock(tmp_pat
         """
         import gc
         from prometheus_client import Counter
-        from services import metrics
+        from services.ops import metrics
 
         metrics.watch_gc()
         gc.set_threshold(1, 1, 1)  # a collection on nearly every allocation

@@ -1,4 +1,4 @@
-"""services/llm_proxy.py: a restricted API key's ``/v1/models`` answer, filtered in the proxy."""
+"""services/llm/proxy.py: a restricted API key's ``/v1/models`` answer, filtered in the proxy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.llm_proxy import _only_models
+from services.llm.proxy import _only_models
 
 
 def run(

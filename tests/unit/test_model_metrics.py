@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
-from services import metrics
-from services.batcher import MicroBatcher, Result
-from services.errors import ModelNotReady
+from services.ops import metrics
+from services.runtime.batcher import MicroBatcher, Result
+from services.runtime.errors import ModelNotReady
 from tests.conftest import bentoml_store, eventually, save_iris
 
 
@@ -252,7 +252,7 @@ def iris_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 def build(tmp_path: Path, config: str, remote: dict | None = None):
     from models.config import Settings
-    from services.loader import Loader
+    from services.runtime.loader import Loader
 
     models_file = tmp_path / "models.yaml"
     models_file.write_text(config)
@@ -278,7 +278,7 @@ def request(body: bytes, app: Any) -> Any:
 
 
 def test_predict_handler_counts_and_times_per_version(iris_store: Path, tmp_path: Path) -> None:
-    from services import router
+    from services.gateway import router
 
     with bentoml_store(iris_store):
         registry = build(tmp_path, "models:\n  - name: iris\n")
@@ -309,7 +309,7 @@ def test_predict_handler_counts_and_times_per_version(iris_store: Path, tmp_path
 
 
 def test_unknown_model_names_create_no_new_series(iris_store: Path, tmp_path: Path) -> None:
-    from services import router
+    from services.gateway import router
 
     with bentoml_store(iris_store):
         router.app.state.registry = build(tmp_path, "models:\n  - name: iris\n")
@@ -337,7 +337,7 @@ def test_model_ready_follows_the_registry_and_the_service(iris_store: Path, tmp_
     unreachable, 1 again when a call succeeds; 0 when nothing is loaded; NaN once the name leaves
     the config. The remote call reports to the worker's ServiceHealth as the router's does."""
     from models.config import Framework
-    from services.health import ServiceHealth
+    from services.ops.health import ServiceHealth
 
     reachable = [True]
     health = ServiceHealth({})

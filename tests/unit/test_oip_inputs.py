@@ -1,4 +1,5 @@
-"""services/oip.py rows_from_inputs: the fast path for flat JSON numbers answers exactly as the
+"""services/protocols/oip/core.py rows_from_inputs: the fast path for flat JSON numbers answers
+exactly as the
 general path does, value for value and error for error."""
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services import oip
-from services.errors import ServeryError
+from services.protocols.oip import core as oip
+from services.runtime.errors import ServeryError
 
 CASES: list[Any] = [
     [0.5, 1.25, -3.0, 7.0],

@@ -1,4 +1,4 @@
-"""services/patches.py: the BentoML 1.4.40 fixes, exercised without a server.
+"""services/compat/patches.py: the BentoML 1.4.40 fixes, exercised without a server.
 
 The timeout-middleware tests run under a plain asyncio loop so its timer heap (``loop._scheduled``)
 can be inspected; a copy of the upstream ``__call__`` is the control that shows the leak.
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse, Response
 
-from services import patches
+from services.compat import patches
 
 # Upstream's api_endpoint reads ``model_fields`` off an instance (pydantic 2.11 deprecation).
 pytestmark = pytest.mark.filterwarnings(
@@ -97,8 +97,8 @@ async def call(middleware: Any, app_call: Any = None) -> list[Message]:
 
 
 def test_patches_are_applied_and_idempotent() -> None:
-    assert TimeoutMiddleware.__call__.__module__ == "services.patches"
-    assert ServiceAppFactory.api_endpoint.__module__ == "services.patches"
+    assert TimeoutMiddleware.__call__.__module__ == "services.compat.patches"
+    assert ServiceAppFactory.api_endpoint.__module__ == "services.compat.patches"
     before = (TimeoutMiddleware.__call__, ServiceAppFactory.api_endpoint)
     patches.apply()
     patches.apply()

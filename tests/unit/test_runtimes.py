@@ -1,4 +1,5 @@
-"""services/runtimes.py: the XGBoost predictor's direct C call against XGBoost's own Python API."""
+"""services/runtime/predictors.py: the XGBoost predictor's direct C call against XGBoost's own
+Python API."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
-from services.runtimes import _xgboost_dense_predict, _xgboost_predictor
+from services.runtime.predictors import _xgboost_dense_predict, _xgboost_predictor
 
 
 def booster(n_classes: int, n_features: int = 7, seed: int = 0) -> xgb.Booster:

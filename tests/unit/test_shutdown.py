@@ -1,4 +1,4 @@
-"""services/shutdown.py: SIGTERM postponed by the drain window, a second one goes through."""
+"""services/ops/shutdown.py: SIGTERM postponed by the drain window, a second one goes through."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from services.shutdown import delay_sigterm
+from services.ops.shutdown import delay_sigterm
 from tests.conftest import eventually_async
 
 

@@ -1,4 +1,5 @@
-"""services/runtimes.py: request validation (``to_matrix``), ModelInfo and the batch contract."""
+"""services/runtime/predictors.py: request validation (``to_matrix``), ModelInfo and the batch
+contract."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from models.config import Framework
-from services.errors import InvalidInput, PayloadTooLarge, ServeryError
-from services.runtimes import ModelInfo, Runtime, to_matrix
+from services.runtime.errors import InvalidInput, PayloadTooLarge, ServeryError
+from services.runtime.predictors import ModelInfo, Runtime, to_matrix
 
 F32 = np.dtype("float32")
 F64 = np.dtype("float64")

@@ -1,0 +1,15 @@
+"""The PyTorch service: every PyTorch model placed ``service`` in the model config."""
+
+from __future__ import annotations
+
+import bentoml
+
+from models.config import Framework
+from services.frameworks.base import FrameworkService, service_config
+
+
+@bentoml.service(name="torch", **service_config())
+class TorchService(FrameworkService):
+    """PyTorch models in their own process, with BentoML adaptive batching on ``predict``."""
+
+    framework = Framework.PYTORCH

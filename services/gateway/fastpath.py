@@ -1,0 +1,418 @@
+"""The router's fast path: prediction routes served without BentoML's per-request middleware.
+
+On this project's 2-core machines BentoML's front end, not the model, bounds throughput: a py-spy
+profile of the router at c=64 put the ``/predict`` handler and the model at about 11 % of the
+CPU, and BentoML's middleware stack (request context, traffic metrics, OpenTelemetry, access log,
+timeout, routing into the mounted app) at most of the rest (STACK.md, "Where the time goes").
+BentoML offers no per-route way out of that stack (``add_asgi_middleware`` runs inside it), so
+this module wraps the router's ASGI app as BentoML builds it: ``POST /predict`` and
+``POST /v2/models/{name}[/versions/{version}]/infer`` go straight to the same FastAPI handler
+functions, the OpenAI API under ``/v1/`` goes straight to the streaming proxy (``mounts``: BentoML's
+middleware wraps every ``send``, so each streamed chunk paid for it), and everything else
+(lifespan, health, metrics, docs, model listing, errors for other methods) goes through BentoML
+untouched.
+
+What the bypassed middleware did is kept where it matters, at a fraction of the cost: the handlers
+count requests per model/version/status (``servery_requests_total``), this module records the
+latency per route (``servery_request_duration_seconds``) and writes one access-log line per
+request to BentoML's ``bentoml.access`` logger (when BentoML's access log is on), and a request
+not answered within ``SERVERY_REQUEST_TIMEOUT_S`` is cancelled and answered 504. Not kept: an
+OpenTelemetry span per request (``SERVERY_TRACE_PREDICTIONS=true`` turns the fast path off) and
+BentoML's own ``bentoml_service_request_*`` series for these two routes.
+
+The same wrapper is the router's API-key gate (services/gateway/gate.py): with keys configured it
+admits or
+refuses every HTTP request before anything else runs, fast-path route or not, and it is installed
+(with no routes) when the fast path is off, so both configurations check keys in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.gateway.gate import HttpGate, check_body_size
+from services.ops import logs, metrics
+from services.runtime.errors import Overloaded, RequestTimeout, ServeryError
+
+ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+# A route handler: the parsed request and the path's match -> the response (never raises).
+Handler = Callable[[Request, "re.Match[str]"], Awaitable[Response]]
+# Maps an error (timeout, overload) to the route's own error envelope.
+OnError = Callable[[ServeryError], Response]
+
+
+class InFlightFull(Overloaded):
+    """The router worker has ``SERVERY_MAX_IN_FLIGHT`` prediction requests unanswered: 503 with
+    ``Retry-After`` before the body is parsed. Not logged per request (it would add to the load)."""
+
+    logged = False
+
+
+class Deadlines:
+    """The request timeout of every fast-path request, kept by one loop timer.
+
+    ``asyncio.timeout`` arms a loop timer per request and cancels it when the request ends: a
+    profile of a router worker at c=64 put that at ~3.5 % of its CPU (Timeout.__aenter__/__aexit__,
+    reschedule), ~5-7 us of the ~200 us a request costs. Every request here has the same timeout,
+    so deadlines come due in the order requests arrived: they are kept in an insertion-ordered
+    dict (task -> deadline), and one timer, armed for the oldest deadline, cancels the tasks whose
+    deadline has passed, then re-arms for the next one but no sooner than ``tick_s`` later. A
+    request is thus cancelled between ``timeout_s`` and ``timeout_s + tick_s`` after it started.
+    ``tick_s`` defaults to a two-hundredth of the timeout (at most 1 s): BentoML's client gives a
+    framework service 1 % more than its traffic timeout (the same setting), so a request stuck in
+    a hung service still ends here with a 504 ``timeout``, before the client gives up (503).
+
+    The cancellation is told apart from any other (server shutdown) as ``asyncio.timeout`` does:
+    the task's cancel count at arming, and ``Task.uncancel`` when the request ends.
+    """
+
+    def __init__(self, timeout_s: float, tick_s: float | None = None) -> None:
+        self.timeout_s = timeout_s
+        # 0.5 % of the timeout, between 1 ms (uvloop's timer resolution) and 1 s: 0.3 s for 60 s
+        self.tick_s = min(1.0, max(0.001, timeout_s / 200)) if tick_s is None else tick_s
+        # task -> (deadline, its cancel count when armed); insertion order is deadline order
+        self._due: dict[asyncio.Task[Any], tuple[float, int]] = {}
+        # tasks this timeout cancelled -> their cancel count when armed
+        self._expired: dict[asyncio.Task[Any], int] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        """Requests whose timeout is running."""
+        return len(self._due)
+
+    def arm(self) -> asyncio.Task[Any]:
+        """Start the current task's timeout; returns the task (for :meth:`end`)."""
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Deadlines.arm runs inside a task")
+        loop = task.get_loop()
+        due = loop.time() + self.timeout_s
+        self._due[task] = (due, task.cancelling())
+        if self._timer is None:
+            self._timer = loop.call_at(due, self._check, loop)
+        return task
+
+    def end(self, task: asyncio.Task[Any], cancelled: bool) -> bool:
+        """End ``task``'s timeout; True when its deadline cancelled it and nothing else did.
+
+        ``cancelled``: the request ended with ``CancelledError``. When True is returned, that
+        error was this timeout's and is consumed: answer the timeout instead of re-raising."""
+        self._due.pop(task, None)
+        if not self._due and self._timer is not None:
+            self._timer.cancel()  # nothing in flight: no timer (the next arm starts one)
+            self._timer = None
+        cancelling = self._expired.pop(task, None)
+        if cancelling is None:
+            return False
+        # our cancel request is withdrawn either way; any other one (shutdown) still stands
+        return task.uncancel() <= cancelling and cancelled
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        while self._due:
+            task, (due, cancelling) = next(iter(self._due.items()))
+            if due > now:
+                self._timer = loop.call_at(max(due, now + self.tick_s), self._check, loop)
+                return
+            del self._due[task]
+            self._expired[task] = cancelling
+            task.cancel()
+
+
+class Route:
+    """One fast-path route: a POST path pattern, its handler and its timeout answer."""
+
+    def __init__(self, name: str, pattern: str, handler: Handler, on_error: OnError) -> None:
+        self.name = name
+        self.pattern = re.compile(pattern)
+        self.handler = handler
+        self.on_error = on_error
+        self.seconds = metrics.REQUEST_SECONDS.labels(name)
+
+
+class FastPath:
+    """ASGI wrapper: POSTs matching ``routes`` and HTTP requests under a ``mounts`` prefix skip
+    ``app``'s middleware; the rest pass through.
+
+    ``api`` is the FastAPI app whose handlers serve the routes (``request.app`` in them). A mounted
+    ASGI app bounds its own time (the LLM proxy: ``SERVERY_REQUEST_TIMEOUT_S`` without a byte from
+    upstream) and is not wrapped in a timeout: a stream may last longer than any one request.
+    Every HTTP request first has its body size checked against ``max_body_bytes`` (413), then
+    meets ``gate`` (API keys); refusals are access-logged here.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        api: Any,
+        routes: list[Route],
+        *,
+        timeout_s: float,
+        access_log: bool,
+        mounts: list[tuple[str, ASGIApp]] | None = None,
+        gate: HttpGate | None = None,
+        max_body_bytes: int | None = None,
+        max_in_flight: int = 0,
+    ) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.shed = metrics.REQUESTS.labels(metrics.UNKNOWN_MODEL, "", "503")
+        self.gate = gate
+        self.max_body_bytes = max_body_bytes
+        self.api = api
+        self.routes = routes
+        self.mounts = mounts or []
+        self.timeout_s = timeout_s
+        self.deadlines = Deadlines(timeout_s)
+        self.access = logging.getLogger("bentoml.access") if access_log else None
+
+    def _match(self, scope: dict[str, Any]) -> tuple[Route, re.Match[str]] | None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return None
+        path = scope["path"]
+        for route in self.routes:
+            match = route.pattern.match(path)
+            if match is not None:
+                return route, match
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = logs.request_id(scope["headers"])
+        logs.REQUEST_ID.set(rid)  # on every log line of this request (its own task)
+        if self.max_body_bytes is not None or self.gate is not None:
+            start = time.perf_counter()
+            refused = None
+            if self.max_body_bytes is not None:
+                refused, receive = await check_body_size(scope, receive, self.max_body_bytes)
+            if refused is None and self.gate is not None:
+                refused, receive = await self.gate.admit(scope, receive)
+            if refused is not None:
+                refused.raw_headers.append((_RID_HEADER, rid.encode()))
+                await refused(scope, receive, send)
+                if self.access is not None:
+                    self._log(scope, refused.status_code, None, time.perf_counter() - start)
+                return None
+        found = self._match(scope)
+        if found is None:
+            send = _with_request_id(send, rid)
+            for prefix, mounted in self.mounts:
+                if scope["path"].startswith(prefix):
+                    return await self._mounted(mounted, scope, receive, send)
+            return await self.app(scope, receive, send)
+        route, match = found
+        start = time.perf_counter()
+        if self.max_in_flight and self.in_flight >= self.max_in_flight:
+            response = route.on_error(
+                InFlightFull(f"overloaded: {self.in_flight} requests in progress; retry shortly")
+            )
+            self.shed.inc()  # the model is not known before the body is read
+            # Read (not parse) the body first: answering with it unread makes uvicorn close the
+            # connection, which clients see as a reset instead of the 503.
+            await _drain(receive)
+        else:
+            scope["app"] = self.api  # what the FastAPI handlers read as request.app
+            self.in_flight += 1
+            task, ended = self.deadlines.arm(), False
+            try:
+                response = await route.handler(Request(scope, receive), match)
+            except asyncio.CancelledError:
+                ended = True
+                if not self.deadlines.end(task, cancelled=True):
+                    raise  # not (only) the timeout: the server is stopping
+                response = route.on_error(
+                    RequestTimeout(f"request not answered within {self.timeout_s} s")
+                )
+            finally:
+                if not ended:
+                    self.deadlines.end(task, cancelled=False)
+                self.in_flight -= 1
+        response.raw_headers.append((_RID_HEADER, rid.encode()))  # MutableHeaders scans first
+        await response(scope, receive, send)
+        elapsed = time.perf_counter() - start
+        route.seconds.observe(elapsed)
+        if self.access is not None:
+            self._log(scope, response.status_code, response.headers.get("content-length"), elapsed)
+
+    async def _mounted(self, app: ASGIApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.access is None:
+            return await app(scope, receive, send)
+        start = time.perf_counter()
+        status = [0]
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_status)
+        finally:
+            self._log(scope, status[0], None, time.perf_counter() - start)
+
+    def _log(self, scope: dict[str, Any], status: int, length: str | None, seconds: float) -> None:
+        """One line in BentoML's access-log format on ``bentoml.access``; its fields also go to
+        the record (``logs.ACCESS_FIELDS``) for JSON logs, with the model and version that
+        answered when the handler named them (``scope[logs.MODEL_KEY]``)."""
+        client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else "-"
+        ms = seconds * 1000.0
+        extra = None
+        if logs.structured():  # the fields only JSON lines show: not built for text logs
+            fields = {
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "latency_ms": round(ms, 3),
+                "client": peer,
+            }
+            served = scope.get(logs.MODEL_KEY)
+            if served is not None:
+                fields["model"], fields["version"] = served
+            extra = {logs.ACCESS_FIELDS: fields}
+        self.access.info(  # type: ignore[union-attr]
+            "%s (scheme=%s,method=%s,path=%s) (status=%d,length=%s) %.3fms",
+            peer,
+            scope.get("scheme", "http"),
+            scope["method"],
+            scope["path"],
+            status,
+            length or "-",
+            ms,
+            extra=extra,
+        )
+
+
+_RID_HEADER = logs.HEADER.encode()
+
+
+async def _drain(receive: Any) -> None:
+    """Receive the rest of the request body and drop it (bounded: check_body_size ran first)."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+def _with_request_id(send: Any, rid: str) -> Any:
+    """``send`` that adds ``X-Request-ID: rid`` to the response (replacing any the app set)."""
+    header = (_RID_HEADER, rid.encode())
+
+    async def send_with_id(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            kept = [h for h in message.get("headers", ()) if h[0].lower() != header[0]]
+            message["headers"] = [*kept, header]
+        await send(message)
+
+    return send_with_id
+
+
+def prediction_routes() -> list[Route]:
+    """The router's two prediction routes, served by the same functions as their FastAPI routes."""
+    from services.gateway import router
+    from services.protocols.oip import rest as oip_rest
+    from services.runtime import errors
+
+    async def predict(request: Request, _: re.Match[str]) -> Response:
+        return await router.predict(request)
+
+    async def infer(request: Request, match: re.Match[str]) -> Response:
+        return await oip_rest.infer_request(request, match["name"], match["version"])
+
+    return [
+        Route("/predict", r"^/predict$", predict, errors.error_response),
+        Route(
+            "/v2/models/infer",
+            r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$",
+            infer,
+            oip_rest.error_response,
+        ),
+    ]
+
+
+def _not_found_default(original: ASGIApp) -> ASGIApp:
+    """The router's answer to an HTTP path no route matches: the platform's JSON 404.
+
+    Starlette's ``Router.default`` (``not_found``) answers ``text/plain`` "Not Found"; BentoML
+    builds the router's outer app, so its default is replaced here. Websockets keep the original.
+    The path is not echoed: it may be 10 KB of control characters."""
+    from services.runtime.errors import error_response
+
+    async def not_found(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await original(scope, receive, send)
+        method = scope["method"][:16]
+        err = ServeryError.with_status(404, f"no {method} route at this path; the API: /docs.json")
+        await error_response(err)(scope, receive, send)
+
+    return not_found
+
+
+def install(
+    *,
+    timeout_s: float,
+    fast: bool = True,
+    max_body_bytes: int | None = None,
+    max_in_flight: int = 0,
+) -> None:
+    """Wrap the app BentoML builds for services marked ``__servery_fast_path__``: ``"router"``
+    (prediction routes, and ``/v1/`` to the LLM proxy when the LLM service runs) when it is the
+    entry service, and ``"llm"`` (``/v1/`` straight to the LLM service's OpenAI app).
+
+    ``fast=False`` (the fast path off) still wraps the router's app when API keys or a body
+    size limit are configured: a :class:`FastPath` with no routes, which checks every request."""
+    from _bentoml_impl.server.app import ServiceAppFactory
+    from bentoml._internal.container import BentoMLContainer
+
+    original = ServiceAppFactory.__call__
+    if getattr(original, "__servery_fast_path__", False):
+        return
+
+    def __call__(self: Any) -> Any:
+        app = original(self)
+        kind = getattr(self.service.inner, "__servery_fast_path__", None)
+        access = bool(BentoMLContainer.api_server_config.logging.access.enabled.get())
+        if kind == "router" and self.is_main:
+            from services.gateway.router import GATE, LLM_PROXY
+            from services.gateway.router import app as api
+
+            app.router.default = _not_found_default(app.router.default)
+            if not fast and GATE is None and max_body_bytes is None:
+                return app
+            mounts = [("/v1/", LLM_PROXY)] if LLM_PROXY is not None and fast else []
+            routes = prediction_routes() if fast else []
+            gate = GATE
+        elif kind == "llm" and fast:
+            # The LLM service's own FastAPI app answers every /v1/ path (unknown ones in the
+            # OpenAI envelope); BentoML's middleware wrapped each streamed chunk's send. Not
+            # gated: only the router reaches it (keys are checked there).
+            from services.llm.service import app as api
+
+            mounts, routes, gate = [("/v1/", api)], [], None
+        else:
+            return app
+        return FastPath(
+            app,
+            api,
+            routes,
+            timeout_s=timeout_s,
+            access_log=access,
+            mounts=mounts,
+            gate=gate,
+            max_body_bytes=max_body_bytes,
+            max_in_flight=max_in_flight if kind == "router" else 0,
+        )
+
+    __call__.__servery_fast_path__ = True  # type: ignore[attr-defined]
+    ServiceAppFactory.__call__ = __call__  # type: ignore[method-assign]
