@@ -29,11 +29,11 @@ import psutil
 
 from bench.foundation import bodies as foundation_bodies
 from bench.foundation import load_subject, oip_bodies
+from bench.harness.server import ROOT, Server, start_server
+from bench.harness.wrk import run_wrk
 from bench.report import use_project_store
-from bench.server import ROOT, Server, start_server
 from bench.soak import processes
 from bench.versioning import worktree
-from bench.wrk import run_wrk
 
 
 def bodies(model: str, endpoint: str) -> list[str]:

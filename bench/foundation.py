@@ -13,15 +13,15 @@ concurrency, through:
 (d) the router, inline, micro-batching off (``<m>-nobatch``, ``max_batch_size: 1``);
 (e) the model's runtime in this process: one row per call, and one 4,096-row call (the ceiling).
 
-The batching gain of the large models is then measured again on its own, interleaved: one router
-and one bare uvicorn + Starlette server (:mod:`bench.bare_server`: the router's own OIP handler,
-batcher and runtime with no BentoML) each serve ``<m>`` and ``<m>-nobatch`` inline, and OIP V2
-REST loads at c=64 alternate batched / batching off ``--gain-repeats`` times (the a/d cells above
-are single runs minutes apart on a noisy VM); the median of the per-pair ratios is the gain, and
-the CPU the server's workers used per answered request says where the ceiling is: batching can
-save the model's per-call cost, never the front end's per-request cost, so the gain is at most
-(CPU per request, batching off) / (CPU per request, batched), and the bare server's gain is what
-a Python HTTP front end allows for that model on this machine.
+The batching gain of the large models is then measured again on its own, interleaved: one router and
+one bare uvicorn + Starlette server (:mod:`bench.harness.bare_server`: the router's own OIP handler,
+batcher and runtime with no BentoML) each serve ``<m>`` and ``<m>-nobatch`` inline, and OIP V2 REST
+loads at c=64 alternate batched / batching off ``--gain-repeats`` times (the a/d cells above are
+single runs minutes apart on a noisy VM); the median of the per-pair ratios is the gain, and the CPU
+the server's workers used per answered request says where the ceiling is: batching can save the
+model's per-call cost, never the front end's per-request cost, so the gain is at most (CPU per
+request, batching off) / (CPU per request, batched), and the bare server's gain is what a Python
+HTTP front end allows for that model on this machine.
 
 One router serves (a), (b) and (d); then one standalone service per framework serves (c); never
 two servers at once. Each configuration is checked with one request (200, the in-process
@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bench.harness.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
 from bench.report import (
     finish_run_arguments,
     fmt,
@@ -59,10 +60,9 @@ from bench.report import (
     write_section,
 )
 from bench.report import machine as report_machine
-from bench.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
 
 if TYPE_CHECKING:
-    from bench.server import Server
+    from bench.harness.server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_JSON = ROOT / "bench" / "out" / "foundation.json"
@@ -252,7 +252,7 @@ def serve_and_load(
     results: dict[str, dict[str, Any]],
 ) -> None:
     """Start one server for ``target``, run every (subject, config) job on it, always stop it."""
-    from bench.server import start_server
+    from bench.harness.server import start_server
 
     print(f"starting {target} ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="servery-bench-") as tmp:
@@ -341,8 +341,8 @@ def interleaved_gains(
     import psutil
 
     from bench.before_after import router_workers
+    from bench.harness.server import start_server
     from bench.peers import start_bare
-    from bench.server import start_server
     from models.config import Settings
 
     out: dict[str, dict[str, Any]] = {s.name: {} for s in subjects}

@@ -1,6 +1,6 @@
 """A closed-loop OIP V2 gRPC load generator (``grpc.aio``): C callers for a fixed time.
 
-The gRPC counterpart of :func:`bench.wrk.measure`: ``concurrency`` callers each send one
+The gRPC counterpart of :func:`bench.harness.wrk.measure`: ``concurrency`` callers each send one
 pre-built ``ModelInferRequest`` at a time (round-robin over the given messages) through the raw
 ``GRPCInferenceServiceStub``, with no tritonclient wrapper on the hot path, for ``warmup_s`` (not
 recorded) and then ``seconds``. It returns a :class:`bench.loadgen.LoadResult`, so reports treat

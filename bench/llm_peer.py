@@ -48,9 +48,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.cli import _levels
+from bench.harness.server import ROOT, ServerProcess, free_port, launch
 from bench.llm_stream import distribution_ms
 from bench.report import fmt, machine, run_line, table, write_section
-from bench.server import ROOT, ServerProcess, free_port, launch
 
 OUT_JSON = ROOT / "bench" / "out" / "llm_peer.json"
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
@@ -335,7 +335,7 @@ def start(server: str, ctx: dict[str, Any], tmp: Path) -> tuple[ServerProcess, d
     """Start ``server`` and wait until it lists the model; returns it and start facts."""
     import httpx
 
-    from bench.server import start_server
+    from bench.harness.server import start_server
 
     t0 = time.perf_counter()
     facts: dict[str, Any] = {}

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.server import ROOT, ServerProcess, free_port, launch
+from bench.harness.server import ROOT, ServerProcess, free_port, launch
 
 VENV = ROOT / ".venv-mlserver"
 STAMP = VENV / ".servery-peer-installed"
@@ -275,8 +275,8 @@ def check(repo: Path, models: Sequence[str]) -> bool:
 def compare(repo: Path, models: Sequence[str], concurrency: int, seconds: int) -> None:
     """Informal side by side: our router (inline) then MLServer, one at a time, wrk OIP REST."""
     from bench.foundation import N_BODIES, load_subject
-    from bench.server import start_server
-    from bench.wrk import measure
+    from bench.harness.server import start_server
+    from bench.harness.wrk import measure
 
     setup()
     served = prepare_repository(models, repo)

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from bench.foundation import load_subject
+from bench.harness.server import ROOT, start_server
 from bench.loadgen import run_load
 from bench.report import machine, run_line, table, use_project_store, write_section
-from bench.server import ROOT, start_server
 
 READING = (
     "How to read it: `max_queue` (per model version) and `max_in_flight` (per router worker) "

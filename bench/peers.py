@@ -9,7 +9,7 @@ Three servers run at once on loopback, each serving the same stored models inlin
   the access log on);
 * **MLServer** 1.7 (``.venv-mlserver``, see :mod:`bench.mlserver_peer`), adaptive batching
   ``max_batch_size 64`` / ``max_batch_time 0.01`` (10 ms), ``parallel_workers 0``;
-* **bare**: :mod:`bench.bare_server`, uvicorn + Starlette running servery's own OIP handler,
+* **bare**: :mod:`bench.harness.bare_server`, uvicorn + Starlette running servery's own OIP handler,
   micro-batcher and runtime in 2 workers, without BentoML: the practical limit of a Python HTTP
   front end here.
 
@@ -46,20 +46,26 @@ import numpy as np
 
 from bench import mlserver_peer
 from bench.grpc_load import H2LOAD_INSTALL_HINT, h2load_path, h2load_version
+from bench.harness.server import (
+    ROOT,
+    ServerProcess,
+    free_port,
+    launch,
+    metric_samples,
+    start_server,
+)
+from bench.harness.wrk import INSTALL_HINT, wrk_path, wrk_version
 from bench.loadgen import LoadResult
 from bench.report import (
     finish_run_arguments,
     fmt,
     machine,
-    metric_samples,
     run_arguments,
     run_line,
     table,
     use_project_store,
     write_section,
 )
-from bench.server import ROOT, ServerProcess, free_port, launch, start_server
-from bench.wrk import INSTALL_HINT, wrk_path, wrk_version
 
 OUT_JSON = ROOT / "bench" / "out" / "peers.json"
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"
@@ -107,11 +113,11 @@ class Peer:
 
 
 def start_bare(config_file: Path, workdir: Path, workers: int, timeout: float = 120) -> Peer:
-    """:mod:`bench.bare_server` on a free loopback port, ready for every model in the config."""
+    """:mod:`bench.harness.bare_server` on a free loopback port, ready for every model."""
     port = free_port()
     log = workdir / f"bare-{port}.log"
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
-    cmd = [sys.executable, "-m", "bench.bare_server", "--models-file", str(config_file)]
+    cmd = [sys.executable, "-m", "bench.harness.bare_server", "--models-file", str(config_file)]
     cmd += ["--port", str(port), "--workers", str(workers)]
     server = ServerProcess(
         url=f"http://127.0.0.1:{port}", proc=launch(cmd, cwd=ROOT, env=env, log=log), log=log
@@ -209,7 +215,7 @@ def runner(
 ) -> Callable | None:
     """A ``(concurrency, seconds) -> LoadResult`` for ``peer``; None if it lacks ``protocol``."""
     if protocol == "rest":
-        from bench.wrk import run_wrk
+        from bench.harness.wrk import run_wrk
 
         url = peer.infer_url(name)
         bodies = [json.dumps(mlserver_peer.oip_body(r, OUTPUTS)) for r in rows]

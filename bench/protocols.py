@@ -41,6 +41,8 @@ from tritonclient.grpc import service_pb2 as pb
 
 from bench.foundation import N_BODIES, Subject, bodies, load_subject, logged_errors, verify
 from bench.grpc_load import infer_request, measure_grpc
+from bench.harness.server import Server, start_server
+from bench.harness.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
 from bench.loadgen import LoadResult
 from bench.report import (
     finish_run_arguments,
@@ -52,8 +54,6 @@ from bench.report import (
     use_project_store,
     write_section,
 )
-from bench.server import Server, start_server
-from bench.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_JSON = ROOT / "bench" / "out" / "protocols.json"

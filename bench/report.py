@@ -100,19 +100,3 @@ def write_section(path: Path, key: str, markdown: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block
     path.write_text(text)
-
-
-def metric_samples(url: str) -> list[tuple[str, dict[str, str], float]]:
-    """``(sample name, labels, value)`` of every sample a Prometheus endpoint exposes.
-
-    Parsed by prometheus_client's own text parser (exposition format, escapes and all).
-    """
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(url, timeout=10).text
-    return [
-        (s.name, dict(s.labels), float(s.value))
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    ]

@@ -33,19 +33,18 @@ import psutil
 
 from bench.foundation import load_subject
 from bench.grpc_load import H2LOAD_INSTALL_HINT, h2load_path, h2load_version, run_h2load
+from bench.harness.server import ROOT, Server, metric_samples, start_server
+from bench.harness.wrk import INSTALL_HINT, run_wrk, wrk_path, wrk_version
 from bench.mlserver_peer import OIP_DATATYPES, oip_body
 from bench.peers import grpc_messages
 from bench.report import (
     fmt,
     machine,
-    metric_samples,
     run_line,
     table,
     use_project_store,
     write_section,
 )
-from bench.server import ROOT, Server, start_server
-from bench.wrk import INSTALL_HINT, run_wrk, wrk_path, wrk_version
 
 OUT_JSON = ROOT / "bench" / "out" / "soak.json"
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"

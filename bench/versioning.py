@@ -41,9 +41,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.harness.server import ROOT, Server, start_server
+from bench.harness.wrk import INSTALL_HINT, measure, run_wrk, wrk_path, wrk_version
 from bench.report import fmt, machine, run_line, table, write_section
-from bench.server import ROOT, Server, start_server
-from bench.wrk import INSTALL_HINT, measure, run_wrk, wrk_path, wrk_version
 
 OUT_JSON = ROOT / "bench" / "out" / "versioning.json"
 RESULTS_MD = ROOT / "bench" / "RESULTS.md"

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
-from bench.server import ROOT
+from bench.harness.server import ROOT
 
 if TYPE_CHECKING:
     import httpx
 
-    from bench.server import Server
+    from bench.harness.server import Server
 
 T = TypeVar("T")
 
@@ -135,7 +135,7 @@ class Sent:
 def engine_samples(url: str, name: str, model: str) -> list[tuple[dict[str, str], float]]:
     """The (labels, value) samples of vLLM engine metric ``name`` of served LLM ``model`` (its
     ``model_name`` label) on the ``/metrics`` at server ``url``."""
-    from bench.report import metric_samples
+    from bench.harness.server import metric_samples
 
     return [
         (labels, v)

@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
 
-from bench.server import ROOT
+from bench.harness.server import ROOT
 
 RUNTIME = {"cpu": ROOT / "requirements-cpu.txt", "gpu": ROOT / "requirements-gpu.txt"}
 """The Bento's locks (bentofile.yaml, bentofile.gpu.yaml)."""

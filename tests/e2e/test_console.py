@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.server import ROOT, Server, start_server
+from bench.harness.server import ROOT, Server, start_server
 from tests.conftest import bentoml_store, eventually, finished_requests, save_iris
 from tests.conftest import engine_metric as shared_engine_metric
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.server import ROOT, start_server
+from bench.harness.server import ROOT, start_server
 from tests.conftest import on_every_router_worker
 
 ROW = [[5.1, 3.5, 1.4, 0.2]]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.server import ROOT, start_server
+from bench.harness.server import ROOT, start_server
 
 EXAMPLES = {
     "iris": [5.1, 3.5, 1.4, 0.2],

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from bench.server import Server, free_port, start_server
+from bench.harness.server import Server, free_port, start_server
 from tests.conftest import bentoml_store, eventually, save_iris
 
 DEMOS = ("iris", "breast_cancer", "digits")

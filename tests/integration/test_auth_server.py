@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from bench.server import Server, free_port, start_server
+from bench.harness.server import Server, free_port, start_server
 from models.config import Settings
 from services.gateway import auth
 from services.gateway.fastpath import FastPath

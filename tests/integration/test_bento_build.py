@@ -29,7 +29,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from bench.server import BENTOML, ROOT, ServerProcess, free_port, launch
+from bench.harness.server import BENTOML, ROOT, ServerProcess, free_port, launch
 from tests import locks
 
 BENTOFILES = {"cpu": ROOT / "bentofile.yaml", "gpu": ROOT / "bentofile.gpu.yaml"}

@@ -23,7 +23,7 @@ import psutil
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from bench.server import start_server
+from bench.harness.server import start_server
 from tests.conftest import WAIT_S, eventually_async
 from tests.integration.conftest import MIXED_CONFIG
 

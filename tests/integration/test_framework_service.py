@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.server import Server, start_server
+from bench.harness.server import Server, start_server
 from tests.integration.conftest import MIXED_CONFIG, dataset
 
 

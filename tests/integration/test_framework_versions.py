@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.server import Server, start_server
+from bench.harness.server import Server, start_server
 from tests.conftest import bentoml_store, eventually, eventually_async, save_iris
 
 CONFIG = "models:\n  - name: iris-svc\n    tag: iris\n    placement: service\n"

@@ -19,7 +19,7 @@ import aiohttp
 import psutil
 import pytest
 
-from bench.server import start_server
+from bench.harness.server import start_server
 from tests.conftest import WAIT_S, eventually, eventually_async
 from tests.integration.conftest import MIXED_CONFIG
 

@@ -18,8 +18,15 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.report import metric_samples
-from bench.server import BENTOML, ROOT, Server, ServerProcess, free_port, launch
+from bench.harness.server import (
+    BENTOML,
+    ROOT,
+    Server,
+    ServerProcess,
+    free_port,
+    launch,
+    metric_samples,
+)
 from tests.conftest import engine_metric as shared_engine_metric
 from tests.conftest import eventually
 from tests.integration.conftest import LLM_NAME

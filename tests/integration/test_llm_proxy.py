@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from bench.server import free_port
+from bench.harness.server import free_port
 from services.llm.proxy import StreamingProxy
 from tests.conftest import eventually
 from tests.integration.conftest import Background

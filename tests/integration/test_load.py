@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.harness.server import Server, start_server
 from bench.loadgen import run_load
-from bench.server import Server, start_server
 from tests.integration.conftest import MIXED_CONFIG, PLACEMENTS, dataset
 
 

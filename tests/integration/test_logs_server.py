@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.server import Server, start_server
+from bench.harness.server import Server, start_server
 from tests.conftest import eventually
 
 

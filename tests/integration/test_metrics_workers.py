@@ -22,7 +22,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from bench.server import Server, start_server
+from bench.harness.server import Server, start_server
 from tests.conftest import bentoml_store, eventually, save_iris
 
 INLINE, SERVICE = "iris", "iris-svc"

@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from bench.server import free_port, start_server
+from bench.harness.server import free_port, start_server
 from tests.conftest import eventually
 from tests.integration.conftest import PLACEMENTS, dataset
 from tests.integration.test_load import batch_histogram

@@ -21,8 +21,14 @@ import httpx
 import pytest
 import yaml
 
-from bench.report import metric_samples
-from bench.server import Server, ServerProcess, free_port, launch, start_server
+from bench.harness.server import (
+    Server,
+    ServerProcess,
+    free_port,
+    launch,
+    metric_samples,
+    start_server,
+)
 from tests import promql
 from tests.conftest import eventually
 from tests.integration.conftest import dataset

@@ -111,7 +111,7 @@ def test_smollm2_answers_through_the_router(
     pytest.importorskip("vllm")
     import openai
 
-    from bench.server import start_server
+    from bench.harness.server import start_server
     from tests.conftest import save_iris
 
     save_iris()  # the router serves at least one classifier

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bench.server import Server, free_port, start_server
+from bench.harness.server import Server, free_port, start_server
 from tests.conftest import eventually
 from tests.integration.conftest import Background
 

@@ -24,8 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.report import metric_samples
-from bench.server import ROOT, Server, start_server
+from bench.harness.server import ROOT, Server, metric_samples, start_server
 from tests.conftest import (
     WAIT_S,
     bentoml_store,

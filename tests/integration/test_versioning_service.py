@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.server import start_server
+from bench.harness.server import start_server
 from tests.integration.test_versioning import NAME, RELOAD_S, Env, save_constant
 
 CONFIG = f"models:\n  - name: {NAME}\n    placement: service\n"

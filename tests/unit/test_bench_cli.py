@@ -17,9 +17,9 @@ from tritonclient.grpc import service_pb2 as pb
 
 from bench import cli, endpoints
 from bench.endpoints import BenchError, Target, check_grpc, check_oip_rest, check_rest, drive
+from bench.harness.server import free_port
 from bench.llm_stream import SSEParser, StreamStats, llm_summary, sample_gpu
 from bench.loadgen import LoadResult
-from bench.server import free_port
 from models.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -286,7 +286,7 @@ def test_sigterm_writes_held_lines_then_ends_the_process_by_the_signal() -> None
     import subprocess
     import sys
 
-    from bench.server import ROOT
+    from bench.harness.server import ROOT
 
     env = {**os.environ, "SERVERY_LOG_FLUSH_MS": "0"}  # only the child's own configure holds
     proc = subprocess.run(

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from bench.server import ROOT
+from bench.harness.server import ROOT
 from models.routing import Split, key_point
 
 N_KEYS = 10_000

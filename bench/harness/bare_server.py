@@ -8,7 +8,7 @@ same number of uvicorn workers (uvloop + httptools) as the router. What remains 
 HTTP front end costs at the least on this machine, so servery's req/s over this server's is the
 share of that limit BentoML leaves us (target: at least 0.5x).
 
-    python -m bench.bare_server --models-file models.yaml --port 3100 --workers 2
+    python -m bench.harness.bare_server --models-file models.yaml --port 3100 --workers 2
 
 ``GET /v2/health/ready`` answers 200 once the worker has loaded its models.
 """
@@ -58,7 +58,7 @@ def create_app() -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
-    p = argparse.ArgumentParser(prog="python -m bench.bare_server", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.harness.bare_server", description=__doc__)
     p.add_argument("--models-file", required=True, help="model config (inline models only)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ[ENV_MODELS_FILE] = args.models_file  # read by each worker's Settings
     uvicorn.run(
-        "bench.bare_server:create_app",
+        "bench.harness.bare_server:create_app",
         factory=True,
         host=args.host,
         port=args.port,

@@ -5,9 +5,9 @@ server where the Python (aiohttp) generator reached 1,184, because the client it
 the server for the CPU. :func:`measure` runs either one for a fixed time after a short warm-up and
 returns a :class:`bench.loadgen.LoadResult`, so reports do not care which client ran.
 
-wrk gets ``-t1 -c<C> -d<s> --latency`` and ``bench/post.lua``, which POSTs the bodies round-robin
-and prints p50/p95/p99 and wrk's error counts from its ``done()`` hook. Errors are socket errors
-(connect, read, write, timeout) plus responses with status >= 400.
+wrk gets ``-t1 -c<C> -d<s> --latency`` and ``post.lua`` (next to this file), which POSTs the bodies
+round-robin and prints p50/p95/p99 and wrk's error counts from its ``done()`` hook. Errors are
+socket errors (connect, read, write, timeout) plus responses with status >= 400.
 """
 
 from __future__ import annotations

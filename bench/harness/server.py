@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
+"""The project's checkout (this file is bench/harness/server.py)."""
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 
 
@@ -162,3 +163,18 @@ def start_server(
         "server",
     )
     return server
+
+
+def metric_samples(url: str) -> list[tuple[str, dict[str, str], float]]:
+    """``(sample name, labels, value)`` of every sample a Prometheus endpoint exposes.
+
+    Parsed by prometheus_client's own text parser (exposition format, escapes and all).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url, timeout=10).text
+    return [
+        (s.name, dict(s.labels), float(s.value))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
