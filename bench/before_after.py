@@ -7,7 +7,7 @@ Both routers serve ``--model`` inline from the project's store at once (the earl
 ``git worktree``); wrk drives one at a time, alternating which goes first each repeat, so slow
 drift of this shared VM's speed hits both alike. Prints each repeat's req/s and the ratio
 this/before, and the median ratio. Use it to find what a change costs the hot path of a model
-that ``bench.versioning`` (iris, ``/predict``) does not cover. Writes nothing.
+that ``bench.studies.versioning`` (iris, ``/predict``) does not cover. Writes nothing.
 
 It also prints the router workers' CPU time per answered request (user + system time, summed
 over the server's router worker processes, over the requests wrk got answers to). On this VM
@@ -25,21 +25,17 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import psutil
-
-from bench.foundation import bodies as foundation_bodies
-from bench.foundation import load_subject, oip_bodies
-from bench.harness.server import ROOT, Server, start_server
+from bench.harness.processes import cpu_seconds, router_workers
+from bench.harness.results import use_project_store
+from bench.harness.server import ROOT, start_server, worktree
+from bench.harness.subjects import load_subject, oip_bodies, predict_bodies
 from bench.harness.wrk import run_wrk
-from bench.report import use_project_store
-from bench.soak import processes
-from bench.versioning import worktree
 
 
 def bodies(model: str, endpoint: str) -> list[str]:
     """One-row bodies of ``model``'s own rows for ``/predict`` or OIP V2 REST."""
     subject = load_subject(model)
-    return foundation_bodies(subject, "a") if endpoint == "predict" else oip_bodies(subject)
+    return predict_bodies(subject) if endpoint == "predict" else oip_bodies(subject)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,19 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(this/{args.rev} {this / before:.3f})"
     )
     return 0
-
-
-def router_workers(server: Server) -> list[psutil.Process]:
-    """The server's router worker processes (named ``router-<n>`` by bench.soak.processes)."""
-    found = [p for name, p in processes(server).items() if name.startswith("router-")]
-    if not found:
-        raise RuntimeError(f"no router worker processes under pid {server.proc.pid}")
-    return found
-
-
-def cpu_seconds(procs: list[psutil.Process]) -> float:
-    """User + system CPU time of ``procs`` so far."""
-    return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
 
 
 if __name__ == "__main__":

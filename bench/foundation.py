@@ -34,39 +34,43 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from bench.harness.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
-from bench.report import (
+from bench.harness.bare_server import start_bare
+from bench.harness.processes import cpu_seconds, router_workers
+from bench.harness.results import (
+    OUT_DIR,
+    RESULTS_MD,
     finish_run_arguments,
-    fmt,
     run_arguments,
     run_line,
-    table,
     use_project_store,
     write_section,
 )
+from bench.harness.server import ROOT, Server, logged_errors, start_server
+from bench.harness.subjects import (
+    N_BODIES,
+    Subject,
+    load_subject,
+    oip_bodies,
+    predict_bodies,
+    verify_predict,
+)
+from bench.harness.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
+from bench.report import fmt, table
 from bench.report import machine as report_machine
 
-if TYPE_CHECKING:
-    from bench.harness.server import Server
-
-ROOT = Path(__file__).resolve().parents[1]
-OUT_JSON = ROOT / "bench" / "out" / "foundation.json"
-RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+OUT_JSON = OUT_DIR / "foundation.json"
 SMALL_MODELS = ("iris", "breast_cancer", "digits")
 ALL_MODELS = (*SMALL_MODELS, *(f"{m}_large" for m in SMALL_MODELS))
 CONFIGS = {
@@ -81,58 +85,12 @@ SERVICE_TARGETS = {
     "xgboost": "services.frameworks.xgboost_service:XGBoostService",
     "pytorch": "services.frameworks.torch_service:TorchService",
 }
-JSON = {"content-type": "application/json"}
-N_BODIES = 64
-"""Distinct rows each load run sends round-robin."""
 TARGETS = (
     "through the router at c=64 at least 2x what the framework service serves when called "
     "directly; batching >= 3x unbatched on the large models at c=64; 0 errors"
 )
 GAIN_CONCURRENCY = 64
 GAIN_SERVERS = ("servery", "bare")
-
-
-@dataclass
-class Subject:
-    """One benchmarked model: its runtime (for (e) and expected answers) and sample rows."""
-
-    name: str
-    framework: str
-    runtime: Any
-    rows: np.ndarray
-    expected: list[int]
-
-
-def dataset_rows(name: str, n_features: int, seed: int = 0) -> np.ndarray:
-    """Feature rows of the dataset ``name`` was trained on; random rows if it is not a demo."""
-    from sklearn import datasets
-
-    loaders = {"iris": datasets.load_iris, "digits": datasets.load_digits}
-    loaders["breast_cancer"] = datasets.load_breast_cancer
-    x: np.ndarray | None = None
-    if name == "breast_cancer_large":  # synthetic: training.breast_cancer.LARGE_DATA
-        from training.breast_cancer import LARGE_DATA
-
-        x = datasets.make_classification(**LARGE_DATA, random_state=seed)[0]
-    elif name.removesuffix("_large") in loaders:
-        x = loaders[name.removesuffix("_large")]().data
-    rng = np.random.default_rng(seed)
-    if x is None or x.shape[1] != n_features:
-        return rng.normal(size=(1024, n_features))
-    return x[rng.permutation(len(x))]
-
-
-def load_subject(name: str) -> Subject:
-    """Load ``name``'s runtime from the store, as a server process would (one thread)."""
-    from models.config import ModelEntry
-    from services.runtime.predictors import load_runtime
-
-    runtime = load_runtime(ModelEntry(name=name), threads=1)
-    info = runtime.info
-    seed = int(info.metadata.get("params", {}).get("seed", 0))
-    rows = dataset_rows(info.store_name, info.n_features, seed).astype(info.dtype)
-    labels, _ = runtime.predict(rows[:N_BODIES])
-    return Subject(name, str(info.framework), runtime, rows, labels.tolist())
 
 
 def measure_inproc(
@@ -179,50 +137,11 @@ def models_yaml(names: Sequence[str], service: bool = True) -> str:
 
 def bodies(subject: Subject, config: str) -> list[str]:
     """JSON bodies, one row each: router bodies for (a), (b), (d); service bodies for (c)."""
-    rows = subject.rows[:N_BODIES].tolist()
     if config == "c":
+        rows = subject.rows[:N_BODIES].tolist()
         return [json.dumps({"rows": [{"model": f"{subject.name}-svc", "inputs": r}]}) for r in rows]
     served = {"a": subject.name, "b": f"{subject.name}-svc", "d": f"{subject.name}-nobatch"}
-    return [json.dumps({"model": served[config], "inputs": [r]}) for r in rows]
-
-
-def verify(server: Server, body: str, subject: Subject, config: str) -> None:
-    """One request must answer 200 with the in-process prediction, or the run is void."""
-    import httpx
-
-    resp = httpx.post(f"{server.url}/predict", content=body, headers=JSON)
-    for _ in range(30):  # a dependency still loading answers 503 "not ready"
-        if resp.status_code != 503:
-            break
-        time.sleep(0.5)
-        resp = httpx.post(f"{server.url}/predict", content=body, headers=JSON)
-    want = subject.expected[0]
-    try:
-        data = resp.json()
-        if config == "c":
-            ok = data[0]["prediction"] == want and data[0]["model"] == f"{subject.name}-svc"
-        else:
-            ok = data["predictions"] == [want] and len(data["probabilities"]) == 1
-    except (ValueError, KeyError, IndexError, TypeError):
-        ok = False
-    if resp.status_code != 200 or not ok:
-        raise RuntimeError(
-            f"{CONFIGS[config]} for {subject.name}: expected 200 with prediction {want}, got "
-            f"{resp.status_code}: {resp.text[:500]}\nserver log:\n{server.log_tail()}"
-        )
-
-
-def logged_errors(server: Server, offset: int, path: str = "/predict") -> dict[str, int]:
-    """Status >= 400 of public calls to ``path`` in the server's access log after ``offset``.
-
-    wrk only counts bad statuses; BentoML's access log says which ones (e.g. 503 "overloaded").
-    """
-    with open(server.log, "rb") as f:
-        f.seek(offset)
-        new = f.read().decode(errors="replace")
-    access = re.compile(rf"path={re.escape(path)},[^)]*\) \(status=(\d{{3}})")
-    codes = Counter(c for c in access.findall(new) if int(c) >= 400)
-    return dict(sorted(codes.items()))
+    return predict_bodies(subject, served[config])
 
 
 def load_runs(
@@ -230,7 +149,7 @@ def load_runs(
 ) -> dict[int, dict[str, Any]]:
     """Verify one configuration, then warm up and load it at every concurrency."""
     url, body = f"{server.url}/predict", bodies(subject, config)
-    verify(server, body[0], subject, config)
+    verify_predict(server, body[0], subject, CONFIGS[config], service=config == "c")
     out: dict[int, dict[str, Any]] = {}
     for c in args.concurrency:
         kw: dict[str, Any] = {"concurrency": c, "client": args.client}
@@ -252,8 +171,6 @@ def serve_and_load(
     results: dict[str, dict[str, Any]],
 ) -> None:
     """Start one server for ``target``, run every (subject, config) job on it, always stop it."""
-    from bench.harness.server import start_server
-
     print(f"starting {target} ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="servery-bench-") as tmp:
         server = start_server(home, config_yaml, Path(tmp), target=target)
@@ -273,13 +190,6 @@ def ratios(http: dict[str, dict[int, dict[str, Any]]], conc: Sequence[int]) -> d
             num, den = http.get(x, {}).get(c), http.get(y, {}).get(c)
             out[key][c] = num["ok_rps"] / den["ok_rps"] if num and den and den["ok_rps"] else None
     return out
-
-
-def oip_bodies(subject: Subject) -> list[str]:
-    """OIP V2 REST bodies, one row each (what both gain servers answer)."""
-    from bench.mlserver_peer import oip_body
-
-    return [json.dumps(oip_body(row)) for row in subject.rows[:N_BODIES]]
 
 
 def summarize_gain(windows: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
@@ -310,8 +220,6 @@ def alternate(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """``subject`` batched vs batching off on one server, alternating, with worker CPU."""
-    from bench.before_after import cpu_seconds
-
     body = oip_bodies(subject)
     urls = {"batched": url_of(subject.name), "off": url_of(f"{subject.name}-nobatch")}
     kw: dict[str, Any] = {"concurrency": GAIN_CONCURRENCY, "client": args.client}
@@ -340,9 +248,6 @@ def interleaved_gains(
     """Per subject and server (servery, bare): the interleaved batching gain at c=64."""
     import psutil
 
-    from bench.before_after import router_workers
-    from bench.harness.server import start_server
-    from bench.peers import start_bare
     from models.config import Settings
 
     out: dict[str, dict[str, Any]] = {s.name: {} for s in subjects}
@@ -357,8 +262,7 @@ def interleaved_gains(
             else:
                 config_file = tmp / "gain-models.yaml"
                 config_file.write_text(config)
-                peer = start_bare(config_file, tmp, Settings().router_workers)
-                process = peer.process
+                process = start_bare(config_file, tmp, Settings().router_workers)
                 workers = psutil.Process(process.proc.pid).children(recursive=True)
             try:
                 for s in subjects:

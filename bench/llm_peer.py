@@ -48,12 +48,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.cli import _levels
+from bench.harness.results import OUT_DIR, RESULTS_MD, run_line, write_section
 from bench.harness.server import ROOT, ServerProcess, free_port, launch
 from bench.llm_stream import distribution_ms
-from bench.report import fmt, machine, run_line, table, write_section
+from bench.report import fmt, machine, table
 
-OUT_JSON = ROOT / "bench" / "out" / "llm_peer.json"
-RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+OUT_JSON = OUT_DIR / "llm_peer.json"
 MODELS = {"tiny": "tiny-llm", "smollm2": "smollm2"}
 """Served name -> store name."""
 SERVERS = ("servery", "bare", "bare-pinned")

@@ -35,10 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from bench.foundation import load_subject
+from bench.harness.results import OUT_DIR, RESULTS_MD, run_line, use_project_store, write_section
 from bench.harness.server import ROOT, start_server
+from bench.harness.subjects import load_subject
 from bench.loadgen import run_load
-from bench.report import machine, run_line, table, use_project_store, write_section
+from bench.report import machine, table
 
 READING = (
     "How to read it: `max_queue` (per model version) and `max_in_flight` (per router worker) "
@@ -57,8 +58,7 @@ READING = (
     "behind its schedule at these rates. The server and this client are pinned to different "
     "cores (`pin_apart`)."
 )
-OUT_JSON = ROOT / "bench" / "out" / "overload.json"
-RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+OUT_JSON = OUT_DIR / "overload.json"
 UNBOUNDED = "1000000"
 
 

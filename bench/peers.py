@@ -7,7 +7,7 @@ Three servers run at once on loopback, each serving the same stored models inlin
 
 * **servery**: ``bentoml serve services:Router`` with its defaults (2 router workers, metrics and
   the access log on);
-* **MLServer** 1.7 (``.venv-mlserver``, see :mod:`bench.mlserver_peer`), adaptive batching
+* **MLServer** 1.7 (``.venv-mlserver``, see :mod:`bench.harness.mlserver`), adaptive batching
   ``max_batch_size 64`` / ``max_batch_time 0.01`` (10 ms), ``parallel_workers 0``;
 * **bare**: :mod:`bench.harness.bare_server`, uvicorn + Starlette running servery's own OIP handler,
   micro-batcher and runtime in 2 workers, without BentoML: the practical limit of a Python HTTP
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shlex
 import sys
 import tempfile
@@ -44,35 +43,28 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench import mlserver_peer
 from bench.grpc_load import H2LOAD_INSTALL_HINT, h2load_path, h2load_version
-from bench.harness.server import (
-    ROOT,
-    ServerProcess,
-    free_port,
-    launch,
-    metric_samples,
-    start_server,
-)
-from bench.harness.wrk import INSTALL_HINT, wrk_path, wrk_version
-from bench.loadgen import LoadResult
-from bench.report import (
+from bench.harness import mlserver
+from bench.harness.bare_server import start_bare
+from bench.harness.results import (
+    OUT_DIR,
+    RESULTS_MD,
     finish_run_arguments,
-    fmt,
-    machine,
     run_arguments,
     run_line,
-    table,
     use_project_store,
     write_section,
 )
+from bench.harness.server import ROOT, ServerProcess, metric_samples, start_server
+from bench.harness.subjects import N_BODIES, OIP_DATATYPES, grpc_messages, load_subject, oip_body
+from bench.harness.wrk import INSTALL_HINT, wrk_path, wrk_version
+from bench.loadgen import LoadResult
+from bench.report import fmt, machine, table
 
-OUT_JSON = ROOT / "bench" / "out" / "peers.json"
-RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+OUT_JSON = OUT_DIR / "peers.json"
 DEFAULT_MODELS = ("iris", "breast_cancer_large")
 SERVERS = ("servery", "mlserver", "bare")
 PROTOCOLS = {"rest": "OIP V2 REST (JSON, wrk)", "grpc": "OIP V2 gRPC"}
-N_BODIES = 64
 OUTPUTS = ("predict",)
 
 
@@ -112,27 +104,6 @@ class Peer:
         return total
 
 
-def start_bare(config_file: Path, workdir: Path, workers: int, timeout: float = 120) -> Peer:
-    """:mod:`bench.harness.bare_server` on a free loopback port, ready for every model."""
-    port = free_port()
-    log = workdir / f"bare-{port}.log"
-    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
-    cmd = [sys.executable, "-m", "bench.harness.bare_server", "--models-file", str(config_file)]
-    cmd += ["--port", str(port), "--workers", str(workers)]
-    server = ServerProcess(
-        url=f"http://127.0.0.1:{port}", proc=launch(cmd, cwd=ROOT, env=env, log=log), log=log
-    )
-    answers = [0]  # ready answers in a row: each connection may land on another worker
-
-    def ready() -> bool:
-        ok = httpx.get(server.url + "/v2/health/ready", timeout=2).status_code == 200
-        answers[0] = answers[0] + 1 if ok else 0
-        return answers[0] >= 2 * workers
-
-    server.wait_ready(ready, timeout, "bare server")
-    return Peer("bare", server, None)
-
-
 @contextlib.contextmanager
 def peers(models: Sequence[str], names: Sequence[str], home: Path, tmp: Path) -> Iterator[dict]:
     """Start the servers in ``names``; all are stopped when the block ends."""
@@ -149,20 +120,20 @@ def peers(models: Sequence[str], names: Sequence[str], home: Path, tmp: Path) ->
             started["servery"] = Peer("servery", s, s.grpc_url, s.url + "/metrics")
         if "mlserver" in names:
             print("starting MLServer ...", flush=True)
-            mlserver_peer.setup()
+            mlserver.setup()
             repo = tmp / "mlserver"
-            served = mlserver_peer.prepare_repository(models, repo)
+            served = mlserver.prepare_repository(models, repo)
             missing = set(models) - set(served)
             if missing:
                 raise SystemExit(f"MLServer cannot serve {sorted(missing)} (no runtime here)")
-            m = mlserver_peer.start_mlserver(repo)
+            m = mlserver.start_mlserver(repo)
             started["mlserver"] = Peer("mlserver", m, m.grpc_url, m.metrics_url)
         if "bare" in names:
             print("starting bare uvicorn + Starlette ...", flush=True)
             from models.config import Settings
 
             workers = Settings().router_workers
-            started["bare"] = start_bare(config_file, tmp, workers)
+            started["bare"] = Peer("bare", start_bare(config_file, tmp, workers), None)
         yield started
     finally:
         for peer in started.values():
@@ -172,7 +143,7 @@ def peers(models: Sequence[str], names: Sequence[str], home: Path, tmp: Path) ->
 def verify(peer: Peer, name: str, rows: np.ndarray, labels: list[int]) -> None:
     """One REST (and gRPC) infer per row batch; raises unless ``predict`` equals ours."""
     for i in range(4):
-        body = mlserver_peer.oip_body(rows[i], OUTPUTS)
+        body = oip_body(rows[i], OUTPUTS)
         r = httpx.post(peer.infer_url(name), json=body, timeout=10)
         r.raise_for_status()
         got = np.asarray(r.json()["outputs"][0]["data"]).ravel().tolist()
@@ -186,9 +157,7 @@ def verify(peer: Peer, name: str, rows: np.ndarray, labels: list[int]) -> None:
     try:
         for i in range(4):
             row = rows[i]
-            x = grpcclient.InferInput(
-                "input-0", [1, len(row)], mlserver_peer.OIP_DATATYPES[row.dtype.name]
-            )
+            x = grpcclient.InferInput("input-0", [1, len(row)], OIP_DATATYPES[row.dtype.name])
             x.set_data_from_numpy(np.ascontiguousarray(row[None, :]))
             out = [grpcclient.InferRequestedOutput("predict")]
             got = client.infer(name, [x], outputs=out).as_numpy("predict").ravel().tolist()
@@ -196,18 +165,6 @@ def verify(peer: Peer, name: str, rows: np.ndarray, labels: list[int]) -> None:
                 raise RuntimeError(f"{peer.name} gRPC {name} row {i}: {got} != {[labels[i]]}")
     finally:
         client.close()
-
-
-def grpc_messages(name: str, rows: np.ndarray) -> list[Any]:
-    from bench.grpc_load import infer_request
-
-    datatype = mlserver_peer.OIP_DATATYPES[rows.dtype.name]
-    messages = []
-    for i in range(len(rows)):
-        message = infer_request(name, rows[i : i + 1], datatype)
-        message.outputs.add(name="predict")
-        messages.append(message)
-    return messages
 
 
 def runner(
@@ -218,7 +175,7 @@ def runner(
         from bench.harness.wrk import run_wrk
 
         url = peer.infer_url(name)
-        bodies = [json.dumps(mlserver_peer.oip_body(r, OUTPUTS)) for r in rows]
+        bodies = [json.dumps(oip_body(r, OUTPUTS)) for r in rows]
 
         def rest(concurrency: int, seconds: float) -> LoadResult:
             return run_wrk(url, bodies, concurrency=concurrency, seconds=max(1, round(seconds)))
@@ -447,15 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(INSTALL_HINT)
     if "grpc" in args.protocols and args.grpc_client == "h2load" and h2load_path() is None:
         raise SystemExit(H2LOAD_INSTALL_HINT + " (or --grpc-client python)")
-    from bench.foundation import load_subject
-
     clients = [wrk_version() or "wrk"]
     if args.grpc_client == "h2load":
         clients.append(h2load_version() or "h2load")
     else:
         clients.append(f"grpcio {version('grpcio')} grpc.aio (bench.grpc_load)")
     meta = machine(" ".join(["python -m bench.peers", *map(shlex.quote, raw)]), "; ".join(clients))
-    meta["mlserver"] = mlserver_peer.requirements()[0][0]
+    meta["mlserver"] = mlserver.requirements()[0][0]
     subjects = {m: load_subject(m) for m in args.models}
     with tempfile.TemporaryDirectory(prefix="servery-peers-") as tmp:
         with peers(args.models, args.servers, home, Path(tmp)) as started:

@@ -5,7 +5,7 @@
 
 One router serves every chosen model ``inline`` (from $BENTOML_HOME, default the project's
 .bentoml, as ``make`` sets). For each model and concurrency, single-row requests (rows from the
-model's own dataset, as in bench.foundation) go through:
+model's own dataset, :mod:`bench.harness.subjects`) go through:
 
 * native REST ``POST /predict``, loaded with wrk;
 * OIP V2 REST JSON ``POST /v2/models/<m>/infer`` (``input-0``, ``[1, n]``, the model's own
@@ -39,25 +39,29 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from bench.foundation import N_BODIES, Subject, bodies, load_subject, logged_errors, verify
 from bench.grpc_load import infer_request, measure_grpc
-from bench.harness.server import Server, start_server
-from bench.harness.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
-from bench.loadgen import LoadResult
-from bench.report import (
+from bench.harness.results import (
+    OUT_DIR,
+    RESULTS_MD,
     finish_run_arguments,
-    fmt,
-    machine,
     run_arguments,
     run_line,
-    table,
     use_project_store,
     write_section,
 )
+from bench.harness.server import ROOT, Server, logged_errors, start_server
+from bench.harness.subjects import (
+    N_BODIES,
+    Subject,
+    load_subject,
+    predict_bodies,
+    verify_predict,
+)
+from bench.harness.wrk import INSTALL_HINT, measure, wrk_path, wrk_version
+from bench.loadgen import LoadResult
+from bench.report import fmt, machine, table
 
-ROOT = Path(__file__).resolve().parents[1]
-OUT_JSON = ROOT / "bench" / "out" / "protocols.json"
-RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+OUT_JSON = OUT_DIR / "protocols.json"
 DEFAULT_MODELS = ("iris", "breast_cancer_large")
 PROTOCOLS = {
     "native": "native REST wrk",
@@ -108,7 +112,7 @@ def prepare(server: Server, subject: Subject) -> Prepared:
         for r in rows.tolist()
     ]
     grpc = [infer_request(subject.name, rows[i : i + 1], datatype) for i in range(len(rows))]
-    return Prepared(subject, datatype, bodies(subject, "a"), oip_json, grpc)
+    return Prepared(subject, datatype, predict_bodies(subject), oip_json, grpc)
 
 
 def oip_url(server: Server, name: str) -> str:
@@ -197,7 +201,7 @@ def load_model(
     Protocols alternate within a concurrency, so a drift of the machine during the run (another
     process, thermal limits) touches every protocol alike.
     """
-    verify(server, p.native[0], p.subject, "a")
+    verify_predict(server, p.native[0], p.subject, "native REST")
     verify_oip_rest(server, p)
     verify_grpc(server, p)
     runs: dict[str, dict[int, dict[str, Any]]] = {key: {} for key in labels}

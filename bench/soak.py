@@ -31,43 +31,18 @@ from typing import Any
 
 import psutil
 
-from bench.foundation import load_subject
 from bench.grpc_load import H2LOAD_INSTALL_HINT, h2load_path, h2load_version, run_h2load
+from bench.harness.processes import processes
+from bench.harness.results import OUT_DIR, RESULTS_MD, run_line, use_project_store, write_section
 from bench.harness.server import ROOT, Server, metric_samples, start_server
+from bench.harness.subjects import N_BODIES, grpc_messages, load_subject, oip_body
 from bench.harness.wrk import INSTALL_HINT, run_wrk, wrk_path, wrk_version
-from bench.mlserver_peer import OIP_DATATYPES, oip_body
-from bench.peers import grpc_messages
-from bench.report import (
-    fmt,
-    machine,
-    run_line,
-    table,
-    use_project_store,
-    write_section,
-)
+from bench.report import fmt, machine, table
 
-OUT_JSON = ROOT / "bench" / "out" / "soak.json"
-RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+OUT_JSON = OUT_DIR / "soak.json"
 RSS_TOLERANCE_MB = 8.0
 GC_GROWTH = 1.5
 GC_NOISE_MS = 0.05
-N_BODIES = 64
-
-
-def processes(server: Server) -> dict[str, psutil.Process]:
-    """Every live process of the server, named by role (``router-1``, ``sklearn-1``, ...)."""
-    root = psutil.Process(server.proc.pid)
-    named = {"arbiter": root}
-    for child in root.children(recursive=True):
-        try:
-            cmd = child.cmdline()
-        except psutil.Error:
-            continue
-        if "--service-name" in cmd:
-            name = cmd[cmd.index("--service-name") + 1]
-            worker = cmd[cmd.index("--worker-id") + 1] if "--worker-id" in cmd else "?"
-            named[f"{name}-{worker}"] = child
-    return named
 
 
 def rss_mb(procs: dict[str, psutil.Process]) -> dict[str, float]:
@@ -222,7 +197,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return run_wrk(url, bodies, concurrency=args.concurrency, seconds=seconds)
             else:
                 message = grpc_messages(args.model, rows)[0]
-                assert OIP_DATATYPES  # rows are float32/float64, as grpc_messages requires
 
                 def load(seconds: int) -> Any:
                     return run_h2load(

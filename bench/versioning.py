@@ -41,12 +41,12 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.harness.server import ROOT, Server, start_server
+from bench.harness.results import OUT_DIR, RESULTS_MD, run_line, write_section
+from bench.harness.server import ROOT, Server, start_server, worktree
 from bench.harness.wrk import INSTALL_HINT, measure, run_wrk, wrk_path, wrk_version
-from bench.report import fmt, machine, run_line, table, write_section
+from bench.report import fmt, machine, table
 
-OUT_JSON = ROOT / "bench" / "out" / "versioning.json"
-RESULTS_MD = ROOT / "bench" / "RESULTS.md"
+OUT_JSON = OUT_DIR / "versioning.json"
 BASELINE_REV = "e426c6d"
 """The last commit before model versioning reached the router (issue 5)."""
 ROUTE_KEY = "X-Servery-Route-Key"
@@ -81,24 +81,6 @@ def make_store(home: Path) -> list[str]:
     aliases.promote("iris", versions[1], "production")
     aliases.promote("iris", versions[0], "staging")
     return versions
-
-
-@contextlib.contextmanager
-def worktree(rev: str, tmp: Path) -> Iterator[Path]:
-    """A checkout of ``rev`` (``git worktree``), removed afterwards."""
-    path = tmp / f"tree-{rev}"
-    subprocess.run(
-        ["git", "worktree", "add", "--detach", str(path), rev],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield path
-    finally:
-        subprocess.run(
-            ["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, capture_output=True
-        )
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ share of that limit BentoML leaves us (target: at least 0.5x).
 
     python -m bench.harness.bare_server --models-file models.yaml --port 3100 --workers 2
 
-``GET /v2/health/ready`` answers 200 once the worker has loaded its models.
+``GET /v2/health/ready`` answers 200 once the worker has loaded its models. :func:`start_bare`
+starts it for a study and waits until every worker is ready.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.harness.server import ServerProcess
 
 ENV_MODELS_FILE = "SERVERY_MODELS_FILE"
 
@@ -77,6 +82,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level="warning",
     )
     return 0
+
+
+def start_bare(
+    config_file: Path, workdir: Path, workers: int, timeout: float = 120
+) -> ServerProcess:
+    """This server on a free loopback port, ready for every model in the config."""
+    # imported here: the server's own workers import this module and need none of it
+    import httpx
+
+    from bench.harness.server import ROOT, ServerProcess, free_port, launch
+
+    port = free_port()
+    log = workdir / f"bare-{port}.log"
+    env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True"}
+    cmd = [sys.executable, "-m", "bench.harness.bare_server", "--models-file", str(config_file)]
+    cmd += ["--port", str(port), "--workers", str(workers)]
+    server = ServerProcess(
+        url=f"http://127.0.0.1:{port}", proc=launch(cmd, cwd=ROOT, env=env, log=log), log=log
+    )
+    answers = [0]  # ready answers in a row: each connection may land on another worker
+
+    def ready() -> bool:
+        ok = httpx.get(server.url + "/v2/health/ready", timeout=2).status_code == 200
+        answers[0] = answers[0] + 1 if ok else 0
+        return answers[0] >= 2 * workers
+
+    server.wait_ready(ready, timeout, "bare server")
+    return server
 
 
 if __name__ == "__main__":

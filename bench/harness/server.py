@@ -1,19 +1,23 @@
-"""Start and stop a real ``bentoml serve`` of servery on a free loopback port.
+"""Start and stop a real ``bentoml serve`` of servery on a free loopback port, and read it back.
 
 Used by the integration tests and the benchmarks: the server binds 127.0.0.1 only, runs in its
-own process group, and :meth:`Server.stop` ends every worker it started.
+own process group, and :meth:`Server.stop` ends every worker it started. :func:`worktree` checks
+out another commit for a server of an older tree; :func:`metric_samples` and
+:func:`logged_errors` read what a server recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,3 +182,35 @@ def metric_samples(url: str) -> list[tuple[str, dict[str, str], float]]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     ]
+
+
+def logged_errors(server: ServerProcess, offset: int, path: str = "/predict") -> dict[str, int]:
+    """Status >= 400 of public calls to ``path`` in the server's access log after ``offset``.
+
+    wrk only counts bad statuses; BentoML's access log says which ones (e.g. 503 "overloaded").
+    """
+    with open(server.log, "rb") as f:
+        f.seek(offset)
+        new = f.read().decode(errors="replace")
+    access = re.compile(rf"path={re.escape(path)},[^)]*\) \(status=(\d{{3}})")
+    codes = Counter(c for c in access.findall(new) if int(c) >= 400)
+    return dict(sorted(codes.items()))
+
+
+@contextlib.contextmanager
+def worktree(rev: str, tmp: Path) -> Iterator[Path]:
+    """A checkout of ``rev`` (``git worktree``), removed afterwards: ``start_server``'s ``root``
+    for a before/after comparison."""
+    path = tmp / f"tree-{rev}"
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(path), rev],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, capture_output=True
+        )

@@ -1,10 +1,10 @@
-"""bench/report.py: each benchmark rewrites only its own section of bench/RESULTS.md."""
+"""bench/harness/results.py: each benchmark rewrites only its own section of bench/RESULTS.md."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench.report import write_section
+from bench.harness.results import write_section
 
 
 def test_write_section_creates_replaces_and_keeps_the_rest(tmp_path: Path) -> None:
