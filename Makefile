@@ -125,17 +125,17 @@ test: models
 bench: models-large
 	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
 		echo "wrk not installed (apt-get install -y wrk); falling back to the Python client"
-	$(PY) -m bench.foundation $(BENCH_ARGS)
+	$(PY) -m bench.studies.foundation $(BENCH_ARGS)
 
 # Native REST vs OIP V2 REST vs OIP V2 gRPC on one router (bench/RESULTS.md, "protocols" section).
 bench-protocols: models-large
 	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
 		echo "wrk not installed (apt-get install -y wrk); falling back to the Python client"
-	$(PY) -m bench.protocols $(BENCH_ARGS)
+	$(PY) -m bench.studies.protocols $(BENCH_ARGS)
 
-# MLServer 1.7 (the peer of issue 4) in its own venv, .venv-mlserver (bench/mlserver_peer.py).
+# MLServer 1.7 (the peer of issue 4) in its own venv, .venv-mlserver (bench/harness/mlserver.py).
 peer-mlserver: $(STAMP)
-	$(PY) -m bench.mlserver_peer --setup
+	$(PY) -m bench.studies.mlserver_peer --setup
 
 # servery vs MLServer vs bare uvicorn + Starlette, OIP V2 REST (wrk) and gRPC (h2load), c=1/16/64,
 # 3 repeats (bench/RESULTS.md, "peers" section). About 15 minutes.
@@ -144,22 +144,22 @@ bench-peers: models-large peer-mlserver
 		{ echo "bench-peers needs wrk: apt-get install -y wrk"; exit 1; }
 	@command -v h2load >/dev/null 2>&1 || apt-get install -y nghttp2-client >/dev/null 2>&1 || \
 		{ echo "bench-peers needs h2load: apt-get install -y nghttp2-client"; exit 1; }
-	$(PY) -m bench.peers $(BENCH_ARGS)
+	$(PY) -m bench.studies.peers $(BENCH_ARGS)
 
 # What versioning costs the router: this tree vs the commit before it (git worktree), with and
 # without a traffic split and a shadow (bench/RESULTS.md, "versioning" section). About 12 minutes.
 bench-versioning: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
 		{ echo "bench-versioning needs wrk: apt-get install -y wrk"; exit 1; }
-	$(PY) -m bench.versioning $(BENCH_ARGS)
+	$(PY) -m bench.studies.versioning $(BENCH_ARGS)
 
 # servery vs bare vLLM's OpenAI server (as-is and pinned like servery) on the same model, one server
 # at a time (bench/RESULTS.md, "llm" section). tiny ~9 min; BENCH_ARGS="--model smollm2 --output-tokens 64" ~10 min.
 bench-llm: $(STAMP)
-	$(PY) -m bench.llm_peer $(BENCH_ARGS)
+	$(PY) -m bench.studies.llm_peer $(BENCH_ARGS)
 
 bench-overload: models-large
-	$(PY) -m bench.overload $(BENCH_ARGS)
+	$(PY) -m bench.studies.overload $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

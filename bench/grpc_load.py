@@ -168,7 +168,7 @@ def run_h2load(
 
     h2load speaks HTTP/2, not gRPC: it sees the HTTP status (200 even for a failed call) but not
     the ``grpc-status`` trailer, so ``errors`` here counts only transport-level failures. Callers
-    must check the server's own failure counters around the run (bench.peers does).
+    must check the server's own failure counters around the run (bench.studies.peers does).
     """
     path = h2load_path()
     if path is None:

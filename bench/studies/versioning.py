@@ -1,7 +1,7 @@
 """What versioning costs the router: routing-table overhead, and before/after throughput.
 
-    python -m bench.versioning [--baseline-rev REV] [--concurrency 1,64] [--duration 5]
-                               [--repeats 3] [--quick]
+    python -m bench.studies.versioning [--baseline-rev REV] [--concurrency 1,64] [--duration 5]
+                                       [--repeats 3] [--quick]
 
 Single-row ``POST /predict`` requests for an iris classifier with wrk, on these router setups,
 all serving the same temporary store (two versions; ``production`` -> the newer, which is what
@@ -299,7 +299,7 @@ runs every routed request twice."""
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m bench.versioning",
+        prog="python -m bench.studies.versioning",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -325,9 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(raw)
     if wrk_path() is None:
         raise SystemExit(INSTALL_HINT)
-    meta = machine(
-        " ".join(["python -m bench.versioning", *map(shlex.quote, raw)]), wrk_version() or "wrk"
-    )
+    command = " ".join(["python -m bench.studies.versioning", *map(shlex.quote, raw)])
+    meta = machine(command, wrk_version() or "wrk")
     with tempfile.TemporaryDirectory(prefix="servery-versioning-") as tmp_name:
         tmp = Path(tmp_name)
         home = tmp / "bentoml"

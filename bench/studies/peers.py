@@ -1,7 +1,7 @@
 """servery side by side with MLServer and a bare uvicorn + Starlette server, in one run.
 
-    python -m bench.peers [--models iris,breast_cancer_large] [--concurrency 1,16,64]
-                          [--duration 5] [--repeats 3] [--quick]
+    python -m bench.studies.peers [--models iris,breast_cancer_large] [--concurrency 1,16,64]
+                                  [--duration 5] [--repeats 3] [--quick]
 
 Three servers run at once on loopback, each serving the same stored models inline:
 
@@ -373,7 +373,7 @@ def targets(results: dict[str, Any], concurrency: Sequence[int]) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.studies.peers", description=__doc__)
     run_arguments(p, ",".join(DEFAULT_MODELS), "2 s runs, 1 repeat")
     p.add_argument("--repeats", type=int, default=3, help="runs per cell (median reported)")
     p.add_argument("--servers", default=",".join(SERVERS), help="comma list: " + ",".join(SERVERS))
@@ -409,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         clients.append(h2load_version() or "h2load")
     else:
         clients.append(f"grpcio {version('grpcio')} grpc.aio (bench.grpc_load)")
-    meta = machine(" ".join(["python -m bench.peers", *map(shlex.quote, raw)]), "; ".join(clients))
+    command = " ".join(["python -m bench.studies.peers", *map(shlex.quote, raw)])
+    meta = machine(command, "; ".join(clients))
     meta["mlserver"] = mlserver.requirements()[0][0]
     subjects = {m: load_subject(m) for m in args.models}
     with tempfile.TemporaryDirectory(prefix="servery-peers-") as tmp:

@@ -1,7 +1,7 @@
 """Soak: does a router's memory or GC pause time grow with the number of requests it serves?
 
-    python -m bench.soak [--model iris] [--protocol rest|grpc] [-c 64]
-                         [--phases 4] [--phase-seconds 15]
+    python -m bench.studies.soak [--model iris] [--protocol rest|grpc] [-c 64]
+                                 [--phases 4] [--phase-seconds 15]
 
 One ``bentoml serve`` (the model inline, default settings) is warmed up, then loaded for
 ``--phases`` equal phases back to back (wrk for OIP REST, h2load for OIP gRPC). After each phase
@@ -163,7 +163,7 @@ def report(phases: list[dict[str, Any]], markdown: bool) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.studies.soak", description=__doc__)
     p.add_argument("--model", default="iris", help="store name, served inline (default iris)")
     p.add_argument("--protocol", choices=("rest", "grpc"), default="rest")
     p.add_argument("-c", "--concurrency", type=int, default=64)
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.protocol == "grpc" and h2load_path() is None:
         raise SystemExit(H2LOAD_INSTALL_HINT)
     client = wrk_version() if args.protocol == "rest" else h2load_version()
-    meta = machine(" ".join(["python -m bench.soak", *map(shlex.quote, raw)]), client)
+    meta = machine(" ".join(["python -m bench.studies.soak", *map(shlex.quote, raw)]), client)
     subject = load_subject(args.model)
     rows = subject.rows[:N_BODIES]
     config = f"models:\n  - {{name: {args.model}, tag: {args.model}, placement: inline}}\n"

@@ -1,7 +1,8 @@
 """The foundation benchmark: what the router adds, and what batching buys, per model.
 
-    python -m bench.foundation [--models iris,digits_large] [--concurrency 1,16,64]
-                               [--duration 5] [--quick] [--client wrk|aiohttp] [--gain-repeats 5]
+    python -m bench.studies.foundation [--models iris,digits_large] [--concurrency 1,16,64]
+                                       [--duration 5] [--quick] [--client wrk|aiohttp]
+                                       [--gain-repeats 5]
 
 Single-row ``POST /predict`` requests (rows from the model's own dataset) for each model and
 concurrency, through:
@@ -455,7 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
     home = use_project_store(ROOT)
-    meta = machine(" ".join(["python -m bench.foundation", *map(shlex.quote, raw)]), args.client)
+    command = " ".join(["python -m bench.studies.foundation", *map(shlex.quote, raw)])
+    meta = machine(command, args.client)
     print(f"model store: {home / 'models'}; client: {meta['client']}", flush=True)
 
     subjects = [load_subject(m) for m in args.models]

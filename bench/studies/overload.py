@@ -1,7 +1,7 @@
 """Load shedding under 2x overload: the latency of the requests servery admits (issue 7).
 
-    python -m bench.overload [--model digits_large] [--placement inline|service] [--factor 2]
-                             [--seconds 10]
+    python -m bench.studies.overload [--model digits_large] [--placement inline|service]
+                                     [--factor 2] [--seconds 10]
     make bench-overload   (the default model comes from `make models-large`)
 
 One ``bentoml serve`` at a time serves ``--model`` with default settings, first with load shedding
@@ -173,7 +173,7 @@ def report(rows: list[dict[str, Any]], markdown: bool) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.studies.overload", description=__doc__)
     p.add_argument("--model", default="digits_large", help="store name (default: the large MLP)")
     p.add_argument(
         "--placement",
@@ -204,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
     home = use_project_store(ROOT)
-    meta = machine(" ".join(["python -m bench.overload", *map(shlex.quote, raw)]), "aiohttp")
+    command = " ".join(["python -m bench.studies.overload", *map(shlex.quote, raw)])
+    meta = machine(command, "aiohttp")
     subject = load_subject(args.model)
     rows = subject.rows[:64].tolist()
     bodies = [

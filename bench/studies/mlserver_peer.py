@@ -1,19 +1,16 @@
-"""MLServer 1.7 as a peer: its own venv, our stored models in its repository, start and stop.
+"""MLServer 1.7 as a peer, by hand: install it, check its answers, or an informal side by side.
 
-    python -m bench.mlserver_peer --setup              # .venv-mlserver only (idempotent)
-    python -m bench.mlserver_peer --check [--repo DIR] # + export, start, one REST/gRPC infer each
-    python -m bench.mlserver_peer --compare [-c 64] [--duration 5]   # informal side by side
+    python -m bench.studies.mlserver_peer --setup    # .venv-mlserver only (idempotent)
+    python -m bench.studies.mlserver_peer --check [--repo DIR]   # + export, start, one infer each
+    python -m bench.studies.mlserver_peer --compare [-c 64] [--duration 5]   # informal, by hand
 
-MLServer lives in ``.venv-mlserver`` (Python 3.11) so its pins (fastapi < 0.116, pandas, ...)
-never touch ours. Install workarounds (STACK.md): ``mlserver-xgboost`` goes in ``--no-deps`` next
-to ``xgboost-cpu`` (its ``xgboost`` requirement pulls the CUDA/NCCL wheel) and ``uvloop<0.22``
-(0.23 crashes its workers at start). scikit-learn, joblib and xgboost are pinned to the versions of
-the interpreter running this module, so the pickled/serialised models load identically.
-
-The repository serves iris (``mlserver_sklearn.SKLearnModel``) and breast_cancer_large (the
-300-tree XGBoost, ``mlserver_xgboost.XGBoostModel``) from $BENTOML_HOME (default the project's
-``.bentoml``) with adaptive batching ``max_batch_size 64`` / ``max_batch_time 0.01``. PyTorch
-models have no MLServer runtime installed here and are skipped.
+How MLServer is installed (``.venv-mlserver``, Python 3.11, its pins kept from ours) and served
+(our stored models exported into its repository) is :mod:`bench.harness.mlserver`; ``make
+peer-mlserver`` runs ``--setup``. ``--check`` serves iris (``mlserver_sklearn.SKLearnModel``) and
+breast_cancer_large (the 300-tree XGBoost, ``mlserver_xgboost.XGBoostModel``) from $BENTOML_HOME
+(default the project's ``.bentoml``) and compares one REST and one gRPC answer per model with the
+prediction in this process. ``--compare`` loads our router, then MLServer, one at a time, with
+wrk; the measured side by side is :mod:`bench.studies.peers`.
 """
 
 from __future__ import annotations
@@ -148,7 +145,7 @@ def compare(repo: Path, models: Sequence[str], concurrency: int, seconds: int) -
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.mlserver_peer", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m bench.studies.mlserver_peer", description=__doc__)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--setup", action="store_true", help="create .venv-mlserver only")
     mode.add_argument("--check", action="store_true", help="setup, export, start, infer, stop")

@@ -1,8 +1,8 @@
 """servery's LLM path side by side with a bare vLLM OpenAI server, in one run (issue 6).
 
-    python -m bench.llm_peer [--model tiny|smollm2] [--concurrency 1,8] [--requests 16]
-                             [--prompt-tokens 128] [--output-tokens 128] [--repeats 2]
-                             [--servers servery,bare,bare-pinned] [--quick]
+    python -m bench.studies.llm_peer [--model tiny|smollm2] [--concurrency 1,8] [--requests 16]
+                                     [--prompt-tokens 128] [--output-tokens 128] [--repeats 2]
+                                     [--servers servery,bare,bare-pinned] [--quick]
 
 The model is built into a temporary store (tiny: training/tiny_llm.py; smollm2:
 training/smollm2.py, ~25 s) and served **one server at a time** (two engines on 2 cores would
@@ -73,7 +73,7 @@ BUSY = re.compile(r"pytest|bentoml serve|circusd|_bentoml_impl|VLLM::|vllm\.entr
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m bench.llm_peer",
+        prog="python -m bench.studies.llm_peer",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -458,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     # a plain `kill` must still stop the servers (the finally blocks run on SystemExit)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    command = " ".join(["python -m bench.llm_peer", *map(shlex.quote, raw)])
+    command = " ".join(["python -m bench.studies.llm_peer", *map(shlex.quote, raw)])
     meta = machine(command, "aiohttp streaming client (bench.endpoints)")
     with tempfile.TemporaryDirectory(prefix="servery-llm-peer-") as tmp_name:
         tmp, t0 = Path(tmp_name), time.perf_counter()
