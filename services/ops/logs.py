@@ -20,8 +20,9 @@ Cost per line. With the access log on, every request writes a line, and Python l
 per-record work was about 10 % of a router worker's CPU under load (py-spy, XGBoost OIP REST at
 c=64). :func:`configure` trims what no configured format shows, along the logging HOWTO's
 "Optimization" section: the caller's file and line are not looked up for access-log lines when
-no handler's format asks for them (:func:`_skip_caller_lookup`); the time stamp
-of a format with a seconds-resolution ``datefmt`` (BentoML's) is rendered once per second; and
+no handler's format asks for them (services/compat/log_caller_lookup.py); the time stamp
+of a format with a seconds-resolution ``datefmt`` (BentoML's) is rendered once per second
+(services/compat/log_time_stamps.py); and
 the stream handlers hold access-log lines and write them out every ``SERVERY_LOG_FLUSH_MS``
 (100 ms) from a thread, many lines per write, instead of a write (a system call) per line.
 Any other line flushes them at once, and so do exit and SIGTERM (:func:`_flush_on_sigterm`); a
@@ -46,6 +47,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
+
+from services.compat.log_caller_lookup import skip_caller_lookup
+from services.compat.log_time_stamps import cache_seconds
 
 HEADER = "x-request-id"
 REQUEST_ID: ContextVar[str | None] = ContextVar("servery_request_id", default=None)
@@ -158,8 +162,12 @@ def configure(fmt: str, flush_interval_s: float = 0.0) -> None:
                 handler.addFilter(RequestIdFilter())
             if fmt == "json" and not isinstance(handler.formatter, JsonFormatter):
                 handler.setFormatter(JsonFormatter())
-            _cache_seconds(handler.formatter)
-    _skip_caller_lookup([h.formatter for h in _handlers()])
+            cache_seconds(handler.formatter)
+    skip_caller_lookup(
+        logging.getLogger(ACCESS_LOGGER),
+        [h.formatter for h in _handlers()],
+        caller_free=(JsonFormatter,),  # its fields: no caller
+    )
 
 
 def _handlers() -> list[logging.Handler]:
@@ -289,66 +297,3 @@ def _flush_forever() -> None:
     while True:
         time.sleep(min((h.interval_s for h in list(_DEFERRED)), default=1.0))
         flush_all()
-
-
-def _cache_seconds(formatter: logging.Formatter | None) -> None:
-    """Render ``formatter``'s time stamp once per second when its ``datefmt`` has no finer field
-    (``time.strftime`` has none; without a datefmt the default shows milliseconds)."""
-    if (
-        type(formatter) is not logging.Formatter
-        or not formatter.datefmt
-        or getattr(formatter.formatTime, "__servery_cached__", False)
-    ):
-        return
-    render = formatter.formatTime
-    last: list[Any] = [None, ""]
-
-    def format_time(record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = (int(record.created), datefmt)
-        if second != last[0]:
-            last[1] = render(record, datefmt)
-            last[0] = second
-        return last[1]  # type: ignore[no-any-return]
-
-    format_time.__servery_cached__ = True  # type: ignore[attr-defined]
-    formatter.formatTime = format_time  # type: ignore[method-assign]
-
-
-# Format fields that need logging's caller look-up (findCaller: a stack walk per record).
-_SOURCE_FIELDS = ("pathname", "filename", "module", "funcName", "lineno")
-_NO_CALLER = ("(unknown file)", 0, "(unknown function)", None)
-
-
-def _no_caller(stack_info: bool = False, stacklevel: int = 1) -> tuple[str, int, str, None]:
-    return _NO_CALLER
-
-
-def _skip_caller_lookup(formatters: list[logging.Formatter | None]) -> None:
-    """Skip the caller look-up for access-log records (a line per request) when none of
-    ``formatters`` (every handler those lines can reach) shows the caller's file, line or
-    function; look it up again when one does. Only formats it can read (plain
-    ``logging.Formatter`` and :class:`JsonFormatter`) count as known; any other formatter may
-    show anything, so the look-up stays then.
-
-    Only the access logger changes (an attribute of that logger object). logging's process-wide
-    switches (``logging._srcfile``, ``logThreads``, ``logProcesses``, ``logMultiprocessing``)
-    stay as they are: a library that sets up its own logging later relies on them. vLLM's format
-    has ``pid=%(process)d`` and the file and line; with those switched off, every vLLM line of
-    the LLM service was a "--- Logging error ---" instead (seen in CI's logs).
-    """
-    access = logging.getLogger(ACCESS_LOGGER)
-    formats = []
-    for f in formatters:
-        if f is None or isinstance(f, JsonFormatter):
-            continue  # the default format (the message only); the JSON fields: no caller
-        if type(f) is not logging.Formatter:
-            formats = None
-            break
-        formats.append(f._fmt or "")
-    if formats is not None:
-        text = " ".join(formats)
-        shown = (f"%({x})" in text or f"{{{x}" in text or f"${x}" in text for x in _SOURCE_FIELDS)
-        if not any(shown):
-            access.findCaller = _no_caller  # type: ignore[method-assign]
-            return
-    access.__dict__.pop("findCaller", None)

@@ -116,7 +116,7 @@ def watch_gc(flush_interval_s: float = GC_FLUSH_INTERVAL_S) -> None:
 
     A stop-the-world collection stalls every request of the worker; this shows whether pauses grow
     with the number of requests served (they should not: the heap is frozen after start-up, see
-    services.compat.patches.freeze_heap).
+    services.ops.heap.freeze_heap).
 
     The GC callback only appends to a deque; a daemon thread moves the pauses into the histogram
     every ``flush_interval_s``. Observing from the callback deadlocked workers: a collection runs

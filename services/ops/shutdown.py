@@ -14,10 +14,10 @@ stops at once: it stops accepting, and its in-flight requests complete against s
 still up. A second SIGTERM stops at once. BentoML gives circus a ``graceful_timeout`` of a day,
 so what bounds the whole shutdown is the orchestrator (Kubernetes: ``terminationGracePeriodSeconds``
 of the pod, then SIGKILL); keep the drain well inside it. The LLM worker's engine processes are
-not signalled by circus (services/compat/patches.py), so vLLM does not abort the streams in flight.
-The services' Unix sockets stay in place until every worker has stopped (services/compat/patches.py,
-``_patch_arbiter_stop_order``): BentoML deleted them at SIGTERM, so a router worker that opened a
-new connection during the drain could not reach a service that was still serving.
+not signalled by circus (services/compat/llm_watcher_stop.py), so vLLM does not abort the streams
+in flight. The services' Unix sockets stay in place until every worker has stopped
+(services/compat/arbiter_stop_order.py): BentoML deleted them at SIGTERM, so a router worker that
+opened a new connection during the drain could not reach a service that was still serving.
 """
 
 from __future__ import annotations

@@ -103,8 +103,7 @@ def test_sigterm_under_load_loses_no_admitted_request(demo_store, tmp_path, mode
             signalled.set()
             os.kill(srv.proc.pid, signal.SIGTERM)
             # While the services drain, a new connection to them must still find their sockets:
-            # BentoML deleted the directory at once (services/compat/patches.py, arbiter stop
-            # order),
+            # BentoML deleted the directory at once (services/compat/arbiter_stop_order.py),
             # before it signalled the services. Look once a service says it drains: the arbiter
             # is past that point, and the drain (3 s) has just begun.
             await eventually_async(

@@ -122,10 +122,10 @@ def bentoml_path_server(demo_store, tmp_path_factory) -> Iterator[Server]:
 def test_router_memory_does_not_grow_with_requests(request, path: str) -> None:
     """RSS of the router workers is flat across thousands of requests, on both request paths.
 
-    Calibrated here: with BentoML's TimeoutMiddleware timer leak (services/compat/patches.py) the
-    two
-    workers grew ~20 MiB per 4,000 requests (~5 KB a request, held for traffic.timeout = 60 s);
-    patched, under 1 MiB. The "bentoml" case serves /predict through that middleware.
+    Calibrated here: with BentoML's TimeoutMiddleware timer leak
+    (services/compat/timeout_middleware.py) the two workers grew ~20 MiB per 4,000 requests
+    (~5 KB a request, held for traffic.timeout = 60 s); patched, under 1 MiB. The "bentoml" case
+    serves /predict through that middleware.
     """
     import psutil
 

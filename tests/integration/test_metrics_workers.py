@@ -218,7 +218,8 @@ def test_unknown_models_and_paths_create_no_servery_series(server: Server) -> No
 
 def test_unknown_paths_create_no_bentoml_series(server: Server) -> None:
     """BentoML 1.4.40 labelled its traffic metrics with the raw request path (one series per
-    path a client sends); services/compat/patches.py labels them by route template."""
+    path a client sends); services/compat/traffic_metrics_labels.py labels them by route
+    template."""
     unknown_requests(server)
     known = series(server, "bentoml_")
     for _ in range(10):

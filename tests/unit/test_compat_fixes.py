@@ -1,4 +1,5 @@
-"""services/compat/patches.py: the BentoML 1.4.40 fixes, exercised without a server.
+"""What the fixes in services/compat/ do, exercised without a server (the registry, the version
+guard and the upstream pins: tests/unit/test_compat.py).
 
 The timeout-middleware tests run under a plain asyncio loop so its timer heap (``loop._scheduled``)
 can be inspected; a copy of the upstream ``__call__`` is the control that shows the leak.
@@ -23,12 +24,28 @@ from pydantic import BaseModel, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.responses import JSONResponse, Response
 
-from services.compat import patches
+from services import compat
+from services.protocols.errors import error_response, from_validation_error
+from services.runtime.errors import RequestTimeout
 
 # Upstream's api_endpoint reads ``model_fields`` off an instance (pydantic 2.11 deprecation).
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Accessing the 'model_fields' attribute on the instance:DeprecationWarning"
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def applied() -> None:
+    """What services.wire() does first in every served process (idempotent)."""
+    compat.apply()
+    compat.use_envelope(compat.Envelope(error_response, RequestTimeout, from_validation_error))
+
+
+@pytest.fixture
+def no_envelope(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixes before the entry handed them the platform's envelope."""
+    monkeypatch.setattr(compat, "_ENVELOPE", [])
+
 
 Message = dict[str, Any]
 App = Callable[[Message, Any, Any], Awaitable[None]]
@@ -96,15 +113,6 @@ async def call(middleware: Any, app_call: Any = None) -> list[Message]:
     return sent
 
 
-def test_patches_are_applied_and_idempotent() -> None:
-    assert TimeoutMiddleware.__call__.__module__ == "services.compat.patches"
-    assert ServiceAppFactory.api_endpoint.__module__ == "services.compat.patches"
-    before = (TimeoutMiddleware.__call__, ServiceAppFactory.api_endpoint)
-    patches.apply()
-    patches.apply()
-    assert (TimeoutMiddleware.__call__, ServiceAppFactory.api_endpoint) == before
-
-
 def test_control_matches_upstream_source() -> None:
     # The control copies upstream; if BentoML ever keeps (and cancels) the handle, this fails and
     # the patch can go.
@@ -138,7 +146,8 @@ def test_timer_cancelled_when_request_completes(concurrent: bool) -> None:
     assert live == N
 
 
-def test_slow_app_gets_504_envelope() -> None:
+def timed_out() -> list[Message]:
+    """What the middleware sends for an app slower than its timeout (0.05 s)."""
     middleware = TimeoutMiddleware(None, timeout=0.05)
     cancelled = asyncio.Event()
 
@@ -163,10 +172,20 @@ def test_slow_app_gets_504_envelope() -> None:
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert sent[0]["status"] == 504
     assert (b"content-type", b"application/json") in sent[0]["headers"]
-    body = json.loads(sent[1]["body"])
+    return sent
+
+
+def test_slow_app_gets_504_envelope() -> None:
+    body = json.loads(timed_out()[1]["body"])
     assert set(body) == {"error"}
     assert body["error"]["type"] == "timeout"
     assert "0.05" in body["error"]["message"]
+
+
+@pytest.mark.usefixtures("no_envelope")
+def test_without_the_platform_envelope_the_timeout_answers_as_bentoml_does() -> None:
+    body = json.loads(timed_out()[1]["body"])
+    assert body == {"error": "Not able to process the request in 0.05 seconds"}
 
 
 def test_app_raising_before_sending_does_not_wait_for_timeout() -> None:
@@ -304,6 +323,12 @@ def test_unknown_model_is_404_envelope() -> None:
     }
 
 
+@pytest.mark.usefixtures("no_envelope")
+def test_without_the_platform_envelope_validation_errors_reach_bentoml() -> None:
+    with pytest.raises(ValidationError):  # upstream's api_endpoint_wrapper answers it
+        endpoint(factory(handler), b'{"model": "nope", "inputs": [[1]]}')
+
+
 def test_other_errors_still_propagate() -> None:
     # Only ValidationError is mapped; everything else reaches upstream's api_endpoint_wrapper.
     with pytest.raises(KeyError):
@@ -320,20 +345,6 @@ def test_other_errors_still_propagate() -> None:
 
     with pytest.raises(ZeroDivisionError):
         endpoint(factory(crashing), b'{"model": "iris", "inputs": [[1]]}')
-
-
-# --- freeze_heap --------------------------------------------------------------------------------
-
-
-def test_freeze_heap() -> None:
-    gc.unfreeze()
-    assert gc.get_freeze_count() == 0
-    try:
-        patches.freeze_heap()
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()
-    assert gc.get_freeze_count() == 0
 
 
 def test_validation_error_from_service_code_is_not_a_client_error() -> None:
@@ -355,7 +366,6 @@ def test_only_the_llm_watcher_leaves_its_children_to_the_worker(
     every other watcher keeps BentoML's stop_children=True."""
     import bentoml.serving
 
-    patches.apply()
     args = ["-m", "_bentoml_impl.worker.service", "services:Router", "--service-name", service]
     watcher = bentoml.serving.create_watcher(name=f"service_{service}", args=args)
     assert watcher.stop_children is stop_children
@@ -464,3 +474,23 @@ def test_a_stream_gets_its_head_before_the_first_chunk() -> None:
     assert writes[0].startswith(b"HTTP/1.1 200 OK") and writes[0].endswith(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in writes[0]
     assert b"".join(writes[1:]) == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
+
+
+# --- Starlette: the request body in one receive() -----------------------------------------------
+
+
+def test_the_body_read_in_one_receive_is_what_request_body_answers_afterwards() -> None:
+    from starlette.requests import Request
+
+    from services.compat.request_body import receive_body
+
+    messages = [{"type": "http.request", "body": b'{"a": 1}', "more_body": False}]
+
+    async def receive_once() -> Message:
+        return messages.pop()  # a second receive() would fail: the body was read once
+
+    async def main() -> tuple[bytes, bytes, bytes]:
+        request = Request({"type": "http", "method": "POST", "headers": []}, receive_once)
+        return await receive_body(request), await request.body(), await receive_body(request)
+
+    assert asyncio.run(main()) == (b'{"a": 1}',) * 3
