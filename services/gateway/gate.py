@@ -20,13 +20,9 @@ from starlette.responses import Response
 
 from models.config import Settings
 from services.gateway.auth import Keyring
-from services.runtime.errors import (
-    BadRequest,
-    PayloadTooLarge,
-    ServeryError,
-    error_response,
-    json_response,
-)
+from services.protocols.errors import refusal
+from services.protocols.state import SCOPE_KEY
+from services.runtime.errors import BadRequest, PayloadTooLarge, ServeryError
 
 OPEN_PATHS = frozenset(
     {"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
@@ -37,11 +33,6 @@ CONSOLE = "/console"
 """The web console's page and static assets (services/console/) are open: a browser cannot put a
 key on ``<script src>``; they hold no data, and every call the page makes for data carries the
 key the user typed in."""
-
-SCOPE_KEY = "servery.api_key"
-"""ASGI scope entry holding the caller's :class:`~services.gateway.auth.ApiKey` once admitted
-(handlers
-that learn the model from the body, ``/predict``, call its ``check_model``)."""
 
 _MODEL_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)")
 _COMPLETIONS = ("/completions",)  # /v1/completions and /v1/chat/completions generate tokens
@@ -127,36 +118,6 @@ def header(scope: dict[str, Any], name: bytes) -> str | None:
         if k.lower() == name:
             return v.decode("latin-1")
     return None
-
-
-def refusal(path: str, exc: ServeryError) -> Response:
-    """``exc`` in the envelope of the API that ``path`` belongs to."""
-    if path.startswith("/v1/"):
-        return openai_error(exc)
-    if path == "/v2" or path.startswith("/v2/"):
-        from services.protocols.oip.rest import error_response as oip_error
-
-        return oip_error(exc)
-    return error_response(exc)
-
-
-_OPENAI_TYPES = {
-    401: "AuthenticationError",
-    403: "PermissionDeniedError",
-    413: "BadRequestError",
-    429: "RateLimitError",
-}
-
-
-def openai_error(exc: ServeryError) -> Response:
-    """The OpenAI envelope as vLLM writes it (``type`` is the openai client's exception name)."""
-    error = {
-        "message": exc.message,
-        "type": _OPENAI_TYPES.get(exc.status_code, exc.error_type),
-        "param": None,
-        "code": exc.status_code,
-    }
-    return json_response({"error": error}, exc.status_code, exc.headers())
 
 
 async def buffer_body(receive: Any, limit: int | None = None) -> tuple[bytes, Any]:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from services.gateway.gate import SCOPE_KEY
+from services.protocols.state import SCOPE_KEY
 
 logger = logging.getLogger("servery")
 

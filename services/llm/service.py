@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response
 
 from services.llm.settings import LLMEntry, LLMSettings, engine_argv
 from services.ops.shutdown import delay_sigterm
+from services.protocols.errors import openai_response
 from services.settings import SETTINGS as ROUTER_SETTINGS
 
 logger = logging.getLogger("servery")
@@ -52,12 +53,6 @@ class Engine:
     """``vllm.v1.engine.async_llm.AsyncLLM``."""
     app: FastAPI
     start_s: float
-
-
-def openai_error(status: int, message: str, err_type: str, param: str | None = None) -> Response:
-    """The OpenAI error envelope, as vLLM's own ``ErrorResponse`` writes it."""
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
 
 
 async def start_engine(entry: LLMEntry, settings: LLMSettings) -> Engine:
@@ -195,7 +190,7 @@ class ModelDispatch:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > ROUTER_SETTINGS.max_body_bytes:  # SERVERY_MAX_BODY_BYTES, as the router
-                response = openai_error(413, "request body too large", "BadRequestError")
+                response = openai_response(413, "request body too large", "BadRequestError")
                 return await response(scope, receive, send)
         body = b"".join(chunks)
         if (refused := self.state.over_limit(body)) is not None:
@@ -204,7 +199,9 @@ class ModelDispatch:
         if isinstance(engine, str):  # vLLM's own message, listing every engine's names
             served = ", ".join(self.state.engines)
             message = f"The model `{engine}` does not exist. Valid aliases: {served}."
-            return await openai_error(404, message, "NotFoundError", "model")(scope, receive, send)
+            return await openai_response(404, message, "NotFoundError", "model")(
+                scope, receive, send
+            )
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -266,7 +263,7 @@ class LLMState:
                 f"{param} x n = {asked * max(n, 1)} is more than this server allows per request "
                 f"({limit}, SERVERY_LLM_MAX_TOKENS_LIMIT)"
             )
-            return openai_error(400, message, "BadRequestError", param)
+            return openai_response(400, message, "BadRequestError", param)
         return None
 
     def not_ready(self) -> Response | None:
@@ -274,8 +271,8 @@ class LLMState:
         if self.ready:
             return None
         if self.failed is not None:
-            return openai_error(503, "the LLM engines failed to start", "ServiceUnavailable")
-        return openai_error(503, "the LLM engines are still starting", "ServiceUnavailable")
+            return openai_response(503, "the LLM engines failed to start", "ServiceUnavailable")
+        return openai_response(503, "the LLM engines are still starting", "ServiceUnavailable")
 
     async def models(self) -> dict[str, Any]:
         """``/v1/models``: every engine's model card; ``root`` is the store tag, not a path."""
@@ -309,13 +306,13 @@ async def list_models() -> Response:
 async def _not_found(path: str) -> Response:
     # Unknown /v1 routes (and wrong methods) answer in the OpenAI envelope, not BentoML's text.
     if f"/v1/{path}" in ("/v1/models", "/v1/chat/completions", "/v1/completions"):
-        return openai_error(405, "Method Not Allowed", "invalid_request_error")
-    return openai_error(404, f"no route /v1/{path}", "NotFoundError")
+        return openai_response(405, "Method Not Allowed", "invalid_request_error")
+    return openai_response(404, f"no route /v1/{path}", "NotFoundError")
 
 
 @app.exception_handler(HTTPException)
 async def _http_error(_: Request, exc: HTTPException) -> Response:
-    return openai_error(exc.status_code, str(exc.detail), "invalid_request_error")
+    return openai_response(exc.status_code, str(exc.detail), "invalid_request_error")
 
 
 @bentoml.asgi_app(app, path="/")
@@ -333,7 +330,7 @@ class LLM:
     """OpenAI-compatible LLM serving (vLLM engines, one per served LLM)."""
 
     # services/gateway/fastpath.py serves /v1/ outside BentoML's per-request middleware.
-    __servery_fast_path__ = "llm"
+    __servery_fast_path__ = {"kind": "llm", "api": app}
 
     def __init__(self) -> None:
         self.settings = SETTINGS

@@ -1,20 +1,15 @@
-"""One error hierarchy, mapped to HTTP once at the edge.
+"""One error hierarchy for every protocol.
 
-Every client mistake is a :class:`ServeryError` subclass carrying its status code; the router turns
-it into the platform envelope ``{"error": {"type": ..., "message": ...}}``. Anything else is an
-internal error: logged with its traceback, answered 500 with a generic message (no internals).
+Every client mistake is a :class:`ServeryError` subclass carrying its HTTP status code and a
+stable ``type``; the protocol front ends render it in their own envelope
+(:mod:`services.protocols.errors`: the platform's, OIP's, OpenAI's; gRPC status codes in
+:mod:`services.protocols.oip.grpc`). Anything else is an internal error: logged with its traceback,
+answered 500 with a generic message (no internals).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-import orjson
-from starlette.responses import Response
-
-logger = logging.getLogger("servery")
-
 
 MAX_MESSAGE = 1024
 """Longest error message sent to a client (characters)."""
@@ -113,59 +108,6 @@ class Overloaded(ServeryError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
-
-
-_ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-
-
-def json_response(
-    body: Any, status_code: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    """A JSON response without Starlette's JSONResponse overhead (compact, no re-validation).
-
-    Serialised by orjson: an infer answer took 5 us with the standard library's encoder, 0.3 us
-    with orjson, byte for byte the same text. numpy arrays and scalars serialise as numbers; a
-    NaN or infinity (which JSON cannot carry) becomes ``null``, where ``json.dumps`` raised."""
-    return Response(
-        orjson.dumps(body, option=_ORJSON_OPTIONS),
-        status_code=status_code,
-        headers=headers,
-        media_type="application/json",
-    )
-
-
-def error_response(exc: BaseException) -> Response:
-    """Map any exception to the platform envelope; 5xx bodies never carry internals."""
-    if isinstance(exc, ServeryError) and exc.status_code < 500:
-        return json_response(exc.to_dict(), exc.status_code, exc.headers())
-    if isinstance(exc, ServeryError):
-        if exc.logged:
-            logger.warning("%s: %s", exc.error_type, exc.message)
-        return json_response(exc.to_dict(), exc.status_code, exc.headers())
-    logger.error("internal error while serving a request", exc_info=exc)
-    return json_response(
-        {"error": {"type": "internal_error", "message": "internal server error; see server log"}},
-        500,
-    )
-
-
-def from_validation_error(exc: Any) -> ServeryError:
-    """Map a pydantic ``ValidationError`` on a request body to the platform error.
-
-    Errors raised by our own validators with type ``model_not_found`` become 404; a body that is
-    not JSON, misses fields or has fields of the wrong type is a 400 naming each problem.
-    """
-    errors = exc.errors(include_url=False, include_context=False, include_input=False)
-    for err in errors:
-        if err["type"] == "model_not_found":
-            return ModelNotFound(err["msg"])
-    if any(err["type"] == "json_invalid" for err in errors):
-        return BadRequest("request body is not valid JSON")
-    problems = [
-        {"loc": ".".join(str(p) for p in err["loc"]) or "body", "msg": err["msg"]} for err in errors
-    ]
-    summary = "; ".join(f"{p['loc']}: {p['msg']}" for p in problems[:5])
-    return BadRequest(f"invalid request body: {summary}", detail=problems)
 
 
 class Unauthenticated(ServeryError):

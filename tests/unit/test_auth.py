@@ -21,15 +21,11 @@ from models.config import ConfigError, Settings
 from services.gateway import auth
 from services.gateway.auth import ApiKey, TokenBucket, digest_of, keyring
 from services.gateway.fastpath import FastPath, Route
-from services.gateway.gate import SCOPE_KEY, http_gate, llm_cost
+from services.gateway.gate import http_gate, llm_cost
+from services.protocols.errors import error_response, json_response
 from services.protocols.oip.grpc import status_of, trailers
-from services.runtime.errors import (
-    Forbidden,
-    RateLimited,
-    Unauthenticated,
-    error_response,
-    json_response,
-)
+from services.protocols.state import SCOPE_KEY
+from services.runtime.errors import Forbidden, RateLimited, Unauthenticated
 from tests.conftest import Sent
 
 KEY_A = "key-a-0123456789abcdef"

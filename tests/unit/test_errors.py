@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
+from services.protocols.errors import error_response, from_validation_error, json_response
 from services.runtime.errors import (
     BadRequest,
     InvalidInput,
@@ -20,9 +21,6 @@ from services.runtime.errors import (
     Overloaded,
     PayloadTooLarge,
     ServeryError,
-    error_response,
-    from_validation_error,
-    json_response,
 )
 
 SERVED = {"iris", "digits"}
@@ -220,11 +218,11 @@ def test_shed_requests_are_not_logged_one_by_one(caplog: pytest.LogCaptureFixtur
     """Load shedding answers 503 without a log line per refusal; other 5xx are logged."""
     import logging
 
-    from services.protocols.oip import rest as oip_rest
+    from services.protocols.errors import oip_error
     from services.runtime.batcher import QueueFull
 
     with caplog.at_level(logging.WARNING, logger="servery"):
-        for respond in (error_response, oip_rest.error_response):
+        for respond in (error_response, oip_error):
             response = respond(QueueFull("queue full"))
             assert response.status_code == 503 and response.headers["retry-after"] == "1"
         assert not caplog.records

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.gateway.fastpath import Deadlines, FastPath, Route, prediction_routes
-from services.runtime.errors import error_response, json_response
+from services.protocols.errors import error_response, json_response
 from tests.conftest import Sent, eventually_async, run_on_virtual_clock
 
 

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from services.compat.log_caller_lookup import skip_caller_lookup
+from services.compat.log_time_stamps import cache_seconds
 from services.gateway.fastpath import FastPath, Route
 from services.ops import logs
-from services.runtime.errors import json_response
+from services.protocols.errors import json_response
 from tests.conftest import Sent, eventually
 
 
@@ -333,15 +335,15 @@ def test_configure_defers_plain_stream_handlers_once_and_keeps_their_setup(
 def test_time_stamps_render_once_per_second_and_read_the_same() -> None:
     cached = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
     plain = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
-    logs._cache_seconds(cached)
-    logs._cache_seconds(cached)  # idempotent
+    cache_seconds(cached)
+    cache_seconds(cached)  # idempotent
     rec = record_at(logging.INFO, "m")
     for created in (1_700_000_000.1, 1_700_000_000.9, 1_700_000_001.2, 1_700_000_000.5):
         rec.created = created
         assert cached.format(rec) == plain.format(rec)
     no_datefmt = logging.Formatter("%(asctime)s")  # milliseconds: never cached
-    logs._cache_seconds(no_datefmt)
-    assert not getattr(no_datefmt.formatTime, "__servery_cached__", False)
+    cache_seconds(no_datefmt)
+    assert "formatTime" not in vars(no_datefmt)
 
 
 FLAGS = ("logThreads", "logProcesses", "logMultiprocessing", "_srcfile")
@@ -358,6 +360,12 @@ def access_logger() -> Iterator[logging.Logger]:
         access.__dict__.pop("findCaller", None)
         # process-wide switches are never touched: libraries (vLLM) format with them
         assert {flag: getattr(logging, flag) for flag in FLAGS} == before
+
+
+def skip_access_lookup(formatters: list[logging.Formatter | None]) -> None:
+    """What logs.configure does with the formatters of the access log's handlers."""
+    access = logging.getLogger(logs.ACCESS_LOGGER)
+    skip_caller_lookup(access, formatters, caller_free=(logs.JsonFormatter,))
 
 
 def access_record(access: logging.Logger) -> logging.LogRecord:
@@ -381,7 +389,7 @@ def access_record(access: logging.Logger) -> logging.LogRecord:
 def test_access_lines_skip_the_caller_look_up_no_format_shows(
     access_logger: logging.Logger,
 ) -> None:
-    logs._skip_caller_lookup([logging.Formatter("%(asctime)s %(process)d %(message)s"), None])
+    skip_access_lookup([logging.Formatter("%(asctime)s %(process)d %(message)s"), None])
     rec = access_record(access_logger)
     assert rec.lineno == 0 and rec.funcName == "(unknown function)"
     assert isinstance(rec.process, int) and isinstance(rec.thread, int)  # still filled in
@@ -396,12 +404,12 @@ def test_a_format_with_the_caller_or_an_unknown_formatter_keeps_the_look_up(
     class Custom(logging.Formatter):
         pass
 
-    logs._skip_caller_lookup([logging.Formatter("%(message)s")])
+    skip_access_lookup([logging.Formatter("%(message)s")])
     assert access_record(access_logger).lineno == 0
-    logs._skip_caller_lookup([logging.Formatter("%(message)s"), Custom("%(message)s")])
+    skip_access_lookup([logging.Formatter("%(message)s"), Custom("%(message)s")])
     rec = access_record(access_logger)
     assert rec.lineno > 0 and rec.funcName == "access_record"
-    logs._skip_caller_lookup([logging.Formatter("%(funcName)s:%(lineno)d %(message)s")])
+    skip_access_lookup([logging.Formatter("%(funcName)s:%(lineno)d %(message)s")])
     assert access_record(access_logger).funcName == "access_record"
 
 

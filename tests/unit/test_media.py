@@ -1,4 +1,4 @@
-"""Content-Type and Content-Encoding of prediction bodies (services/gateway/media.py)."""
+"""Content-Type and Content-Encoding of prediction bodies (services/protocols/media.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from starlette.requests import ClientDisconnect, Request
 
-from services.gateway.media import UnsupportedMediaType, check_content_type, decode, read_body
+from services.protocols.media import UnsupportedMediaType, check_content_type, decode, read_body
 from services.runtime.errors import BadRequest, PayloadTooLarge
 
 BODY = b'{"model": "iris", "inputs": [[1, 2, 3, 4]]}'

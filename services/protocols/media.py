@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import zlib
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
+from services.compat.request_body import receive_body
 from services.runtime.errors import BadRequest, PayloadTooLarge, ServeryError
 
 JSON_TYPES = ("application/json",)
@@ -85,25 +86,5 @@ async def read_body(request: Request, *, binary: bool, max_bytes: int) -> bytes:
             encoding = value
     if ctype is not None and ctype != b"application/json":
         check_content_type(ctype.decode("latin-1"), binary=binary)
-    body = await _receive_body(request)
+    body = await receive_body(request)
     return body if encoding is None else decode(body, encoding.decode("latin-1"), max_bytes)
-
-
-async def _receive_body(request: Request) -> bytes:
-    """``await request.body()`` without its async generator: a one-message body (the usual
-    prediction request) is one ``receive()``. Stored on the request, so ``request.body()`` still
-    answers afterwards."""
-    if hasattr(request, "_body"):
-        return request._body  # type: ignore[no-any-return]
-    chunks: list[bytes] = []
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        if not message.get("more_body", False):
-            body = b"".join([*chunks, chunk]) if chunks else chunk
-            break
-        chunks.append(chunk)
-    request._body = body
-    return body
