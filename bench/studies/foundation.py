@@ -82,9 +82,9 @@ CONFIGS = {
 }
 RATIOS = {"a/c": ("a", "c"), "b/c": ("b", "c"), "a/d": ("a", "d"), "b/d": ("b", "d")}
 SERVICE_TARGETS = {
-    "sklearn": "services.frameworks.sklearn_service:SklearnService",
-    "xgboost": "services.frameworks.xgboost_service:XGBoostService",
-    "pytorch": "services.frameworks.torch_service:TorchService",
+    "sklearn": "services:SklearnService",
+    "xgboost": "services:XGBoostService",
+    "pytorch": "services:TorchService",
 }
 TARGETS = (
     "through the router at c=64 at least 2x what the framework service serves when called "

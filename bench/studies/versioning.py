@@ -133,29 +133,34 @@ tree, home, config_file, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv
 sys.path.insert(0, tree)
 os.environ["BENTOML_HOME"] = home
 from models.config import load_model_config
-try:
+try:  # the layered tree (issue 18)
     from services.runtime.loader import build_registry
-except ImportError:  # trees before versioning
-    from services.runtime.registry import build_registry
+    from services.gateway.router import app
+    from services.protocols.native import predict
+except ImportError:  # the flat services/ of older trees
+    try:
+        from services.loader import build_registry
+    except ImportError:  # trees before versioning
+        from services.registry import build_registry
+    from services.router import app, predict
 from services.settings import SETTINGS
-from services.gateway import router
 from starlette.requests import Request
-router.app.state.registry = build_registry(load_model_config(config_file), SETTINGS, {})
+app.state.registry = build_registry(load_model_config(config_file), SETTINGS, {})
 body = json.dumps({"model": "iris", "inputs": [[5.1, 3.5, 1.4, 0.2]]}).encode()
 async def receive():
     return {"type": "http.request", "body": body, "more_body": False}
 def request():
     return Request({"type": "http", "method": "POST", "path": "/predict", "query_string": b"",
-                    "headers": [(b"content-type", b"application/json")], "app": router.app},
+                    "headers": [(b"content-type", b"application/json")], "app": app},
                    receive)
 async def main():
     for _ in range(n // 5):
-        await router.predict(request())
+        await predict(request())
     runs = []
     for _ in range(5):
         t = time.perf_counter()
         for _ in range(n):
-            r = await router.predict(request())
+            r = await predict(request())
         runs.append((time.perf_counter() - t) / n * 1e6)
     assert r.status_code == 200, r.body
     print(min(runs))

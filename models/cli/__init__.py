@@ -44,7 +44,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["servery", *argv])  # for reports that record how they ran
     return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import re
 import time
@@ -49,11 +48,13 @@ from models.config import (
     Placement,
     load_model_config,
 )
-from models.reload import fingerprint, read_desired
-from services.compat.patches import freeze_heap
+from services.ops.heap import freeze_heap
 from services.ops.shutdown import delay_sigterm
-from services.runtime.errors import ModelLoadFailed, ModelNotFound, ServeryError, error_response
+from services.protocols.errors import error_response
+from services.runtime.errors import InvalidInput, ModelLoadFailed, ModelNotFound, ServeryError
+from services.runtime.inputs import check_shape, finite
 from services.runtime.predictors import Runtime, load_info, load_runtime
+from services.runtime.reload import DesiredWatch, FailedLoads, poll, release_memory
 from services.runtime.service_versions import (
     Key,
     Served,
@@ -105,13 +106,11 @@ def _check_row(row: Row) -> Row:
             },
         )
     info = runtime.info
-    if len(row.inputs) != info.n_features:
-        raise ValueError(
-            f"model '{row.model}' expects {info.n_features} features, got {len(row.inputs)}"
-        )
-    with np.errstate(over="ignore"):
-        if not np.isfinite(np.asarray(row.inputs, dtype=info.dtype)).all():
-            raise ValueError(f"inputs overflow {info.dtype.name}, the input type of '{row.model}'")
+    try:  # the one input rule (services/runtime/inputs.py), for one row
+        check_shape((1, len(row.inputs)), info.n_features, 1, row.model, "'inputs'")
+        finite(np.asarray([row.inputs]), info.dtype, "'inputs'")
+    except InvalidInput as e:
+        raise ValueError(e.message) from None  # pydantic reports ValueErrors as 400s
     # Pin the version the row was checked against: a reload may move the default before the
     # batch runs, and the new default may expect other inputs.
     return row if row.version == info.version else row.model_copy(update={"version": info.version})
@@ -148,19 +147,17 @@ class FrameworkService:
 
     def __init__(self) -> None:
         self._aliases = AliasStore()
-        self._models_file = SETTINGS.models_file
+        self._desired = DesiredWatch(SETTINGS.models_file, self._aliases)
         self._grace_s = unload_grace_s(SETTINGS.reload_interval_s)
         self._runtimes: dict[Key, Runtime] = {}
         self._last_used: dict[Key, float] = {}
         self._defaults: dict[str, str] = {}
         self._loading: dict[Key, asyncio.Task[Runtime]] = {}
-        # key -> (message, the model's store fingerprint then): not retried until the store changes
-        self._failed: dict[Key, tuple[str, object]] = {}
+        # key -> the message: not retried until the model's store folder changes
+        self._failed: FailedLoads[str] = FailedLoads(self._aliases)
         self._watcher: asyncio.Task[None] | None = None
 
-        state = read_desired(self._models_file, self._aliases)
-        self._fingerprint = fingerprint(self._models_file, state.config, self._aliases)
-        self._config = state.config
+        state = self._desired.first()
         self._plans = service_plans(state.config, state.plans)
         entries = {e.name: e for e in state.config.models}
         errors = {
@@ -194,10 +191,9 @@ class FrameworkService:
             raise ModelNotFound(f"'{version}' is not a version id of model '{entry.name}'")
         if not (self._aliases.models_dir / entry.store_name / version).is_dir():
             raise ModelNotFound(f"model '{entry.name}' has no version '{version}' in the store")
-        store_fp = self._aliases.fingerprint(entry.store_name)
-        failed = self._failed.get(key)
-        if failed is not None and failed[1] == store_fp:
-            raise ModelLoadFailed(failed[0])
+        failed = self._failed.blocked(key, entry.store_name)
+        if failed is not None:
+            raise ModelLoadFailed(failed)
         try:
             info, _ = load_info(entry, version)
             if info.framework is not self.framework:
@@ -220,9 +216,9 @@ class FrameworkService:
                 f"model '{entry.name}' version {version} failed to load ({type(e).__name__}); "
                 "see the service log"
             )
-            self._failed[key] = (message, store_fp)
+            self._failed.record(key, entry.store_name, message)
             raise ModelLoadFailed(message) from e
-        self._failed.pop(key, None)
+        self._failed.forget(key)
         logger.info("%s service loaded %s as '%s'", self.framework, runtime.info.tag, entry.name)
         return runtime
 
@@ -240,11 +236,11 @@ class FrameworkService:
 
     async def _entry(self, model: str) -> ModelEntry:
         """The config entry of ``model`` if it is placed ``service``; ModelNotFound otherwise."""
-        entry = service_entry(self._config, model)
+        entry = service_entry(self._desired.config, model)
         if entry is None:
             # The router may have read a newer models file than this process: look there too.
             with contextlib.suppress(ConfigError):
-                config = await asyncio.to_thread(load_model_config, self._models_file)
+                config = await asyncio.to_thread(load_model_config, self._desired.models_file)
                 entry = service_entry(config, model)
         if entry is None:
             raise ModelNotFound(f"model '{model}' is not served by the {self.framework} service")
@@ -285,12 +281,9 @@ class FrameworkService:
 
     async def _reconcile(self) -> None:
         """Re-read the desired state, load what it newly needs, switch defaults, sweep."""
-        fp = fingerprint(self._models_file, self._config, self._aliases)
         try:
-            state = await asyncio.to_thread(read_desired, self._models_file, self._aliases)
-        except ConfigError as e:
-            logger.error("model config not reloaded, still serving the previous one: %s", e)
-            self._fingerprint = fp
+            state, seen = await self._desired.read()
+        except ConfigError:  # logged; the previous config keeps serving
             return
         plans = service_plans(state.config, state.plans)
         for name, error in state.errors.items():
@@ -304,7 +297,7 @@ class FrameworkService:
                     continue
                 with contextlib.suppress(ServeryError):  # not ours, or logged by _load_sync
                     await self._ensure(name, version, entries.get(name))
-        self._config, self._plans = state.config, plans
+        self._plans = plans
         for name, plan in plans.items():
             if (name, plan.default) in self._runtimes:
                 self._defaults[name] = plan.default
@@ -315,7 +308,7 @@ class FrameworkService:
                     plan.default,
                     self._defaults[name],
                 )
-        self._fingerprint = fp
+        self._desired.settle(seen)
         self._publish()
 
     def _sweep(self) -> list[Key]:
@@ -334,23 +327,17 @@ class FrameworkService:
         self._defaults = {n: v for n, v in self._defaults.items() if n in names}
         self._publish()
         logger.info("%s service unloaded %s", self.framework, [f"{n}:{v}" for n, v in gone])
-        # Loaded models were frozen with the heap (patches.freeze_heap); let a full collection
-        # reclaim any cycles among the unloaded ones, then freeze what is left again.
-        gc.unfreeze()
-        gc.collect()
-        gc.freeze()
+        release_memory()
         return gone
 
     async def _watch(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                if fingerprint(self._models_file, self._config, self._aliases) != self._fingerprint:
-                    await self._reconcile()
-                # every tick, not only on changes: the grace of an idle version ends on its own
-                self._sweep()
-            except Exception:  # the watcher must survive anything one reload throws
-                logger.exception("%s service: model reload failed", self.framework)
+        async def tick() -> None:
+            if self._desired.changed():
+                await self._reconcile()
+            # every tick, not only on changes: the grace of an idle version ends on its own
+            self._sweep()
+
+        await poll(interval_s, tick, f"{self.framework} service: model reload failed")
 
     @bentoml.on_startup
     async def _start_watcher(self) -> None:

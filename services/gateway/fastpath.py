@@ -320,23 +320,23 @@ def _with_request_id(send: Any, rid: str) -> Any:
 
 def prediction_routes() -> list[Route]:
     """The router's two prediction routes, served by the same functions as their FastAPI routes."""
-    from services.gateway import router
+    from services.protocols import native
+    from services.protocols.errors import error_response, oip_error
     from services.protocols.oip import rest as oip_rest
-    from services.runtime import errors
 
     async def predict(request: Request, _: re.Match[str]) -> Response:
-        return await router.predict(request)
+        return await native.predict(request)
 
     async def infer(request: Request, match: re.Match[str]) -> Response:
         return await oip_rest.infer_request(request, match["name"], match["version"])
 
     return [
-        Route("/predict", r"^/predict$", predict, errors.error_response),
+        Route("/predict", r"^/predict$", predict, error_response),
         Route(
             "/v2/models/infer",
             r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$",
             infer,
-            oip_rest.error_response,
+            oip_error,
         ),
     ]
 
@@ -347,7 +347,7 @@ def _not_found_default(original: ASGIApp) -> ASGIApp:
     Starlette's ``Router.default`` (``not_found``) answers ``text/plain`` "Not Found"; BentoML
     builds the router's outer app, so its default is replaced here. Websockets keep the original.
     The path is not echoed: it may be 10 KB of control characters."""
-    from services.runtime.errors import error_response
+    from services.protocols.errors import error_response
 
     async def not_found(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -366,39 +366,35 @@ def install(
     max_body_bytes: int | None = None,
     max_in_flight: int = 0,
 ) -> None:
-    """Wrap the app BentoML builds for services marked ``__servery_fast_path__``: ``"router"``
-    (prediction routes, and ``/v1/`` to the LLM proxy when the LLM service runs) when it is the
-    entry service, and ``"llm"`` (``/v1/`` straight to the LLM service's OpenAI app).
+    """Wrap the app BentoML builds for services that declare ``__servery_fast_path__``, a dict
+    naming what the fast path serves for them: ``{"kind": "router", "api", "gate",
+    "llm_proxy"}`` (prediction routes, and ``/v1/`` to the LLM proxy when the LLM service runs)
+    when it is the entry service, and ``{"kind": "llm", "api"}`` (``/v1/`` straight to the LLM
+    service's OpenAI app). The services hand over their parts: this module imports none of them.
 
     ``fast=False`` (the fast path off) still wraps the router's app when API keys or a body
-    size limit are configured: a :class:`FastPath` with no routes, which checks every request."""
-    from _bentoml_impl.server.app import ServiceAppFactory
-    from bentoml._internal.container import BentoMLContainer
+    size limit are configured: a :class:`FastPath` with no routes, which checks every request.
 
-    original = ServiceAppFactory.__call__
-    if getattr(original, "__servery_fast_path__", False):
-        return
+    BentoML has no hook for this: :mod:`services.compat.app_factory` provides it (applied by
+    ``services.compat.apply()``, which must have run); a second call replaces the settings."""
+    from services.compat import app_factory
 
-    def __call__(self: Any) -> Any:
-        app = original(self)
-        kind = getattr(self.service.inner, "__servery_fast_path__", None)
-        access = bool(BentoMLContainer.api_server_config.logging.access.enabled.get())
-        if kind == "router" and self.is_main:
-            from services.gateway.router import GATE, LLM_PROXY
-            from services.gateway.router import app as api
-
+    def wrap(built: app_factory.BuiltApp) -> Any:
+        app = built.app
+        spec: dict[str, Any] = getattr(built.service, "__servery_fast_path__", None) or {}
+        kind = spec.get("kind")
+        api = spec.get("api")
+        if kind == "router" and built.is_main:
+            gate, proxy = spec["gate"], spec["llm_proxy"]
             app.router.default = _not_found_default(app.router.default)
-            if not fast and GATE is None and max_body_bytes is None:
+            if not fast and gate is None and max_body_bytes is None:
                 return app
-            mounts = [("/v1/", LLM_PROXY)] if LLM_PROXY is not None and fast else []
+            mounts = [("/v1/", proxy)] if proxy is not None and fast else []
             routes = prediction_routes() if fast else []
-            gate = GATE
         elif kind == "llm" and fast:
             # The LLM service's own FastAPI app answers every /v1/ path (unknown ones in the
             # OpenAI envelope); BentoML's middleware wrapped each streamed chunk's send. Not
             # gated: only the router reaches it (keys are checked there).
-            from services.llm.service import app as api
-
             mounts, routes, gate = [("/v1/", api)], [], None
         else:
             return app
@@ -407,12 +403,11 @@ def install(
             api,
             routes,
             timeout_s=timeout_s,
-            access_log=access,
+            access_log=built.access_log,
             mounts=mounts,
             gate=gate,
             max_body_bytes=max_body_bytes,
             max_in_flight=max_in_flight if kind == "router" else 0,
         )
 
-    __call__.__servery_fast_path__ = True  # type: ignore[attr-defined]
-    ServiceAppFactory.__call__ = __call__  # type: ignore[method-assign]
+    app_factory.wrap_apps(wrap)

@@ -1,76 +1,58 @@
-"""The Router: the Bento's entry point and the platform's public HTTP API.
+"""The Router: the Bento's entry service and the platform's public HTTP API, assembled here.
 
-Routes (a FastAPI app mounted into the BentoML service, so BentoML merges them into ``/docs.json``
-and keeps ``/livez``, ``/readyz`` and ``/metrics``):
+Its app (a FastAPI app mounted into the BentoML service, so BentoML merges the routes into
+``/docs.json`` and keeps ``/livez``, ``/readyz`` and ``/metrics``) includes the front ends:
 
-* ``POST /predict`` — ``{"model", "version"?, "inputs": [[...], ...]}`` → predictions
-* ``GET /models`` and ``GET /models/{name}`` — served models with versions, aliases, routing,
-  load errors, schema and metrics
-* ``POST /admin/reload`` — re-read the models file, the store and the aliases now
-* ``/v1/*`` — the OpenAI API of the LLM service (``services/llm/service.py``), streamed through
+* ``POST /predict``, ``GET /models``, ``GET /models/{name}``, ``POST /admin/reload``: the
+  platform's API (``services/protocols/native.py``)
+* ``/v2/*``: the Open Inference Protocol over REST (``services/protocols/oip/rest.py``); gRPC is
+  started by this service in every worker (``services/protocols/oip/grpc.py``)
+* ``/v1/*``: the OpenAI API of the LLM service (``services/llm/service.py``), streamed through
   unbuffered by ``services/llm/proxy.py`` (when ``SERVERY_LLM_ENABLED``)
-* ``GET /console/`` — the web console (``services/console/``: static pages that call the routes
-  above and ``/metrics`` from the browser)
+* ``GET /console/``: the web console (``services/console/``)
 
-With API keys configured (``services/gateway/auth.py``) every route but the probes and ``/metrics``
-needs
-one, checked in front of BentoML's app (``services/gateway/gate.py``); ``/predict``, whose model is
-in
-the body, checks the key's allowed models here.
-
-A model serves several store versions at once (``services/runtime/registry.py``): a request names
-one
-(``version``: id, unique prefix or alias) or the model's routing table picks one (split, else the
-``production`` alias, else the newest); the response names the exact version and ``routed_by``.
+The three prediction front ends call one inference function (``services/runtime/inference.py``)
+over this worker's :class:`~services.runtime.registry.Registry`, built here at start by the
+:class:`~services.runtime.loader.Loader`. With API keys configured (``services/gateway/auth.py``)
+every route but the probes and ``/metrics`` needs one, checked in front of BentoML's app
+(``services/gateway/gate.py``, installed by ``services/gateway/fastpath.py``).
 
 Each model is served ``inline`` (loaded in every router worker, requests merged by the
 :class:`~services.runtime.batcher.MicroBatcher`) or in its framework ``service`` (the router
-validates,
-micro-batches, and sends each batch with one ``bentoml.depends`` call). See the README for why
-``inline`` is the default.
+validates, micro-batches, and sends each batch with one ``bentoml.depends`` call; see
+docs/configuration.md for why ``inline`` is the default).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import time
-from typing import Annotated, Any
+from typing import Any
 
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
 from models.config import Framework
 from services import console
-from services.compat.patches import freeze_heap
 from services.frameworks.sklearn_service import SklearnService
 from services.frameworks.torch_service import TorchService
 from services.frameworks.xgboost_service import XGBoostService
 from services.gateway import auth
-from services.gateway.gate import SCOPE_KEY, http_gate
-from services.gateway.media import read_body
+from services.gateway.gate import http_gate
 from services.llm.proxy import StreamingProxy
-from services.ops import logs, metrics
+from services.ops import metrics
 from services.ops.health import ServiceHealth, probe_of
+from services.ops.heap import freeze_heap
+from services.protocols import native
+from services.protocols.errors import error_response
 from services.protocols.oip import rest as oip_rest
-from services.runtime.errors import (
-    BadRequest,
-    ModelNotReady,
-    Overloaded,
-    ServeryError,
-    error_response,
-    from_validation_error,
-    json_response,
-)
+from services.runtime.errors import BadRequest, ModelNotReady, Overloaded, ServeryError
 from services.runtime.loader import Loader
-from services.runtime.predictors import check_scores
-from services.runtime.registry import ROUTE_KEY_HEADER, Registry, RemotePredict, RemotePrepare
+from services.runtime.registry import RemotePredict, RemotePrepare
 from services.settings import SETTINGS
 
 logger = logging.getLogger("servery")
@@ -79,66 +61,6 @@ KEYS = auth.keyring(SETTINGS)
 """This worker's API keys and their rate-limit buckets (None: authentication off), shared by the
 HTTP gate and the gRPC servicer."""
 GATE = http_gate(KEYS, SETTINGS)
-
-_ROWS_SCHEMA = {
-    "type": "array",
-    "minItems": 1,
-    "items": {"type": "array", "minItems": 1, "items": {"type": "number"}},
-    "description": "Rows x features; each row holds the model's n_features finite numbers",
-}
-
-
-class PredictRequest(BaseModel):
-    """Body of ``POST /predict``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="Served model name (see GET /models)")
-    version: str | None = Field(
-        None,
-        description="Version id, unique prefix, alias (production, staging, ...) or 'latest'; "
-        "default: the model's routing table (split, else the production alias, else latest)",
-        max_length=128,
-    )
-    # Validated by the model's own rules (shape, dtype, finiteness) in one numpy pass, not by
-    # pydantic per element; the schema still documents the shape for clients and fuzzers.
-    inputs: Annotated[Any, WithJsonSchema(_ROWS_SCHEMA)] = Field(description="Rows to predict")
-
-
-class PredictResponse(BaseModel):
-    model: str = Field(description="Served model name")
-    version: str = Field(description="The exact version that answered")
-    routed_by: str = Field(
-        description="What chose the version: 'alias:production' or 'latest' (the default), "
-        "'split:<target>' (the routing table), 'version' or 'alias:<name>' (the request)"
-    )
-    predictions: list[int] = Field(description="Predicted class index per row")
-    labels: list[str] = Field(description="Predicted class name per row")
-    probabilities: list[list[float]] = Field(description="Class probabilities per row")
-
-
-class ErrorBody(BaseModel):
-    type: str
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": desc}
-    for code, desc in {
-        400: "Body is not JSON or misses/mistypes a field",
-        401: "Missing or invalid API key (when keys are configured)",
-        403: "The API key may not use this model",
-        404: "Unknown model or version",
-        413: "Too many rows in one request",
-        422: "Inputs have the wrong shape, type or non-finite values",
-        429: "The API key's rate limit is reached (Retry-After)",
-        503: "Model not ready or overloaded",
-    }.items()
-}
 
 app = FastAPI(
     title="servery",
@@ -159,143 +81,8 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> Response
     return error_response(BadRequest(f"invalid request: {exc.errors()[:3]}"))
 
 
-def _registry(request: Request) -> Registry:
-    registry: Registry | None = getattr(request.app.state, "registry", None)
-    if registry is None:
-        raise ModelNotReady("models are still loading")
-    return registry
-
-
-@app.post(
-    "/predict",
-    response_model=PredictResponse,
-    responses=_ERRORS,
-    summary="Predict with a served model",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
-        }
-    },
-)
-async def predict(request: Request) -> Response:
-    """Predict classes and probabilities for ``inputs`` with ``model`` (at ``version``)."""
-    model = metrics.UNKNOWN_MODEL
-    version = ""
-    start = time.perf_counter()
-    counted = metrics.UNKNOWN_REQUESTS  # the version's own series once it is resolved
-    try:
-        try:
-            raw = await read_body(request, binary=False, max_bytes=SETTINGS.max_body_bytes)
-            body = PredictRequest.model_validate_json(raw)
-        except ValidationError as e:
-            raise from_validation_error(e) from e
-        key = request.scope.get(SCOPE_KEY)
-        if key is not None:  # before the lookup: an unknown model is 403 too, not 404
-            key.check_model(body.model)
-        registry = _registry(request)
-        routes = registry.routes(body.model)
-        pinned = body.version
-        key = None
-        if pinned is None and routes.split is not None:
-            key = request.headers.get(ROUTE_KEY_HEADER)
-        served, how = routes.route(pinned, key)
-        info = served.info
-        model, version = info.name, info.version
-        request.scope[logs.MODEL_KEY] = (model, version)
-        counted = served.metrics
-        x = info.validate(body.inputs, SETTINGS.max_rows_per_request)
-        labels, proba = await served.batcher.submit(x)
-        check_scores(info, proba)
-        if pinned is None and routes.shadow is not None:
-            registry.mirror(routes, served, x, labels)
-        idx = labels.tolist()
-        names = info.class_names
-        response = json_response(
-            {
-                "model": model,
-                "version": version,
-                "routed_by": how,
-                "predictions": idx,
-                "labels": [names[i] if i < len(names) else str(i) for i in idx],
-                "probabilities": proba.tolist(),
-            }
-        )
-    except asyncio.CancelledError:  # the request timeout cancelled it: the client gets a 504
-        counted.answered(504, time.perf_counter() - start)
-        raise
-    except Exception as e:
-        response = error_response(e)
-        counted.answered(response.status_code, time.perf_counter() - start)
-        return response
-    counted.answered(200, time.perf_counter() - start)
-    return response
-
-
-@app.get(
-    "/models",
-    responses={c: _ERRORS[c] for c in (401, 429, 503)},
-    summary="List served models",
-)
-async def list_models(request: Request) -> dict[str, Any]:
-    """Every served model: versions, aliases, routing, load errors, schema and training metrics.
-
-    Models configured but not served (nothing loaded), and models whose framework service is
-    unreachable, are listed with ``ready: false`` and the reason; ``last_reload`` is this
-    worker's latest reload report. An API key restricted to some models sees only those (and no
-    ``last_reload``: it is the whole server's)."""
-    registry = _registry(request)
-    key = request.scope.get(SCOPE_KEY)
-    if key is not None and key.models is not None:
-        return {"models": [m for m in registry.describe() if key.allows(m["name"])]}
-    return {"models": registry.describe(), "last_reload": registry.last_reload}
-
-
-@app.get(
-    "/models/{name}",
-    responses={c: _ERRORS[c] for c in (401, 403, 404, 429, 503)},
-    summary="Describe one served model",
-)
-async def get_model(request: Request, name: str) -> Response:
-    try:
-        return json_response(_registry(request).describe_model(name))
-    except ServeryError as e:
-        return error_response(e)
-
-
-@app.post(
-    "/admin/reload",
-    responses={401: {"model": ErrorResponse, "description": "Missing or wrong admin token"}},
-    summary="Reload models now",
-)
-async def admin_reload(request: Request) -> Response:
-    """Re-read the models file, the store and the aliases, load what is new, switch, unload.
-
-    Reloads the router worker that receives the call at once and retries versions that failed
-    before; the other workers see the same change on their next poll
-    (``SERVERY_RELOAD_INTERVAL_S``).
-    The report says what was loaded, unloaded and what failed (``ok: false``: a model kept its
-    previous versions). Needs ``Authorization: Bearer <SERVERY_ADMIN_TOKEN>`` when that is set.
-    """
-    try:
-        _check_admin(request)
-        report = await _registry(request).reload(force=True)
-    except Exception as e:
-        return error_response(e)
-    return json_response(report)
-
-
-def _check_admin(request: Request) -> None:
-    # With API keys on and no admin token, the gate admitted this request with a valid key; with
-    # an admin token, the gate leaves /admin/ to this check (both use the Authorization header).
-    token = SETTINGS.admin_token
-    if token is None:
-        return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        raise ServeryError.with_status(401, "admin endpoints need 'Authorization: Bearer <token>'")
-
-
+# The platform's API: /predict, /models, /models/{name}, /admin/reload.
+app.include_router(native.router)
 # Open Inference Protocol V2 over REST (/v2/...), same registry and batchers as /predict.
 app.include_router(oip_rest.router)
 
@@ -394,7 +181,7 @@ class Router:
 
     # services/gateway/fastpath.py serves this service's prediction routes outside BentoML's
     # middleware.
-    __servery_fast_path__ = "router"
+    __servery_fast_path__ = {"kind": "router", "api": app, "gate": GATE, "llm_proxy": LLM_PROXY}
 
     sklearn = bentoml.depends(SklearnService)
     xgboost = bentoml.depends(XGBoostService)

@@ -1,35 +1,27 @@
-"""Loading model versions for the router and rebuilding its tables (see
-``services/runtime/registry.py``).
+"""Loading model versions for the router and computing its new tables (``registry.py`` swaps them).
 
 :class:`Loader` turns a :class:`models.reload.Desired` state into the router's
 :class:`~services.runtime.registry.ModelRoutes`: it loads each planned version once (inline: the
-model
-in this worker; ``service``: its metadata, then the framework service loads it via ``prepare``),
-remembers failures until the model's store folder changes, and unloads what no table uses.
+model in this worker; ``service``: its metadata, then the framework service loads it via
+``prepare``), remembers failures until the model's store folder changes (the shared reload
+mechanics, ``reload.py``, which the framework services use too), and lets go of what no table
+uses. :meth:`Loader.reconcile` returns a :class:`~services.runtime.registry.Reload` (what to
+swap); it never touches the registry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from models.aliases import AliasStore
-from models.config import (
-    ConfigError,
-    Framework,
-    ModelConfig,
-    ModelEntry,
-    Placement,
-    Settings,
-    load_model_config,
-)
-from models.reload import Desired, desired, fingerprint, read_desired
+from models.config import ConfigError, Framework, ModelConfig, ModelEntry, Placement, Settings
+from models.reload import Desired
 from services.ops import metrics
 from services.runtime.batcher import MicroBatcher
 from services.runtime.predictors import load_info, load_runtime
@@ -37,16 +29,18 @@ from services.runtime.registry import (
     LoadFailure,
     ModelRoutes,
     Registry,
+    Reload,
     RemotePredict,
     RemotePrepare,
     ServedModel,
 )
+from services.runtime.reload import DesiredWatch, FailedLoads
 
 logger = logging.getLogger("servery")
 
 
 class Loader:
-    """Loads versions for the router and rebuilds its tables from a :class:`Desired` state."""
+    """Loads versions for the router and computes its tables from a :class:`Desired` state."""
 
     def __init__(
         self,
@@ -60,19 +54,17 @@ class Loader:
         self.settings = settings
         self.remote = remote
         self.prepare = prepare or {}
-        self.models_file = Path(models_file or settings.models_file)
         self.aliases = aliases or AliasStore()
+        self.watch = DesiredWatch(models_file or settings.models_file, self.aliases)
         self.loaded: dict[tuple[str, str], ServedModel] = {}
-        # (name, version) -> (failure, the model's store fingerprint when it failed): not retried
-        # until that model's store entry changes or a forced reload.
-        self.failed: dict[tuple[str, str], tuple[LoadFailure, object]] = {}
-        self.config: ModelConfig | None = None
-        self._fingerprint: tuple[object, ...] | None = None
+        self.failed: FailedLoads[LoadFailure] = FailedLoads(self.aliases)
 
-    # --- change detection ---
+    @property
+    def config(self) -> ModelConfig | None:
+        return self.watch.config
 
     def changed(self) -> bool:
-        return fingerprint(self.models_file, self.config, self.aliases) != self._fingerprint
+        return self.watch.changed()
 
     # --- loading one version ---
 
@@ -119,6 +111,10 @@ class Loader:
 
     # --- building tables ---
 
+    def _failures(self, name: str, versions: Iterable[str]) -> tuple[LoadFailure, ...]:
+        found = (self.failed.get((name, v)) for v in versions)
+        return tuple(f for f in found if f is not None)
+
     def build(
         self, state: Desired, loaded: dict[tuple[str, str], ServedModel]
     ) -> tuple[dict[str, ModelRoutes], dict[str, str]]:
@@ -130,28 +126,25 @@ class Loader:
             if plan.default not in versions:
                 errors[name] = f"default version {plan.default} did not load"
                 continue
-            failures = tuple(
-                self.failed[(name, v)][0] for v in plan.versions if (name, v) in self.failed
-            )
-            models[name] = ModelRoutes(plan, versions, failures=failures)
+            models[name] = ModelRoutes(plan, versions, failures=self._failures(name, plan.versions))
         return models, errors
 
     def initial(self, config: ModelConfig | None = None) -> Registry:
         """Load everything synchronously (at worker start); raises if a model cannot be served."""
-        config = config or load_model_config(self.models_file)
-        self._fingerprint = fingerprint(self.models_file, config, self.aliases)
-        state = desired(config, self.aliases)
+        state = self.watch.first(config)
         if state.errors:
             raise ConfigError("; ".join(f"{n}: {e}" for n, e in state.errors.items()))
-        entries = {e.name: e for e in config.models}
+        entries = {e.name: e for e in state.config.models}
         for name, plan in state.plans.items():
             for version in plan.versions:
                 try:
-                    self.loaded[(name, version)] = self._load_sync(entries[name], config, version)
+                    self.loaded[(name, version)] = self._load_sync(
+                        entries[name], state.config, version
+                    )
                 except Exception as e:
                     if version == plan.default:
                         raise
-                    self._record_failure(name, version, e)
+                    self._record_failure(entries[name], version, e)
             logger.info(
                 "serving '%s': versions %s, default %s (%s)",
                 name,
@@ -160,38 +153,25 @@ class Loader:
                 plan.default_how,
             )
         models, errors = self.build(state, self.loaded)
-        self.config = config
         return Registry(models, loader=self, errors=errors)
 
-    def _record_failure(self, name: str, version: str, e: BaseException) -> LoadFailure:
+    def _record_failure(self, entry: ModelEntry, version: str, e: BaseException) -> LoadFailure:
         failure = LoadFailure(version, f"{type(e).__name__}: {e}")
-        store_name = self.config_store_name(name)
-        self.failed[(name, version)] = (failure, self.aliases.fingerprint(store_name))
-        metrics.LOAD_FAILURES.labels(name, version).inc()
-        logger.error("model '%s' version %s failed to load: %s", name, version, failure.error)
+        self.failed.record((entry.name, version), entry.store_name, failure)
+        metrics.LOAD_FAILURES.labels(entry.name, version).inc()
+        logger.error("model '%s' version %s failed to load: %s", entry.name, version, failure.error)
         return failure
 
-    def config_store_name(self, name: str) -> str:
-        if self.config is not None:
-            for entry in self.config.models:
-                if entry.name == name:
-                    return entry.store_name
-        return name
-
-    async def reconcile(self, registry: Registry, *, force: bool) -> dict[str, Any]:
+    async def reconcile(self, current: Mapping[str, ModelRoutes], *, force: bool) -> Reload:
+        """Re-read the desired state and load what it newly needs: the tables to serve next
+        (``current`` kept for a model whose new default did not load or that could not be
+        planned) and the report. The caller swaps them in."""
         started = time.perf_counter()
-        fp = fingerprint(self.models_file, self.config, self.aliases)
         try:
-            state = await asyncio.to_thread(read_desired, self.models_file, self.aliases)
+            state, seen = await self.watch.read()
         except ConfigError as e:
-            logger.error("model config not reloaded, still serving the previous one: %s", e)
-            self._fingerprint = fp
-            metrics.RELOADS.labels("failed").inc()
-            report = {"ok": False, "error": str(e)}
-            registry.last_reload = report
-            return report
+            return Reload(dict(current), None, {"ok": False, "error": str(e)}, ok=False)
         config = state.config
-        self.config = config
         entries = {e.name: e for e in config.models}
         if force:
             self.failed.clear()
@@ -200,52 +180,38 @@ class Loader:
         for name, plan in state.plans.items():
             entry = entries[name]
             key = self._load_key(entry, config)
-            store_fp = self.aliases.fingerprint(entry.store_name)
             for version in plan.versions:
                 have = self.loaded.get((name, version))
                 if have is not None and have.load_key == key:
                     continue
-                failed = self.failed.get((name, version))
-                if failed is not None and failed[1] == store_fp:
+                if self.failed.blocked((name, version), entry.store_name) is not None:
                     continue
                 try:
                     self.loaded[(name, version)] = await self._load(entry, config, version)
-                    self.failed.pop((name, version), None)
+                    self.failed.forget((name, version))
                     loaded_now.append(f"{name}:{version}")
                 except Exception as e:  # any load failure keeps the old version
-                    self.failed.pop((name, version), None)
-                    self._record_failure(name, version, e)
+                    self._record_failure(entry, version, e)
                     failed_now.append(f"{name}:{version}")
 
         models, errors = self.build(state, self.loaded)
-        old = registry._models
         for name in list(errors):
-            if name in old and name in state.plans:
+            if name in current and name in state.plans:
                 # the default of the new plan did not load: keep serving the old table
                 plan = state.plans[name]
-                failures = tuple(
-                    self.failed[(name, v)][0] for v in plan.versions if (name, v) in self.failed
+                models[name] = current[name].with_failures(
+                    self._failures(name, plan.versions),
+                    f"still serving the previous table: {errors.pop(name)}",
                 )
-                models[name] = old[name].with_failures(
-                    failures, f"still serving the previous table: {errors.pop(name)}"
-                )
-            elif name in old:
+            elif name in current:
                 # planning failed (e.g. unreadable alias file): keep the old table as well
-                models[name] = old[name].with_failures((), f"not reloaded: {errors.pop(name)}")
-        registry._swap(models, errors)
-        self._fingerprint = fp
+                models[name] = current[name].with_failures((), f"not reloaded: {errors.pop(name)}")
+        self.watch.settle(seen)
 
         in_use = {id(s) for r in models.values() for s in r.versions.values()}
         unloaded = [f"{n}:{v}" for (n, v), s in self.loaded.items() if id(s) not in in_use]
         self.loaded = {k: s for k, s in self.loaded.items() if id(s) in in_use}
-        if unloaded:
-            # Unloaded versions were frozen with the heap at start-up (patches.freeze_heap); let
-            # a full collection reclaim any cycles among them, then freeze the new heap again.
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
         ok = not failed_now and not errors
-        metrics.RELOADS.labels("ok" if ok else "failed").inc()
         report = {
             "ok": ok,
             "loaded": loaded_now,
@@ -254,10 +220,9 @@ class Loader:
             "errors": errors,
             "seconds": round(time.perf_counter() - started, 3),
         }
-        registry.last_reload = report
         if loaded_now or unloaded or failed_now:
             logger.info("models reloaded: %s", report)
-        return report
+        return Reload(models, errors, report, ok=ok, unloaded=bool(unloaded))
 
 
 def build_registry(

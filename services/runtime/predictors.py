@@ -16,10 +16,7 @@ import numpy as np
 
 from models.config import Framework, ModelEntry
 from models.store import framework_of, get_model, load_object
-from services.runtime.errors import InvalidInput, PayloadTooLarge
-
-# numpy dtype kinds accepted as numbers: signed/unsigned integers and floats (not bool, str, object)
-_NUMERIC_KINDS = frozenset("iuf")
+from services.runtime.inputs import to_matrix
 
 
 @dataclass(frozen=True)
@@ -64,74 +61,6 @@ class ModelInfo:
             "data_sha256": self.metadata.get("data_sha256"),
             "labels": self.labels,
         }
-
-
-def check_scores(info: ModelInfo, proba: np.ndarray) -> None:
-    """Refuse a request whose rows the model scored as NaN/inf (finite inputs so large that the
-    model's arithmetic overflows, e.g. iris at 1e308): 422, instead of answering non-finite
-    probabilities (JSON cannot carry them; REST answered 500, gRPC sent NaN)."""
-    finite = np.isfinite(proba)
-    if not finite.all():
-        bad = np.flatnonzero(~finite.reshape(len(proba), -1).all(axis=1))[:10].tolist()
-        raise InvalidInput(
-            f"model '{info.name}' cannot score row(s) {bad}: its output is not finite "
-            "(feature values too large for the model)",
-            param="inputs",
-        )
-
-
-def to_matrix(
-    inputs: Any, n_features: int, dtype: np.dtype, max_rows: int, name: str
-) -> np.ndarray:
-    """Validate ``inputs`` as a non-empty list of rows of ``n_features`` finite numbers."""
-    if not isinstance(inputs, list):
-        raise InvalidInput(
-            "'inputs' must be a list of rows, each a list of numbers", param="inputs"
-        )
-    n_rows = len(inputs)
-    if n_rows == 0:
-        raise InvalidInput("'inputs' is empty: send at least one row", param="inputs")
-    if n_rows > max_rows:
-        raise PayloadTooLarge(
-            f"{n_rows} rows in one request; the limit is {max_rows} (SERVERY_MAX_ROWS_PER_REQUEST)",
-            param="inputs",
-        )
-    try:
-        arr = np.asarray(inputs)
-    except (ValueError, TypeError, OverflowError):
-        raise InvalidInput(
-            "'inputs' rows must all be lists of the same length holding only numbers",
-            param="inputs",
-        ) from None
-    if arr.ndim != 2:
-        hint = " (wrap a single row in another list)" if arr.ndim == 1 else ""
-        raise InvalidInput(
-            f"'inputs' must be a 2-D list of rows x features, got {arr.ndim} dimension(s){hint}",
-            param="inputs",
-        )
-    if arr.dtype.kind not in _NUMERIC_KINDS:
-        what = {"b": "booleans", "U": "strings", "S": "strings"}.get(
-            arr.dtype.kind, "non-numeric or out-of-range values"
-        )
-        raise InvalidInput(f"'inputs' must hold only numbers, found {what}", param="inputs")
-    # numpy silently reads JSON true/false as 1/0; a boolean feature value is a client mistake.
-    if any(bool in set(map(type, row)) for row in inputs):
-        raise InvalidInput("'inputs' must hold only numbers, found booleans", param="inputs")
-    if arr.shape[1] != n_features:
-        raise InvalidInput(
-            f"model '{name}' expects {n_features} features per row, got {arr.shape[1]}",
-            param="inputs",
-        )
-    with np.errstate(over="ignore"):
-        out = arr.astype(dtype, copy=False)
-    if not np.isfinite(out).all():
-        bad = np.flatnonzero(~np.isfinite(out).all(axis=1))
-        raise InvalidInput(
-            f"'inputs' must be finite numbers (no NaN/Infinity, within {dtype.name} range); "
-            f"bad row(s): {bad[:10].tolist()}",
-            param="inputs",
-        )
-    return out
 
 
 Predictor = Callable[[np.ndarray], np.ndarray]

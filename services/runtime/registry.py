@@ -32,7 +32,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -43,10 +43,10 @@ from services.ops import metrics
 from services.runtime.batcher import MicroBatcher, Result
 from services.runtime.errors import ModelNotFound
 from services.runtime.predictors import ModelInfo
+from services.runtime.reload import poll, release_memory
 
 if TYPE_CHECKING:
     from services.ops.health import ServiceHealth
-    from services.runtime.loader import Loader
 
 logger = logging.getLogger("servery")
 shadow_log = logging.getLogger("servery.shadow")
@@ -85,6 +85,29 @@ class ServedModel:
 
     def describe(self) -> dict[str, Any]:
         return {**self.info.describe(), "placement": self.placement.value, "ready": True}
+
+
+@dataclass(frozen=True)
+class Reload:
+    """What one reload computed (``services/runtime/loader.py``) for the registry to swap in."""
+
+    models: dict[str, ModelRoutes]
+    errors: dict[str, str] | None
+    """Configured names with nothing served, and why; None: nothing to swap (the models file
+    could not be read, the previous tables keep serving)."""
+    report: dict[str, Any]
+    """What ``POST /admin/reload`` answers and ``GET /models`` shows as ``last_reload``."""
+    ok: bool
+    unloaded: bool = False
+    """Versions were let go: memory to reclaim once the new tables are in."""
+
+
+class Reloader(Protocol):
+    """Computes reloads (``services.runtime.loader.Loader``)."""
+
+    def changed(self) -> bool: ...
+
+    async def reconcile(self, current: Mapping[str, ModelRoutes], *, force: bool) -> Reload: ...
 
 
 @dataclass(frozen=True)
@@ -219,7 +242,7 @@ class Registry:
         self,
         models: Mapping[str, ModelRoutes],
         *,
-        loader: Loader | None = None,
+        loader: Reloader | None = None,
         errors: Mapping[str, str] | None = None,
     ) -> None:
         self._models = dict(models)
@@ -271,10 +294,16 @@ class Registry:
         return routes.default if version is None else routes.resolve(version)[0]
 
     def route(
-        self, name: str, version: str | None, key: str | None = None
+        self, name: str, version: str | None, route_key: Callable[[], str | None] | None = None
     ) -> tuple[ModelRoutes, ServedModel, str]:
-        """``(routes, served version, routed_by)`` for one request."""
+        """``(routes, served version, routed_by)`` for one request (see :meth:`ModelRoutes.route`).
+
+        ``route_key`` reads the request's route key; it is called only when the model's split
+        needs it (no pinned ``version``), so the hot path reads no header it does not use."""
         routes = self.routes(name)
+        key = None
+        if version is None and route_key is not None and routes.split is not None:
+            key = route_key()
         served, how = routes.route(version, key)
         return routes, served, how
 
@@ -284,7 +313,7 @@ class Registry:
         those models (and the LLM API) need has answered since start, and at least one of them
         can answer now. A service that answered before and is unreachable now (circus restarts
         it) leaves the router ready: only its models report not ready (:meth:`problem`); see the
-        README, "Readiness and failures"."""
+        docs/operations.md, "Readiness and failures"."""
         if not self._models or self._errors:
             return False
         health = self.health
@@ -379,18 +408,25 @@ class Registry:
         if self._loader is None:
             raise RuntimeError("this registry was built without a loader and cannot reload")
         async with self._lock:
-            return await self._loader.reconcile(self, force=force)
+            result = await self._loader.reconcile(self._models, force=force)
+            if result.errors is not None:
+                self._swap(result.models, result.errors)
+            if result.unloaded:
+                release_memory()
+            metrics.RELOADS.labels("ok" if result.ok else "failed").inc()
+            self.last_reload = result.report
+            return result.report
 
     async def watch(self, interval_s: float) -> None:
         """Poll for changes every ``interval_s`` and reload when something changed (forever)."""
-        assert self._loader is not None
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                if self._loader.changed():
-                    await self.reload()
-            except Exception:  # the watcher must survive anything one reload throws
-                logger.exception("model reload failed; still serving the previous models")
+        loader = self._loader
+        assert loader is not None
+
+        async def tick() -> None:
+            if loader.changed():
+                await self.reload()
+
+        await poll(interval_s, tick, "model reload failed; still serving the previous models")
 
     def _swap(self, models: dict[str, ModelRoutes], errors: dict[str, str]) -> None:
         self._models = models

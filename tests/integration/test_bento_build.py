@@ -159,9 +159,10 @@ def test_bento_contents(built: Built) -> None:
         ):
             assert (src / name).is_file(), name
         assert (src / "models/models.yaml").is_file()
-        assert {p.name for p in (src / "services").iterdir()} == {
-            p.name for p in (ROOT / "services").glob("*.py")
-        } | {"console"}
+        # every module of every layer (services/gateway/, services/runtime/, ...)
+        assert {p for p in files(src / "services") if p.suffix == ".py"} == {
+            p for p in files(ROOT / "services") if p.suffix == ".py"
+        }
         # the web console: its module, page and static assets (not the README's screenshot)
         assert files(src / "services" / "console") == {
             p for p in files(ROOT / "services" / "console") if p.suffix != ".png"

@@ -22,7 +22,7 @@ def xgb_service(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         demo_store,
         MIXED_CONFIG,
         tmp_path_factory.mktemp("xgb"),
-        target="services.frameworks.xgboost_service:XGBoostService",
+        target="services:XGBoostService",
         env={"SERVERY_SERVICE_MAX_LATENCY_MS": "1000"},
     )
     try:

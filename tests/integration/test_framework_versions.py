@@ -54,7 +54,7 @@ def versioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Versioned]:
         home,
         CONFIG,
         tmp_path_factory.mktemp("versions-serve"),
-        target="services.frameworks.sklearn_service:SklearnService",
+        target="services:SklearnService",
         env={"SERVERY_RELOAD_INTERVAL_S": "0.5"},
     )
     try:
@@ -217,7 +217,7 @@ def test_the_watcher_survives_a_failing_reload(in_process) -> None:
         raise RuntimeError("store on fire")
 
     svc._reconcile = failing
-    svc._fingerprint = None  # "changed" on every tick
+    svc._desired.settle(())  # "changed" on every tick
 
     async def run() -> bool:
         task = asyncio.create_task(svc._watch(0.01))

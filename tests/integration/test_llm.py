@@ -284,7 +284,7 @@ def test_missing_model_reports_dead_not_ready(
         "SERVERY_SHUTDOWN_DRAIN_S": "0",
     }
     port = free_port()
-    cmd = [BENTOML, "serve", "services.llm.service:LLM", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [BENTOML, "serve", "services:LLM", "--host", "127.0.0.1", "--port", str(port)]
     log = tmp_path / "serve.log"
     srv = ServerProcess(f"http://127.0.0.1:{port}", launch(cmd, cwd=ROOT, env=env, log=log), log)
     try:

@@ -279,6 +279,7 @@ def request(body: bytes, app: Any) -> Any:
 
 def test_predict_handler_counts_and_times_per_version(iris_store: Path, tmp_path: Path) -> None:
     from services.gateway import router
+    from services.protocols import native
 
     with bentoml_store(iris_store):
         registry = build(tmp_path, "models:\n  - name: iris\n")
@@ -291,9 +292,9 @@ def test_predict_handler_counts_and_times_per_version(iris_store: Path, tmp_path
     bad = json.dumps({"model": "iris", "inputs": [[1.0]]}).encode()
 
     async def main() -> list[int]:
-        calls = [router.predict(request(body, router.app)) for _ in range(4)]
-        calls.append(router.predict(request(bad, router.app)))
-        calls.append(router.predict(request(b'{"model": "nope", "inputs": [[1]]}', router.app)))
+        calls = [native.predict(request(body, router.app)) for _ in range(4)]
+        calls.append(native.predict(request(bad, router.app)))
+        calls.append(native.predict(request(b'{"model": "nope", "inputs": [[1]]}', router.app)))
         return [r.status_code for r in await asyncio.gather(*calls)]
 
     try:
@@ -310,6 +311,7 @@ def test_predict_handler_counts_and_times_per_version(iris_store: Path, tmp_path
 
 def test_unknown_model_names_create_no_new_series(iris_store: Path, tmp_path: Path) -> None:
     from services.gateway import router
+    from services.protocols import native
 
     with bentoml_store(iris_store):
         router.app.state.registry = build(tmp_path, "models:\n  - name: iris\n")
@@ -318,7 +320,7 @@ def test_unknown_model_names_create_no_new_series(iris_store: Path, tmp_path: Pa
         body = {"model": name, "inputs": [[5.1, 3.5, 1.4, 0.2]]}
         if version is not None:
             body["version"] = version
-        return (await router.predict(request(json.dumps(body).encode(), router.app))).status_code
+        return (await native.predict(request(json.dumps(body).encode(), router.app))).status_code
 
     try:
         assert asyncio.run(send(tag(), None)) == 404  # the _unknown series exist from here on

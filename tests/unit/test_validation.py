@@ -1,5 +1,5 @@
-"""services/runtime/predictors.py: request validation (``to_matrix``), ModelInfo and the batch
-contract."""
+"""services/runtime/inputs.py and predictors.py: request validation (``to_matrix``), ModelInfo
+and the batch contract."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 
 from models.config import Framework
 from services.runtime.errors import InvalidInput, PayloadTooLarge, ServeryError
-from services.runtime.predictors import ModelInfo, Runtime, to_matrix
+from services.runtime.inputs import to_matrix
+from services.runtime.predictors import ModelInfo, Runtime
 
 F32 = np.dtype("float32")
 F64 = np.dtype("float64")

@@ -1,11 +1,11 @@
 """Open Inference Protocol (KServe V2) core, shared by the REST and gRPC front ends.
 
-Protocol-neutral: it turns OIP input tensors into the rows a served model takes, runs them through
-the same registry and micro-batchers as ``/predict`` (so REST, gRPC and native requests for one
-model batch together), and builds output tensors and metadata. The front ends only parse and
-serialise (JSON in ``oip_rest.py``, protobuf in ``oip_grpc.py``) and map :class:`ServeryError`
-status codes to their protocol (400/404/503 over REST, INVALID_ARGUMENT/NOT_FOUND/UNAVAILABLE over
-gRPC).
+Protocol-neutral: it turns OIP input tensors into the rows a served model takes (checked by the one
+input rule, :mod:`services.runtime.inputs`), and builds output tensors and metadata. The front ends
+parse and serialise (JSON in ``rest.py``, protobuf in ``grpc.py``), run the inference through
+:func:`services.runtime.inference.infer` (the same registry and micro-batchers as ``/predict``, so
+REST, gRPC and native requests for one model batch together), and map :class:`ServeryError` status
+codes to their protocol (400/404/503 over REST, INVALID_ARGUMENT/NOT_FOUND/UNAVAILABLE over gRPC).
 
 Every servery classifier has one input and two outputs:
 
@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from services.runtime.errors import InvalidInput, PayloadTooLarge
-from services.runtime.predictors import ModelInfo, check_scores
-from services.runtime.registry import ModelRoutes, Registry, ServedModel
+from services.runtime.errors import InvalidInput
+from services.runtime.inputs import check_shape, finite
+from services.runtime.predictors import ModelInfo
 
 INPUT_NAME = "input-0"
 OUTPUT_LABEL = "predict"
@@ -105,6 +105,7 @@ class OutputTensor:
 
 
 _NUMBERS = frozenset((float, int))
+_WHAT = f"input '{INPUT_NAME}'"
 
 
 def rows_from_inputs(inputs: Sequence[InputTensor], info: ModelInfo, max_rows: int) -> np.ndarray:
@@ -130,22 +131,13 @@ def rows_from_inputs(inputs: Sequence[InputTensor], info: ModelInfo, max_rows: i
             f"numeric tensors ({allowed})"
         )
     shape = [int(d) for d in tensor.shape]
-    if len(shape) != 2 or shape[1] != info.n_features or shape[0] < 1:
-        raise InvalidInput(
-            f"input '{INPUT_NAME}' has shape {shape}; model '{info.name}' expects "
-            f"[n, {info.n_features}] with n >= 1"
-        )
-    if shape[0] > max_rows:
-        raise PayloadTooLarge(f"{shape[0]} rows in one request; the limit is {max_rows}")
+    # the declared shape first: nothing is converted for a tensor that cannot be served
+    check_shape(shape, info.n_features, max_rows, info.name, _WHAT, declared_shape=True)
     data = tensor.data
     out = _flat_numbers(data, src, shape) if src == info.dtype else None
     if out is None:
         out = _converted(data, tensor.datatype, src, shape, info)
-    if not np.isfinite(out).all():
-        raise InvalidInput(
-            f"input '{INPUT_NAME}' holds NaN/Infinity or values outside {info.dtype.name} range"
-        )
-    return out
+    return finite(out, info.dtype, _WHAT)
 
 
 def _flat_numbers(data: Any, dtype: np.dtype, shape: list[int]) -> np.ndarray | None:
@@ -239,23 +231,3 @@ def output_tensors(
             data = proba.astype(info.dtype, copy=False)
             out.append(OutputTensor(name, oip_datatype(info.dtype), list(data.shape), data))
     return out
-
-
-async def infer(
-    registry: Registry,
-    routes: ModelRoutes,
-    served: ServedModel,
-    inputs: Sequence[InputTensor],
-    outputs: Sequence[str] | None,
-    max_rows: int,
-    *,
-    routed: bool,
-) -> list[OutputTensor]:
-    """Run one OIP inference on ``served`` (chosen by ``registry.route``) through its batcher."""
-    names = requested_outputs(outputs)
-    x = rows_from_inputs(inputs, served.info, max_rows)
-    labels, proba = await served.batcher.submit(x)
-    check_scores(served.info, proba)
-    if routed and routes.shadow is not None:
-        registry.mirror(routes, served, x, labels)
-    return output_tensors(served.info, labels, proba, names)

@@ -42,9 +42,8 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -52,7 +51,6 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from models.config import Settings
-from services.gateway.auth import Keyring
 from services.ops import metrics
 from services.protocols.oip import core as oip
 from services.runtime.errors import (
@@ -67,8 +65,12 @@ from services.runtime.errors import (
     ServeryError,
     Unauthenticated,
 )
+from services.runtime.inference import Call, infer
 from services.runtime.predictors import ModelInfo
 from services.runtime.registry import ROUTE_KEY_HEADER, Registry
+
+if TYPE_CHECKING:
+    from services.gateway.auth import Keyring
 
 logger = logging.getLogger("servery")
 
@@ -319,29 +321,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         # Counted like /predict, with the HTTP-equivalent status: one series for every protocol;
         # timed in servery_request_duration_seconds{route="grpc:ModelInfer"} and access-logged
         # like the REST fast path.
-        start = time.perf_counter()
-        model, version, status = metrics.UNKNOWN_MODEL, "", 200
-        counted = metrics.UNKNOWN_REQUESTS  # the version's own series once it is resolved
+        call = Call()
+        status = 200
+        names: tuple[str, ...] = ()
+
+        def decode(info: ModelInfo, max_rows: int) -> np.ndarray:
+            nonlocal names
+            tensors = decode_inputs(request)
+            names = oip.requested_outputs([o.name for o in request.outputs])
+            return oip.rows_from_inputs(tensors, info, max_rows)
+
         try:
             # Key, then model, so an unknown model is NOT_FOUND whatever its tensors look like.
             self._admit(context, request.model_name)
-            routes = self._registry.routes(request.model_name)
-            pinned = request.model_version or None
-            key = route_key(context) if pinned is None and routes.split is not None else None
-            served, how = routes.route(pinned, key)
-            info = served.info
-            model, version = info.name, info.version
-            counted = served.metrics
-            outputs = await oip.infer(
+            result = await infer(
                 self._registry,
-                routes,
-                served,
-                decode_inputs(request),
-                [o.name for o in request.outputs],
+                call,
+                request.model_name,
+                request.model_version or None,
+                decode,
                 self._max_rows,
-                routed=pinned is None,
+                lambda: route_key(context),
             )
-            return encode_response(request, info, outputs, how)
+            info = result.info
+            outputs = oip.output_tensors(info, result.labels, result.proba, names)
+            return encode_response(request, info, outputs, result.routed_by)
         except Exception as e:
             status = _http_status(e)
             await abort(context, e)
@@ -349,15 +353,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # also on cancellation (client gone): 499, nginx's "client closed request"
             if status == 200 and sys.exc_info()[0] is not None:
                 status = 499
-            elapsed = time.perf_counter() - start
-            counted.answered(status, elapsed)
+            elapsed = call.answered(status)
             self._seconds.observe(elapsed)
             if self._access is not None:
+                served = call.served
                 self._access.info(
                     "%s (scheme=grpc,method=ModelInfer,model=%s,version=%s) (status=%d) %.3fms",
                     context.peer(),
-                    model,
-                    version,
+                    metrics.UNKNOWN_MODEL if served is None else served.info.name,
+                    "" if served is None else served.info.version,
                     status,
                     elapsed * 1000.0,
                 )

@@ -1,9 +1,8 @@
 """Open Inference Protocol (KServe V2) over REST: the router's ``/v2`` routes.
 
-This module only parses and serialises; :mod:`services.protocols.oip.core` holds the protocol logic
-and runs every
-inference through the same registry and micro-batchers as ``/predict`` and gRPC, so requests of
-all three front ends for one model share batches.
+This module only parses and serialises; :mod:`services.protocols.oip.core` holds the protocol
+logic, and every inference runs through :func:`services.runtime.inference.infer`, like ``/predict``
+and gRPC, so requests of all three front ends for one model share batches.
 
 Besides JSON tensors it implements Triton's *binary tensor data* extension, which
 ``tritonclient.http`` uses by default: the body is a JSON header of
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -28,8 +26,9 @@ from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.routing import Match
 
-from services.gateway.media import read_body
-from services.ops import logs, metrics
+from services.ops import logs
+from services.protocols.errors import from_validation_error, json_response, oip_error
+from services.protocols.media import read_body
 from services.protocols.oip import core as oip
 from services.protocols.oip.schemas import (
     ERRORS,
@@ -41,16 +40,12 @@ from services.protocols.oip.schemas import (
     V2RequestInput,
     V2ServerMetadata,
 )
-from services.runtime.errors import (
-    BadRequest,
-    InvalidInput,
-    ModelNotReady,
-    ServeryError,
-    from_validation_error,
-    json_response,
-)
+from services.protocols.state import registry_of
+from services.runtime import inference
+from services.runtime.errors import BadRequest, InvalidInput, ModelNotReady, ServeryError
+from services.runtime.inference import Call
 from services.runtime.predictors import ModelInfo
-from services.runtime.registry import ROUTE_KEY_HEADER, Registry
+from services.runtime.registry import ROUTE_KEY_HEADER
 from services.settings import SETTINGS
 
 logger = logging.getLogger("servery")
@@ -58,24 +53,6 @@ logger = logging.getLogger("servery")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol V2"])
-
-
-def error_response(exc: BaseException) -> Response:
-    """Map any exception to the OIP envelope ``{"error": "..."}``; 5xx never carry internals."""
-    if isinstance(exc, ServeryError):
-        status = 400 if exc.status_code == 422 else exc.status_code
-        if status >= 500 and exc.logged:
-            logger.warning("%s: %s", exc.error_type, exc.message)
-        return json_response({"error": exc.message}, status, exc.headers())
-    logger.error("internal error while serving an OIP request", exc_info=exc)
-    return json_response({"error": "internal server error"}, 500)
-
-
-def _registry(request: Request) -> Registry:
-    # services.gateway.router imports this module to include its routes, so import it when called.
-    from services.gateway.router import _registry as registry_of
-
-    return registry_of(request)
 
 
 def _flag(params: Parameters | None, key: str, default: bool) -> bool:
@@ -219,36 +196,44 @@ def encode_infer_response(
 
 async def infer_request(request: Request, name: str, version: str | None) -> Response:
     """Serve one infer request (also called by services.gateway.fastpath, outside FastAPI)."""
-    start = time.perf_counter()
-    counted = metrics.UNKNOWN_REQUESTS  # the version's own series once it is resolved
-    try:
-        registry = _registry(request)
-        routes = registry.routes(name)
-        headers = request.headers
-        key = headers.get(ROUTE_KEY_HEADER) if routes.split is not None else None
-        served, how = routes.route(version, key)
-        info = served.info
-        request.scope[logs.MODEL_KEY] = (info.name, info.version)
-        counted = served.metrics
+    call = Call()
+    headers = request.headers
+    plan: tuple[V2InferenceRequest, tuple[str, ...], set[str]] | None = None
+
+    async def decode(info: ModelInfo, max_rows: int) -> np.ndarray:
+        # The body is read once the model is known: an unknown model is 404 whatever was sent.
+        nonlocal plan
         body = await read_body(request, binary=True, max_bytes=SETTINGS.max_body_bytes)
         req, inputs = parse_infer_request(body, headers.get(HEADER_LENGTH))
         names, binary = output_plan(req)
-        outputs = await oip.infer(
-            registry,
-            routes,
-            served,
-            inputs,
-            names,
+        outputs = oip.requested_outputs(names)
+        plan = (req, outputs, binary)
+        return oip.rows_from_inputs(inputs, info, max_rows)
+
+    try:
+        result = await inference.infer(
+            registry_of(request),
+            call,
+            name,
+            version,
+            decode,
             SETTINGS.max_rows_per_request,
-            routed=version is None,
+            lambda: headers.get(ROUTE_KEY_HEADER),
         )
-        response = encode_infer_response(info, req.id, outputs, binary, how)
+        assert plan is not None
+        req, outputs, binary = plan
+        info = result.info
+        tensors = oip.output_tensors(info, result.labels, result.proba, outputs)
+        response = encode_infer_response(info, req.id, tensors, binary, result.routed_by)
     except asyncio.CancelledError:  # the request timeout cancelled it: the client gets a 504
-        counted.answered(504, time.perf_counter() - start)
+        call.answered(504)
         raise
     except Exception as e:
-        response = error_response(e)
-    counted.answered(response.status_code, time.perf_counter() - start)
+        response = oip_error(e)
+    finally:
+        if call.served is not None:  # for the access log: the version that answered
+            request.scope[logs.MODEL_KEY] = (call.served.info.name, call.served.info.version)
+    call.answered(response.status_code)
     return response
 
 
@@ -285,22 +270,22 @@ async def live() -> Response:
 async def ready(request: Request) -> Response:
     """200 when the router is ready (``/readyz``'s policy: ``Registry.ready``), else 503."""
     try:
-        if not _registry(request).ready():
+        if not registry_of(request).ready():
             raise ModelNotReady("not every configured model can be served (see GET /models)")
     except Exception as e:
-        return error_response(e)
+        return oip_error(e)
     return json_response({"ready": True})
 
 
 def _model(request: Request, name: str, version: str | None, ready: bool) -> Response:
     try:
-        registry = _registry(request)
+        registry = registry_of(request)
         routes = registry.routes(name)
         info = (routes.default if version is None else routes.resolve(version)[0]).info
         if ready and (why := registry.problem(name, version)) is not None:
             raise ModelNotReady(f"model '{name}' is not ready: {why}")
     except Exception as e:
-        return error_response(e)
+        return oip_error(e)
     if ready:
         return json_response({"name": info.name, "ready": True})
     return json_response(oip.model_metadata(info, routes.ordered if version is None else ()))
@@ -343,5 +328,5 @@ async def no_route(request: Request, path: str) -> Response:
         if getattr(route, "endpoint", None) is not no_route:
             match, _ = route.matches(request.scope)
             if match is Match.PARTIAL:
-                return error_response(ServeryError.with_status(405, "method not allowed"))
-    return error_response(ServeryError.with_status(404, f"no OIP endpoint /v2/{path}"))
+                return oip_error(ServeryError.with_status(405, "method not allowed"))
+    return oip_error(ServeryError.with_status(404, f"no OIP endpoint /v2/{path}"))

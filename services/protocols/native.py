@@ -1,0 +1,214 @@
+"""The platform's own REST API: ``POST /predict``, ``GET /models``, ``GET /models/{name}`` and
+``POST /admin/reload`` (an ``APIRouter`` the Router's app includes, so BentoML merges these routes
+into ``/docs.json``).
+
+``/predict`` decodes its JSON body and calls :func:`services.runtime.inference.infer`, the
+inference shared with OIP REST and gRPC; errors use the platform envelope
+(:func:`services.protocols.errors.error_response`). With API keys configured the gate
+(services/gateway/gate.py) has admitted the request; ``/predict``, whose model is in the body,
+checks the key's allowed models here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from starlette.responses import Response
+
+from services.ops import logs
+from services.protocols.errors import error_response, from_validation_error, json_response
+from services.protocols.media import read_body
+from services.protocols.state import SCOPE_KEY, registry_of
+from services.runtime.errors import ServeryError
+from services.runtime.inference import Call, infer
+from services.runtime.registry import ROUTE_KEY_HEADER
+from services.settings import SETTINGS
+
+_ROWS_SCHEMA = {
+    "type": "array",
+    "minItems": 1,
+    "items": {"type": "array", "minItems": 1, "items": {"type": "number"}},
+    "description": "Rows x features; each row holds the model's n_features finite numbers",
+}
+
+
+class PredictRequest(BaseModel):
+    """Body of ``POST /predict``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Served model name (see GET /models)")
+    version: str | None = Field(
+        None,
+        description="Version id, unique prefix, alias (production, staging, ...) or 'latest'; "
+        "default: the model's routing table (split, else the production alias, else latest)",
+        max_length=128,
+    )
+    # Validated by the model's own rules (shape, dtype, finiteness) in one numpy pass, not by
+    # pydantic per element; the schema still documents the shape for clients and fuzzers.
+    inputs: Annotated[Any, WithJsonSchema(_ROWS_SCHEMA)] = Field(description="Rows to predict")
+
+
+class PredictResponse(BaseModel):
+    model: str = Field(description="Served model name")
+    version: str = Field(description="The exact version that answered")
+    routed_by: str = Field(
+        description="What chose the version: 'alias:production' or 'latest' (the default), "
+        "'split:<target>' (the routing table), 'version' or 'alias:<name>' (the request)"
+    )
+    predictions: list[int] = Field(description="Predicted class index per row")
+    labels: list[str] = Field(description="Predicted class name per row")
+    probabilities: list[list[float]] = Field(description="Class probabilities per row")
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": desc}
+    for code, desc in {
+        400: "Body is not JSON or misses/mistypes a field",
+        401: "Missing or invalid API key (when keys are configured)",
+        403: "The API key may not use this model",
+        404: "Unknown model or version",
+        413: "Too many rows in one request",
+        422: "Inputs have the wrong shape, type or non-finite values",
+        429: "The API key's rate limit is reached (Retry-After)",
+        503: "Model not ready or overloaded",
+    }.items()
+}
+
+router = APIRouter()
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=ERRORS,
+    summary="Predict with a served model",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+        }
+    },
+)
+async def predict(request: Request) -> Response:
+    """Predict classes and probabilities for ``inputs`` with ``model`` (at ``version``)."""
+    call = Call()
+    try:
+        try:
+            raw = await read_body(request, binary=False, max_bytes=SETTINGS.max_body_bytes)
+            body = PredictRequest.model_validate_json(raw)
+        except ValidationError as e:
+            raise from_validation_error(e) from e
+        key = request.scope.get(SCOPE_KEY)
+        if key is not None:  # before the lookup: an unknown model is 403 too, not 404
+            key.check_model(body.model)
+        inputs = body.inputs
+        result = await infer(
+            registry_of(request),
+            call,
+            body.model,
+            body.version,
+            lambda info, max_rows: info.validate(inputs, max_rows),
+            SETTINGS.max_rows_per_request,
+            lambda: request.headers.get(ROUTE_KEY_HEADER),
+        )
+        info = result.info
+        idx = result.labels.tolist()
+        names = info.class_names
+        response = json_response(
+            {
+                "model": info.name,
+                "version": info.version,
+                "routed_by": result.routed_by,
+                "predictions": idx,
+                "labels": [names[i] if i < len(names) else str(i) for i in idx],
+                "probabilities": result.proba.tolist(),
+            }
+        )
+    except asyncio.CancelledError:  # the request timeout cancelled it: the client gets a 504
+        call.answered(504)
+        raise
+    except Exception as e:
+        response = error_response(e)
+    finally:
+        if call.served is not None:  # for the access log: the version that answered
+            request.scope[logs.MODEL_KEY] = (call.served.info.name, call.served.info.version)
+    call.answered(response.status_code)
+    return response
+
+
+@router.get(
+    "/models",
+    responses={c: ERRORS[c] for c in (401, 429, 503)},
+    summary="List served models",
+)
+async def list_models(request: Request) -> dict[str, Any]:
+    """Every served model: versions, aliases, routing, load errors, schema and training metrics.
+
+    Models configured but not served (nothing loaded), and models whose framework service is
+    unreachable, are listed with ``ready: false`` and the reason; ``last_reload`` is this
+    worker's latest reload report. An API key restricted to some models sees only those (and no
+    ``last_reload``: it is the whole server's)."""
+    registry = registry_of(request)
+    key = request.scope.get(SCOPE_KEY)
+    if key is not None and key.models is not None:
+        return {"models": [m for m in registry.describe() if key.allows(m["name"])]}
+    return {"models": registry.describe(), "last_reload": registry.last_reload}
+
+
+@router.get(
+    "/models/{name}",
+    responses={c: ERRORS[c] for c in (401, 403, 404, 429, 503)},
+    summary="Describe one served model",
+)
+async def get_model(request: Request, name: str) -> Response:
+    try:
+        return json_response(registry_of(request).describe_model(name))
+    except ServeryError as e:
+        return error_response(e)
+
+
+@router.post(
+    "/admin/reload",
+    responses={401: {"model": ErrorResponse, "description": "Missing or wrong admin token"}},
+    summary="Reload models now",
+)
+async def admin_reload(request: Request) -> Response:
+    """Re-read the models file, the store and the aliases, load what is new, switch, unload.
+
+    Reloads the router worker that receives the call at once and retries versions that failed
+    before; the other workers see the same change on their next poll
+    (``SERVERY_RELOAD_INTERVAL_S``).
+    The report says what was loaded, unloaded and what failed (``ok: false``: a model kept its
+    previous versions). Needs ``Authorization: Bearer <SERVERY_ADMIN_TOKEN>`` when that is set.
+    """
+    try:
+        _check_admin(request)
+        report = await registry_of(request).reload(force=True)
+    except Exception as e:
+        return error_response(e)
+    return json_response(report)
+
+
+def _check_admin(request: Request) -> None:
+    # With API keys on and no admin token, the gate admitted this request with a valid key; with
+    # an admin token, the gate leaves /admin/ to this check (both use the Authorization header).
+    token = SETTINGS.admin_token
+    if token is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise ServeryError.with_status(401, "admin endpoints need 'Authorization: Bearer <token>'")

@@ -1,0 +1,108 @@
+"""The one inference use case, shared by every prediction front end.
+
+``POST /predict`` (:mod:`services.protocols.native`), OIP V2 over REST
+(:mod:`services.protocols.oip.rest`) and over gRPC (:mod:`services.protocols.oip.grpc`) only
+decode their protocol and encode the answer; :func:`infer` does the rest, once:
+
+1. **route**: the model's table picks the version (the pinned one, else its split by route key,
+   else its default; :meth:`services.runtime.registry.Registry.route`);
+2. **validate**: the front end's decoder turns its inputs into rows for *that* version (its
+   features and dtype; the one rule is :mod:`services.runtime.inputs`);
+3. **batch**: the version's micro-batcher merges the rows with concurrent requests of every
+   protocol and runs the model (inline, or in its framework service);
+4. **check** the scores are finite (:func:`services.runtime.inputs.check_scores`);
+5. **shadow**: a request the table routed (no pinned version) is mirrored to the model's shadow;
+6. **count**: :class:`Call` counts the answer in the version's series
+   (``servery_requests_total``, ``servery_model_request_duration_seconds``) or, when it failed
+   before a version was chosen, in the ``unknown`` series. The front end reports the status it
+   answered with (its protocol's: 400 on OIP where native says 422, 499 for a gRPC client gone).
+
+Modelled on MLServer's ``DataPlane.infer``: the protocols meet the models in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from time import perf_counter
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from services.ops import metrics
+from services.runtime.inputs import check_scores
+
+if TYPE_CHECKING:
+    from services.runtime.predictors import ModelInfo
+    from services.runtime.registry import Registry, ServedModel
+
+Decoder = Callable[["ModelInfo", int], "np.ndarray | Awaitable[np.ndarray]"]
+"""(the chosen version's info, the row limit) -> the request's rows, validated for that version;
+raises a 4xx :class:`~services.runtime.errors.ServeryError`. May be a coroutine function (OIP REST
+reads its body only once the model is known)."""
+
+
+class Call:
+    """One inference call from its arrival: where it is counted and what answered it."""
+
+    __slots__ = ("served", "start")
+
+    def __init__(self) -> None:
+        self.start = perf_counter()
+        self.served: ServedModel | None = None
+        """The version that answers, once routed."""
+
+    def answered(self, status: int) -> float:
+        """Count the answer (``status``, the protocol's HTTP-equivalent code); the seconds since
+        arrival."""
+        elapsed = perf_counter() - self.start
+        served = self.served
+        (metrics.UNKNOWN_REQUESTS if served is None else served.metrics).answered(status, elapsed)
+        return elapsed
+
+
+class Inference:
+    """What answered a request: the version, why it was chosen, and its outputs."""
+
+    __slots__ = ("labels", "proba", "routed_by", "served")
+
+    def __init__(
+        self, served: ServedModel, routed_by: str, labels: np.ndarray, proba: np.ndarray
+    ) -> None:
+        self.served = served
+        self.routed_by = routed_by
+        self.labels = labels
+        """Class index per row."""
+        self.proba = proba
+        """Class probabilities per row."""
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.served.info
+
+
+async def infer(
+    registry: Registry,
+    call: Call,
+    model: str,
+    version: str | None,
+    decode: Decoder,
+    max_rows: int,
+    route_key: Callable[[], str | None] | None = None,
+) -> Inference:
+    """Route, validate, batch, check, shadow (see the module docstring); raises the
+    :class:`~services.runtime.errors.ServeryError` a client's mistake or an overload is.
+
+    ``version``: the version the request pins (id, prefix, alias), None for the routing table.
+    ``route_key``: reads the request's ``x-servery-route-key``; called only when a split needs it.
+    """
+    routes, served, how = registry.route(model, version, route_key)
+    call.served = served
+    info = served.info
+    x = decode(info, max_rows)
+    if not isinstance(x, np.ndarray):
+        x = await x
+    labels, proba = await served.batcher.submit(x)
+    check_scores(info, proba)
+    if version is None and routes.shadow is not None:
+        registry.mirror(routes, served, x, labels)
+    return Inference(served, how, labels, proba)
