@@ -187,8 +187,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     """YAML/JSON file of named keys with optional allowed models and rate limits (e.g. a mounted
     Kubernetes Secret); each router worker re-reads it when it changes (rotation without a
-    restart, within ``SERVERY_RELOAD_INTERVAL_S``); format in services/gateway/auth.py and the
-    README."""
+    restart, within ``SERVERY_RELOAD_INTERVAL_S``); format in services/gateway/auth.py and
+    docs/security.md."""
 
     rate_limit_requests_per_minute: float | None = Field(None, gt=0)
     """Requests per minute per API key, for keys whose entry sets none (unset: unlimited). A

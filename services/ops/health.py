@@ -13,7 +13,7 @@ A router worker learns the state of each service it uses in two ways:
 
 Each service is ``starting`` (has not answered since this worker started), ``up`` or ``down``
 (answered before, not now). The readiness policy built on this lives in
-:meth:`services.runtime.registry.Registry.ready` and the README ("Readiness and failures").
+:meth:`services.runtime.registry.Registry.ready` and docs/operations.md ("Readiness and failures").
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The README's model lifecycle walkthrough, step by step, against a real ``bentoml serve``.
+"""The model lifecycle walkthrough (docs/models-and-versions.md), step by step, against a real
+``bentoml serve``.
 
 train (``python -m training.iris``) → promote today's version → train again → canary (staging
 alias + a routing table added to the models file while serving) → promote → rollback, with the

@@ -4,7 +4,8 @@ requests in it (the request timeout answers them 504).
 Only the models of that service fail while it is down, the others keep answering, and BentoML's
 circus restarts the worker so those models serve again. Meanwhile the router says so: the model
 is not ready on every view (``GET /models``, ``/models/{name}``, OIP REST model ready, gRPC
-``ModelReady``) with the reason, while ``/readyz`` stays 200 (README, "Readiness and failures").
+``ModelReady``) with the reason, while ``/readyz`` stays 200 (docs/operations.md, "Readiness and
+failures").
 """
 
 from __future__ import annotations

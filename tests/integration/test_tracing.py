@@ -1,4 +1,4 @@
-"""OpenTelemetry tracing through BentoML's own tracing settings (issue 8), as the README
+"""OpenTelemetry tracing through BentoML's own tracing settings (issue 8), as docs/configuration.md
 documents it: a ``services.<name>.tracing`` block in a BentoML configuration file
 (``BENTOML_CONFIG``) and ``SERVERY_TRACE_PREDICTIONS=true``. A real OTLP/HTTP receiver (a small
 Starlette app decoding OpenTelemetry's own protobuf messages) collects what the server exports.

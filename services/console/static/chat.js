@@ -1,6 +1,6 @@
 // Chat playground: streams POST /v1/chat/completions (server-sent events) into the page token
 // by token. Stop aborts the fetch; the router's proxy sees the client go away and vLLM aborts
-// the generation (README, "LLMs").
+// the generation (docs/llm.md).
 
 import { call, errorOf } from "./api.js";
 import { $, h, num } from "./dom.js";
