@@ -1,6 +1,7 @@
 """A closed-loop HTTP load generator (aiohttp): ``concurrency`` clients, ``requests`` in total.
 
-httpx is too slow to load a server at c=64 on 2 cores (STACK.md); aiohttp with pre-encoded bodies
+httpx is too slow to load a server at c=64 on 2 cores (docs/internals/stack.md); aiohttp with
+pre-encoded bodies
 and one keep-alive connection per client is not the bottleneck here. Every response is checked
 (status and, optionally, a caller-supplied check), so a benchmark also counts wrong answers.
 

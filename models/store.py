@@ -2,7 +2,8 @@
 
 Every model is saved with :func:`save_model` through ``bentoml.models.create`` (the framework
 helpers are not used: ``bentoml.xgboost`` fails with the ``xgboost-cpu`` wheel and
-``bentoml.pytorch`` is deprecated and breaks on torch >= 2.6, see STACK.md). Each version holds one
+``bentoml.pytorch`` is deprecated and breaks on torch >= 2.6, see docs/internals/stack.md). Each
+version holds one
 file named by :data:`MODEL_FILES` plus labels and metadata:
 
 labels

@@ -1,7 +1,8 @@
 """MLServer 1.7 as a peer server: its own venv, our stored models in its repository, start, stop.
 
 MLServer lives in ``.venv-mlserver`` (Python 3.11) so its pins (fastapi < 0.116, pandas, ...)
-never touch ours. Install workarounds (STACK.md): ``mlserver-xgboost`` goes in ``--no-deps`` next
+never touch ours. Install workarounds (docs/internals/stack.md): ``mlserver-xgboost`` goes in
+``--no-deps`` next
 to ``xgboost-cpu`` (its ``xgboost`` requirement pulls the CUDA/NCCL wheel) and ``uvloop<0.22``
 (0.23 crashes its workers at start). scikit-learn, joblib and xgboost are pinned to the versions of
 the interpreter running this module, so the pickled/serialised models load identically.
@@ -120,7 +121,7 @@ def write_server_settings(dest: Path) -> dict[str, Any]:
     """(Re)write ``dest/settings.json`` on fresh free loopback ports; returns the settings."""
     settings = {
         "debug": False,  # True logs every request
-        "parallel_workers": 0,  # beat 1 on 2 cores (STACK.md)
+        "parallel_workers": 0,  # beat 1 on 2 cores (docs/internals/stack.md)
         "host": "127.0.0.1",
         "http_port": free_port(),
         "grpc_port": free_port(),

@@ -8,7 +8,8 @@ Defect: BentoML offers no per-route way out of its per-request middleware stack 
 context, traffic metrics, OpenTelemetry, access log, timeout, routing into the mounted app):
 ``add_asgi_middleware`` runs inside it, and nothing can wrap the outermost app.
 
-Harm (STACK.md, "Where the time goes"): on the router the model was 0.7-5 % of the CPU and
+Harm (docs/internals/stack.md, "Where the time goes"): on the router the model was 0.7-5 % of the
+CPU and
 BentoML's front end the rest; with the prediction routes served outside the stack (the fast
 path, services/gateway/fastpath.py) iris at c=64 measured about 9,700 req/s against 3,500
 through it (same session, wrk, 2 cores). The same wrapper is where the API-key gate and the

@@ -9,7 +9,8 @@ handle, so every request's context (tracing span, futures, scope: ~21 objects) s
 anything leaves the waiter hanging until the timer fires, and the timeout answers in BentoML's
 own envelope (here the platform's, once the entry set it: ``services.compat.use_envelope``).
 
-Harm (STACK.md, "Defect 1"): full GC pauses of 150-300 ms under load, eating ~45 % of a c=64
+Harm (docs/internals/stack.md, "Defect 1"): full GC pauses of 150-300 ms under load, eating ~45 %
+of a c=64
 run; with this fix and the frozen heap (services/ops/heap.py) the router reached 6,200-6,600
 req/s instead of 1,300-1,900.
 

@@ -3,7 +3,8 @@
 On this project's 2-core machines BentoML's front end, not the model, bounds throughput: a py-spy
 profile of the router at c=64 put the ``/predict`` handler and the model at about 11 % of the
 CPU, and BentoML's middleware stack (request context, traffic metrics, OpenTelemetry, access log,
-timeout, routing into the mounted app) at most of the rest (STACK.md, "Where the time goes").
+timeout, routing into the mounted app) at most of the rest (docs/internals/stack.md, "Where the
+time goes").
 BentoML offers no per-route way out of that stack (``add_asgi_middleware`` runs inside it), so
 this module wraps the router's ASGI app as BentoML builds it: ``POST /predict`` and
 ``POST /v2/models/{name}[/versions/{version}]/infer`` go straight to the same FastAPI handler

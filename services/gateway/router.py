@@ -169,7 +169,8 @@ def _prepare(dependency: Any, framework: Framework, health: ServiceHealth) -> Re
     workers=SETTINGS.router_workers,
     traffic={"timeout": SETTINGS.request_timeout_s},
     # OpenTelemetry spans cost a large share of the router's CPU per request even when none are
-    # exported (STACK.md); the prediction routes skip them unless SERVERY_TRACE_PREDICTIONS.
+    # exported (docs/internals/stack.md); the prediction routes skip them unless
+    # SERVERY_TRACE_PREDICTIONS.
     tracing={"excluded_urls": [] if SETTINGS.trace_predictions else ["/predict", "/v2/models/"]},
     # BentoML's /readyz would also be 503 whenever any dependency is (even one serving no model),
     # taking every model out of rotation while one service restarts; Registry.ready decides.

@@ -126,7 +126,8 @@ def pin_cpus(pid: int | None = None) -> dict[str, list[int]] | None:
     HTTP process. On a 2-core machine the HTTP process then went unscheduled for whole
     generations and sent every SSE chunk in one burst at the end (traced with strace; bare
     ``vllm serve`` did the same). With the engine core beside its worker and every thread of
-    this process on the other core(s), streams arrive token by token (STACK.md: 0 bursty runs
+    this process on the other core(s), streams arrive token by token (docs/internals/stack.md: 0
+    bursty runs
     in 40, TTFT 7-8 ms instead of ~150 ms, ~25 % less single-stream throughput). Measured again
     with this service: unpinned, 2 of 3 300-token streams came in one burst after 0.6-0.8 s;
     pinned, every stream spread over the generation with a TTFT of 10-30 ms.

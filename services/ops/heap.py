@@ -13,7 +13,8 @@ def freeze_heap() -> None:
     """Move everything allocated so far out of the GC's reach.
 
     A BentoML worker holds ~175 k tracked objects after start-up; each full collection walked them
-    all (80-100 ms). Freezing after start-up cut that to 1-2 ms (STACK.md, "Defect 2").
+    all (80-100 ms). Freezing after start-up cut that to 1-2 ms (docs/internals/stack.md, "Defect
+    2").
     """
     gc.collect()
     gc.freeze()

