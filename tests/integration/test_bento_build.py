@@ -249,7 +249,7 @@ def test_export_import_and_serve_the_built_tag(
 
     # Serve the imported copy, from a folder outside the repository.
     src = home / "bentos" / name / version / "src"
-    assert not (src / "services" / "__pycache__").exists()
+    assert not list(src.rglob("__pycache__"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVERY_")}
     for k in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX"):
         env.pop(k, None)  # the __pycache__ below is the proof of which code ran
@@ -285,7 +285,7 @@ def test_export_import_and_serve_the_built_tag(
         assert body["labels"] == ["setosa"], body
         iris = next(m["tag"] for m in info["models"] if m["tag"].startswith("iris:"))
         assert body["version"] == iris.split(":")[1]
-        assert list((src / "services" / "__pycache__").glob("router.*.pyc")), (
+        assert list((src / "services" / "gateway" / "__pycache__").glob("router.*.pyc")), (
             "the server did not import services/ from the Bento"
         )
         # the web console's page and assets ship in the Bento
