@@ -11,7 +11,6 @@ checks the key's allowed models here.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from typing import Annotated, Any
 
@@ -19,10 +18,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.responses import Response
 
-from services.ops import logs
 from services.protocols.errors import error_response, from_validation_error, json_response
 from services.protocols.media import read_body
-from services.protocols.state import SCOPE_KEY, registry_of
+from services.protocols.state import SCOPE_KEY, answer, registry_of
 from services.runtime.errors import ServeryError
 from services.runtime.inference import Call, infer
 from services.runtime.registry import ROUTE_KEY_HEADER
@@ -106,48 +104,41 @@ router = APIRouter()
 async def predict(request: Request) -> Response:
     """Predict classes and probabilities for ``inputs`` with ``model`` (at ``version``)."""
     call = Call()
+    return await answer(request, call, _predict(request, call), error_response)
+
+
+async def _predict(request: Request, call: Call) -> Response:
     try:
-        try:
-            raw = await read_body(request, binary=False, max_bytes=SETTINGS.max_body_bytes)
-            body = PredictRequest.model_validate_json(raw)
-        except ValidationError as e:
-            raise from_validation_error(e) from e
-        key = request.scope.get(SCOPE_KEY)
-        if key is not None:  # before the lookup: an unknown model is 403 too, not 404
-            key.check_model(body.model)
-        inputs = body.inputs
-        result = await infer(
-            registry_of(request),
-            call,
-            body.model,
-            body.version,
-            lambda info, max_rows: info.validate(inputs, max_rows),
-            SETTINGS.max_rows_per_request,
-            lambda: request.headers.get(ROUTE_KEY_HEADER),
-        )
-        info = result.info
-        idx = result.labels.tolist()
-        names = info.class_names
-        response = json_response(
-            {
-                "model": info.name,
-                "version": info.version,
-                "routed_by": result.routed_by,
-                "predictions": idx,
-                "labels": [names[i] if i < len(names) else str(i) for i in idx],
-                "probabilities": result.proba.tolist(),
-            }
-        )
-    except asyncio.CancelledError:  # the request timeout cancelled it: the client gets a 504
-        call.answered(504)
-        raise
-    except Exception as e:
-        response = error_response(e)
-    finally:
-        if call.served is not None:  # for the access log: the version that answered
-            request.scope[logs.MODEL_KEY] = (call.served.info.name, call.served.info.version)
-    call.answered(response.status_code)
-    return response
+        raw = await read_body(request, binary=False, max_bytes=SETTINGS.max_body_bytes)
+        body = PredictRequest.model_validate_json(raw)
+    except ValidationError as e:
+        raise from_validation_error(e) from e
+    key = request.scope.get(SCOPE_KEY)
+    if key is not None:  # before the lookup: an unknown model is 403 too, not 404
+        key.check_model(body.model)
+    inputs = body.inputs
+    result = await infer(
+        registry_of(request),
+        call,
+        body.model,
+        body.version,
+        lambda info, max_rows: info.validate(inputs, max_rows),
+        SETTINGS.max_rows_per_request,
+        lambda: request.headers.get(ROUTE_KEY_HEADER),
+    )
+    info = result.info
+    idx = result.labels.tolist()
+    names = info.class_names
+    return json_response(
+        {
+            "model": info.name,
+            "version": info.version,
+            "routed_by": result.routed_by,
+            "predictions": idx,
+            "labels": [names[i] if i < len(names) else str(i) for i in idx],
+            "probabilities": result.proba.tolist(),
+        }
+    )
 
 
 @router.get(

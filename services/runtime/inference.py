@@ -63,21 +63,18 @@ class Call:
 class Inference:
     """What answered a request: the version, why it was chosen, and its outputs."""
 
-    __slots__ = ("labels", "proba", "routed_by", "served")
+    __slots__ = ("info", "labels", "proba", "routed_by", "served")
 
     def __init__(
         self, served: ServedModel, routed_by: str, labels: np.ndarray, proba: np.ndarray
     ) -> None:
         self.served = served
+        self.info: ModelInfo = served.info
         self.routed_by = routed_by
         self.labels = labels
         """Class index per row."""
         self.proba = proba
         """Class probabilities per row."""
-
-    @property
-    def info(self) -> ModelInfo:
-        return self.served.info
 
 
 async def infer(

@@ -75,8 +75,11 @@ def check_shape(
 def finite(arr: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     """``arr`` in ``dtype``, refused unless every value is finite there (no NaN/Infinity, nothing
     that overflows the dtype, e.g. 1e39 in float32)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = arr.astype(dtype, copy=False)
+    if arr.dtype == dtype:
+        out = arr  # already cast (OIP's decoder casts as it converts): no errstate (~1 us)
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = arr.astype(dtype)
     ok = np.isfinite(out)
     if not ok.all():
         bad = np.flatnonzero(~ok.reshape(len(out), -1).all(axis=1))

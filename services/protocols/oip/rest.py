@@ -15,7 +15,6 @@ that has ``parameters.binary_data_size`` (in input order). Outputs requested wit
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -26,7 +25,6 @@ from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.routing import Match
 
-from services.ops import logs
 from services.protocols.errors import from_validation_error, json_response, oip_error
 from services.protocols.media import read_body
 from services.protocols.oip import core as oip
@@ -40,7 +38,7 @@ from services.protocols.oip.schemas import (
     V2RequestInput,
     V2ServerMetadata,
 )
-from services.protocols.state import registry_of
+from services.protocols.state import answer, registry_of
 from services.runtime import inference
 from services.runtime.errors import BadRequest, InvalidInput, ModelNotReady, ServeryError
 from services.runtime.inference import Call
@@ -197,6 +195,10 @@ def encode_infer_response(
 async def infer_request(request: Request, name: str, version: str | None) -> Response:
     """Serve one infer request (also called by services.gateway.fastpath, outside FastAPI)."""
     call = Call()
+    return await answer(request, call, _infer(request, call, name, version), oip_error)
+
+
+async def _infer(request: Request, call: Call, name: str, version: str | None) -> Response:
     headers = request.headers
     plan: tuple[V2InferenceRequest, tuple[str, ...], set[str]] | None = None
 
@@ -206,35 +208,23 @@ async def infer_request(request: Request, name: str, version: str | None) -> Res
         body = await read_body(request, binary=True, max_bytes=SETTINGS.max_body_bytes)
         req, inputs = parse_infer_request(body, headers.get(HEADER_LENGTH))
         names, binary = output_plan(req)
-        outputs = oip.requested_outputs(names)
-        plan = (req, outputs, binary)
+        plan = (req, oip.requested_outputs(names), binary)
         return oip.rows_from_inputs(inputs, info, max_rows)
 
-    try:
-        result = await inference.infer(
-            registry_of(request),
-            call,
-            name,
-            version,
-            decode,
-            SETTINGS.max_rows_per_request,
-            lambda: headers.get(ROUTE_KEY_HEADER),
-        )
-        assert plan is not None
-        req, outputs, binary = plan
-        info = result.info
-        tensors = oip.output_tensors(info, result.labels, result.proba, outputs)
-        response = encode_infer_response(info, req.id, tensors, binary, result.routed_by)
-    except asyncio.CancelledError:  # the request timeout cancelled it: the client gets a 504
-        call.answered(504)
-        raise
-    except Exception as e:
-        response = oip_error(e)
-    finally:
-        if call.served is not None:  # for the access log: the version that answered
-            request.scope[logs.MODEL_KEY] = (call.served.info.name, call.served.info.version)
-    call.answered(response.status_code)
-    return response
+    result = await inference.infer(
+        registry_of(request),
+        call,
+        name,
+        version,
+        decode,
+        SETTINGS.max_rows_per_request,
+        lambda: headers.get(ROUTE_KEY_HEADER),
+    )
+    assert plan is not None  # decode ran: infer returned
+    req, outputs, binary = plan
+    info = result.info
+    tensors = oip.output_tensors(info, result.labels, result.proba, outputs)
+    return encode_infer_response(info, req.id, tensors, binary, result.routed_by)
 
 
 @router.post("/models/{name}/infer", summary="OIP V2 inference", **INFER_ROUTE)
