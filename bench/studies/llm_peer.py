@@ -257,8 +257,8 @@ def report(cells: dict[str, dict[str, Any]], concurrency: Sequence[int], markdow
 def build_store(model: str, home: Path) -> tuple[str, Path]:
     """The model (and the iris classifier the router needs) in a new store at ``home``:
     ``(store tag, Hugging Face directory)``."""
+    from bench.harness.store import bentoml_store, save_iris
     from models.llm_store import hf_dir
-    from tests.conftest import bentoml_store, save_iris
 
     with bentoml_store(home):
         if model == "tiny":

@@ -72,8 +72,8 @@ def make_store(home: Path) -> list[str]:
     """Two versions of an iris LogisticRegression (same cost per call); returns them, oldest
     first, with ``production`` on the newer (the one ``before`` serves as latest) and
     ``staging`` on the older."""
+    from bench.harness.store import bentoml_store, save_iris
     from models.aliases import AliasStore
-    from tests.conftest import bentoml_store, save_iris
 
     with bentoml_store(home):
         versions = [save_iris(c=c, dtype="float32") for c in (1.0, 2.0)]

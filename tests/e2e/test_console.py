@@ -22,8 +22,9 @@ import httpx
 import pytest
 
 from bench.harness.server import ROOT, Server, start_server
-from tests.conftest import bentoml_store, eventually, finished_requests, save_iris
+from bench.harness.store import bentoml_store, save_iris
 from tests.conftest import engine_metric as shared_engine_metric
+from tests.conftest import eventually, finished_requests
 
 sync_api = pytest.importorskip("playwright.sync_api")
 

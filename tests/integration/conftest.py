@@ -12,7 +12,8 @@ import pytest
 import uvicorn
 
 from bench.harness.server import Server, free_port, start_server
-from tests.conftest import bentoml_store, eventually, save_iris
+from bench.harness.store import bentoml_store, save_iris
+from tests.conftest import eventually
 
 DEMOS = ("iris", "breast_cancer", "digits")
 # served name -> store name; "-svc" entries run in their framework service

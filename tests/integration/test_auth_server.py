@@ -26,12 +26,13 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from bench.harness.server import Server, free_port, start_server
+from bench.harness.store import bentoml_store, save_iris
 from models.config import Settings
 from services.gateway import auth
 from services.gateway.fastpath import FastPath
 from services.gateway.gate import http_gate
 from services.llm.proxy import StreamingProxy
-from tests.conftest import bentoml_store, eventually, save_iris
+from tests.conftest import eventually
 from tests.integration.conftest import Background
 
 KEY_ALL = "all-models-key-0123456789"

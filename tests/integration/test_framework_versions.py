@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from bench.harness.server import Server, start_server
-from tests.conftest import bentoml_store, eventually, eventually_async, save_iris
+from bench.harness.store import bentoml_store, save_iris
+from tests.conftest import eventually, eventually_async
 
 CONFIG = "models:\n  - name: iris-svc\n    tag: iris\n    placement: service\n"
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]

@@ -23,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from bench.harness.server import Server, start_server
-from tests.conftest import bentoml_store, eventually, save_iris
+from bench.harness.store import bentoml_store, save_iris
+from tests.conftest import eventually
 
 INLINE, SERVICE = "iris", "iris-svc"
 CONFIG = (

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import bentoml_store
+from bench.harness.store import bentoml_store
 
 pytest.importorskip("gguf", reason="training.smollm2 needs the gguf package")
 pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate")
@@ -112,7 +112,7 @@ def test_smollm2_answers_through_the_router(
     import openai
 
     from bench.harness.server import start_server
-    from tests.conftest import save_iris
+    from bench.harness.store import save_iris
 
     save_iris()  # the router serves at least one classifier
     from bentoml._internal.configuration.containers import BentoMLContainer

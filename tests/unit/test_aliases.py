@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness.store import bentoml_store, save_iris
 from models import cli
 from models.aliases import ALIAS_FILE, AliasError, AliasStore
-from tests.conftest import bentoml_store, save_iris
 
 
 @pytest.fixture(scope="module")

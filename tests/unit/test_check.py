@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness.store import bentoml_store
 from models.check import check, main
-from tests.conftest import bentoml_store
 from training import iris
 
 

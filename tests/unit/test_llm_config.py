@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from bench.harness.store import bentoml_store
 from models.cli import llm as cli_llm
 from models.llm_config import (
     GIB,
@@ -30,7 +31,6 @@ from models.llm_config import (
     validate,
 )
 from models.store import StoreError
-from tests.conftest import bentoml_store
 
 # SmolLM2-135M-Instruct's config.json (the sizes that matter) and its store metadata.
 SMOL_CONFIG = {

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from bench.harness.store import bentoml_store
 from models.cli import llm as cli_llm
 from models.llm_config import LLMConfigError, safetensors_parameters
 from models.llm_store import check_hf_dir, hf_dir, save_hf_dir
 from models.store import StoreError
-from tests.conftest import bentoml_store
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -119,7 +119,7 @@ def test_save_hf_dir_round_trip(tmp_path: Path, store: Path) -> None:
 
 
 def test_hf_dir_errors(store: Path) -> None:
-    from tests.conftest import save_iris
+    from bench.harness.store import save_iris
 
     with pytest.raises(StoreError, match="not in the model store"):
         hf_dir("nothing")

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
+from bench.harness.store import bentoml_store, save_iris
 from services.ops import metrics
 from services.runtime.batcher import MicroBatcher, Result
 from services.runtime.errors import ModelNotReady
-from tests.conftest import bentoml_store, eventually, save_iris
+from tests.conftest import eventually
 
 
 def value(metric: Any, suffix: str = "", **labels: str) -> float:

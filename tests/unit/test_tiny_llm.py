@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.harness.store import bentoml_store
 from models.llm_store import FORMAT, SUBDIR, TASK, hf_dir
-from tests.conftest import bentoml_store
 
 
 @pytest.fixture(scope="module")

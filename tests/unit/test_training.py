@@ -15,9 +15,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from bench.harness.store import bentoml_store
 from models.config import Framework
 from models.store import get_model, load_object
-from tests.conftest import bentoml_store
 from training.common import TrainResult, main, store_name
 from training.ensure import DEMOS, ensure
 

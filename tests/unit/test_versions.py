@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
+from bench.harness.store import bentoml_store, save_iris
 from models.aliases import AliasStore
 from models.config import ModelEntry, parse_model_config
 from models.reload import Desired, desired, fingerprint, read_desired
 from models.versions import LATEST, ModelPlan, PlanError, plan_model, resolve_ref
-from tests.conftest import bentoml_store, save_iris
 
 # Four stored versions, oldest first. Two share the prefix "abc" so prefixes can be ambiguous.
 V1, V2, V3, V4 = "abc1x7kq", "abc2m4pz", "def3r8ts", "ghi4w2yn"
