@@ -60,6 +60,9 @@ $(STAMP): $(LOCK)
 	$(PY) -m pip install --quiet --no-deps $$extra -r $(LOCK)
 	@# servery itself, editable; its build backend (setuptools) is the lock's, not a fresh download
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@# bentoml.xgboost asks for the `xgboost` distribution; ours is named xgboost-cpu (models/xgboost_dist.py)
+	@echo 'import models.xgboost_dist; models.xgboost_dist.install()' > \
+		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/servery-xgboost-cpu.pth"
 	@touch $(STAMP)
 
 # Regenerate every lock from pyproject.toml (uv pip compile, one universal resolution each for

@@ -41,6 +41,10 @@ def wire() -> None:
     from services.settings import SETTINGS
 
     compat.apply()
+    # bentoml.xgboost with the xgboost-cpu wheel (the Bento has no servery .pth file)
+    from models import xgboost_dist
+
+    xgboost_dist.install()
     # Timeouts and request-body errors answered inside BentoML get the platform's envelope
     # (compat sits below the layers that define it).
     compat.use_envelope(
