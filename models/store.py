@@ -80,11 +80,14 @@ def save_model(
     arch: Mapping[str, Any] | None = None,
     labels: Mapping[str, str] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    holdout: np.ndarray | None = None,
 ) -> bentoml.Model:
     """Save a trained classifier as a new version of ``name`` and return the stored model.
 
     ``model`` is a fitted scikit-learn estimator with ``predict_proba``, an ``xgboost.Booster``
     (or ``XGBClassifier``), or a ``torch.nn.Module`` built by :func:`build_mlp` (pass ``arch``).
+    ``holdout``: rows the model never trained on, kept as ``holdout.npy`` (2-D float, at most 256
+    rows) for checks that need real inputs, such as ``servery models compile``.
     """
     import bentoml
 
@@ -117,6 +120,11 @@ def save_model(
             import torch
 
             torch.save(model.state_dict(), path)
+        if holdout is not None:
+            rows = np.atleast_2d(np.asarray(holdout))[:256]
+            if not np.issubdtype(rows.dtype, np.floating):
+                rows = rows.astype(np.float64)
+            np.save(bento_model.path_of("holdout.npy"), rows)
     # The object above points at BentoML's temporary build folder; return the stored copy.
     return bentoml.models.get(bento_model.tag)
 
