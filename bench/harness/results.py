@@ -42,11 +42,12 @@ def finish_run_arguments(args: Any) -> Any:
     return args
 
 
-def use_project_store(root: Path) -> Path:
-    """Like ``make``: the project's model store unless BENTOML_HOME names one (set before
-    BentoML loads); returns the store's home."""
+def use_model_store() -> Path:
+    """Like ``make`` and ``bentoml serve``: BentoML's standard model store, $BENTOML_HOME, else
+    ~/bentoml; returns its home, also set in BENTOML_HOME (before BentoML loads) so every server
+    this process starts uses the same."""
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
-    return Path(os.environ.setdefault("BENTOML_HOME", str(root / ".bentoml")))
+    return Path(os.environ.setdefault("BENTOML_HOME", str(Path.home() / "bentoml")))
 
 
 def write_section(path: Path, key: str, markdown: str) -> None:

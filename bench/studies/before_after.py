@@ -3,7 +3,7 @@
     python -m bench.studies.before_after --rev d168bef [--model breast_cancer_large]
                                          [--endpoint oip] [-c 64] [--repeats 8] [--seconds 5]
 
-Both routers serve ``--model`` inline from the project's store at once (the earlier commit from a
+Both routers serve ``--model`` inline from the model store at once (the earlier commit from a
 ``git worktree``); wrk drives one at a time, alternating which goes first each repeat, so slow
 drift of this shared VM's speed hits both alike. Prints each repeat's req/s and the ratio
 this/before, and the median ratio. Use it to find what a change costs the hot path of a model
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.harness.processes import cpu_seconds, router_workers
-from bench.harness.results import use_project_store
-from bench.harness.server import ROOT, start_server, worktree
+from bench.harness.results import use_model_store
+from bench.harness.server import start_server, worktree
 from bench.harness.subjects import load_subject, oip_bodies, predict_bodies
 from bench.harness.wrk import run_wrk
 
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--seconds", type=int, default=5)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    home = use_project_store(ROOT)
+    home = use_model_store()
     config = f"models:\n  - {{name: {args.model}, tag: {args.model}, placement: inline}}\n"
     path = "/predict" if args.endpoint == "predict" else f"/v2/models/{args.model}/infer"
     payload = bodies(args.model, args.endpoint)

@@ -27,8 +27,8 @@ HTTP front end allows for that model on this machine.
 One router serves (a), (b) and (d); then one standalone service per framework serves (c); never
 two servers at once. Each configuration is checked with one request (200, the in-process
 prediction) before it is loaded. Writes bench/out/foundation.json (raw numbers) and the
-"foundation" section of bench/RESULTS.md. The store is $BENTOML_HOME (default: the project's
-.bentoml, as ``make`` sets).
+"foundation" section of bench/RESULTS.md. The store is BentoML's standard one, $BENTOML_HOME, else
+~/bentoml (as for ``make``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from bench.harness.results import (
     finish_run_arguments,
     run_arguments,
     run_line,
-    use_project_store,
+    use_model_store,
     write_section,
 )
 from bench.harness.server import ROOT, Server, logged_errors, start_server
@@ -455,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and write bench/out/foundation.json and bench/RESULTS.md."""
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
-    home = use_project_store(ROOT)
+    home = use_model_store()
     command = " ".join(["python -m bench.studies.foundation", *map(shlex.quote, raw)])
     meta = machine(command, args.client)
     print(f"model store: {home / 'models'}; client: {meta['client']}", flush=True)

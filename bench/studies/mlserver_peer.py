@@ -7,10 +7,10 @@
 How MLServer is installed (``.venv-mlserver``, Python 3.11, its pins kept from ours) and served
 (our stored models exported into its repository) is :mod:`bench.harness.mlserver`; ``make
 peer-mlserver`` runs ``--setup``. ``--check`` serves iris (``mlserver_sklearn.SKLearnModel``) and
-breast_cancer_large (the 300-tree XGBoost, ``mlserver_xgboost.XGBoostModel``) from $BENTOML_HOME
-(default the project's ``.bentoml``) and compares one REST and one gRPC answer per model with the
-prediction in this process. ``--compare`` loads our router, then MLServer, one at a time, with
-wrk; the measured side by side is :mod:`bench.studies.peers`.
+breast_cancer_large (the 300-tree XGBoost, ``mlserver_xgboost.XGBoostModel``) from BentoML's
+model store ($BENTOML_HOME, else ~/bentoml) and compares one REST and one gRPC answer per model
+with the prediction in this process. ``--compare`` loads our router, then MLServer, one at a time,
+with wrk; the measured side by side is :mod:`bench.studies.peers`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from bench.harness.mlserver import (
     running,
     setup,
 )
-from bench.harness.server import ROOT, start_server
+from bench.harness.results import use_model_store
+from bench.harness.server import start_server
 from bench.harness.subjects import N_BODIES, OIP_DATATYPES, load_subject, oip_body
 from bench.harness.wrk import measure
 
@@ -159,8 +160,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("BENTOML_HOME", str(ROOT / ".bentoml"))
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+    use_model_store()
     if args.setup:
         setup()
         problems = pip_check()

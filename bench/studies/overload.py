@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.harness.results import OUT_DIR, RESULTS_MD, run_line, use_project_store, write_section
+from bench.harness.results import OUT_DIR, RESULTS_MD, run_line, use_model_store, write_section
 from bench.harness.server import ROOT, start_server
 from bench.harness.subjects import load_subject
 from bench.loadgen import run_load
@@ -203,7 +203,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
-    home = use_project_store(ROOT)
+    home = use_model_store()
     command = " ".join(["python -m bench.studies.overload", *map(shlex.quote, raw)])
     meta = machine(command, "aiohttp")
     subject = load_subject(args.model)

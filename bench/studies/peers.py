@@ -52,7 +52,7 @@ from bench.harness.results import (
     finish_run_arguments,
     run_arguments,
     run_line,
-    use_project_store,
+    use_model_store,
     write_section,
 )
 from bench.harness.server import ROOT, ServerProcess, metric_samples, start_server
@@ -399,7 +399,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
-    home = use_project_store(ROOT)
+    home = use_model_store()
     if wrk_path() is None:
         raise SystemExit(INSTALL_HINT)
     if "grpc" in args.protocols and args.grpc_client == "h2load" and h2load_path() is None:

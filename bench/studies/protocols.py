@@ -3,8 +3,8 @@
     python -m bench.studies.protocols [--models iris,breast_cancer_large] [--concurrency 1,16,64]
                                       [--duration 5] [--quick]
 
-One router serves every chosen model ``inline`` (from $BENTOML_HOME, default the project's
-.bentoml, as ``make`` sets). For each model and concurrency, single-row requests (rows from the
+One router serves every chosen model ``inline`` (from BentoML's model store, $BENTOML_HOME, else
+~/bentoml, as for ``make``). For each model and concurrency, single-row requests (rows from the
 model's own dataset, :mod:`bench.harness.subjects`) go through:
 
 * native REST ``POST /predict``, loaded with wrk;
@@ -46,7 +46,7 @@ from bench.harness.results import (
     finish_run_arguments,
     run_arguments,
     run_line,
-    use_project_store,
+    use_model_store,
     write_section,
 )
 from bench.harness.server import ROOT, Server, logged_errors, start_server
@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; write bench/out/protocols.json and bench/RESULTS.md ("protocols")."""
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
-    home = use_project_store(ROOT)
+    home = use_model_store()
     has_wrk = wrk_path() is not None
     if not has_wrk:
         print(f"WARNING: {INSTALL_HINT}\nnative REST runs through aiohttp.", file=sys.stderr)

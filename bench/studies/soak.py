@@ -33,7 +33,7 @@ import psutil
 
 from bench.grpc_load import H2LOAD_INSTALL_HINT, h2load_path, h2load_version, run_h2load
 from bench.harness.processes import processes
-from bench.harness.results import OUT_DIR, RESULTS_MD, run_line, use_project_store, write_section
+from bench.harness.results import OUT_DIR, RESULTS_MD, run_line, use_model_store, write_section
 from bench.harness.server import ROOT, Server, metric_samples, start_server
 from bench.harness.subjects import N_BODIES, grpc_messages, load_subject, oip_body
 from bench.harness.wrk import INSTALL_HINT, run_wrk, wrk_path, wrk_version
@@ -175,7 +175,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
-    home = use_project_store(ROOT)
+    home = use_model_store()
     if args.protocol == "rest" and wrk_path() is None:
         raise SystemExit(INSTALL_HINT)
     if args.protocol == "grpc" and h2load_path() is None:
