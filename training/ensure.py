@@ -2,8 +2,9 @@
 
     python -m training.ensure [--size small|large|all] [--seed N] [--no-progress]
 
-The store is ``$BENTOML_HOME`` (``make`` points it at ``./.bentoml``). A model counts as present
-when any version of its store name exists; delete it (``bentoml models delete NAME``) to retrain.
+The store is BentoML's standard one, ``$BENTOML_HOME``, else ``~/bentoml`` (the one ``bentoml
+serve`` and ``make serve`` use; ``make`` does not set it). A model counts as present when any
+version of its store name exists; delete it (``bentoml models delete NAME``) to retrain.
 The training scripts, and with them torch and XGBoost, are imported only for models that are
 missing, so a run with everything present takes about a second.
 """
@@ -16,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import cast
 
 from models.store import StoreError, get_model
@@ -23,6 +25,17 @@ from training.common import SIZES, Size, store_name
 
 DEMOS: tuple[str, ...] = ("iris", "breast_cancer", "digits")
 """Demo model scripts (``training.<name>``); their store names are ``name`` / ``name_large``."""
+
+OLD_PROJECT_STORE = Path(__file__).resolve().parents[1] / ".bentoml"
+"""Where ``make`` put the store before it used BentoML's standard one; only named in a hint."""
+
+
+def store_home() -> str:
+    """The BentoML home whose ``models/`` folder is the model store, as BentoML itself resolves
+    it: ``$BENTOML_HOME``, else ``~/bentoml``."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return str(BentoMLContainer.bentoml_home.get())
 
 
 def present(name: str) -> str | None:
@@ -69,9 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed for new models")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
-    # Same default as BentoML's own; printed so nobody wonders where the models went.
-    home = os.environ.get("BENTOML_HOME", os.path.join(os.path.expanduser("~"), "bentoml"))
-    print(f"model store: {os.path.join(home, 'models')}")
+    # Printed so nobody wonders where the models went.
+    home = store_home()
+    source = "$BENTOML_HOME" if "BENTOML_HOME" in os.environ else "BentoML's default, ~/bentoml"
+    print(f"model store: {os.path.join(home, 'models')} ({source})")
+    old = OLD_PROJECT_STORE
+    if "BENTOML_HOME" not in os.environ and (old / "models").is_dir():
+        print(f"note: {old}, the store make used before, is unused; BENTOML_HOME={old} keeps it")
     created = ensure(args.size, progress=not args.no_progress, seed=args.seed)
     print(f"{len(created)} model(s) trained" if created else "all demo models present")
     return 0
