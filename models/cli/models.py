@@ -6,10 +6,12 @@
     servery models rollback iris [--alias production]
     servery models export iris DEST_DIR      # every version (.bentomodel) + the alias file
     servery models import SRC_DIR            # into this store: versions, then aliases
+    servery models compile iris [--version V] [--rows FILE]   # to ONNX, as a new version
 
 The store is ``$BENTOML_HOME`` (``make`` sets the project's ``./.bentoml``). Changes print one
 line each; ``--json`` prints machine-readable output instead. A mistake (unknown model, version,
-ambiguous prefix, bad alias) is one line on stderr and exit code 2.
+ambiguous prefix, bad alias) is one line on stderr and exit code 2; a compile that is refused
+(unsupported model, too few rows, the ONNX model disagrees) says why on stderr, exit code 1.
 """
 
 from __future__ import annotations
@@ -44,6 +46,19 @@ def add_parser(subparsers: Any) -> None:
     imp = sub.add_parser("import", help="what 'servery models export' wrote: versions, aliases")
     imp.add_argument("src")
     imp.add_argument("--json", action="store_true")
+    comp = sub.add_parser(
+        "compile", help="convert a scikit-learn/XGBoost version to ONNX, check it, save it"
+    )
+    comp.add_argument("name")
+    comp.add_argument(
+        "--version", help="version, unique prefix or alias (default: production, else latest)"
+    )
+    comp.add_argument(
+        "--rows",
+        help="held-out rows to check on: .npy, or .csv (header of feature names or none); "
+        "default: the rows stored with the model",
+    )
+    comp.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
 
@@ -67,12 +82,37 @@ def describe(store: Any, name: str) -> dict[str, Any]:
     }
 
 
+def compile_version(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    from dataclasses import asdict
+
+    from models.compile import compile_model
+
+    result = compile_model(args.name, args.version, args.rows)
+    text = (
+        f"{args.name}: compiled {result.source_tag} to ONNX as version {result.version} "
+        f"({result.converter['name']}, {result.seconds:.1f}s): {result.rows} held-out rows, "
+        f"labels agree, max |probability difference| {result.max_abs_proba_diff:.2g}\n"
+        f"  shadow or promote it: servery models promote {args.name} {result.version} "
+        "--alias staging"
+    )
+    return asdict(result), text
+
+
 def run(args: argparse.Namespace) -> int:
     from models.aliases import AliasError, AliasStore, export_model, import_models
+    from models.store import StoreError
 
     store = AliasStore()
     try:
-        if args.models_command == "list":
+        if args.models_command == "compile":
+            from models.compile import CompileRefused
+
+            try:
+                out, text = compile_version(args)
+            except CompileRefused as e:
+                print(f"servery models compile: refused: {e.reason}", file=sys.stderr)
+                return 1
+        elif args.models_command == "list":
             out: Any = [describe(store, n) for n in _model_names(store) if store.versions(n)]
             text = "\n".join(
                 f"{m['name']}: {len(m['versions'])} version(s), latest {m['latest']}"
@@ -106,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             text = "\n".join(f"{n}: imported {', '.join(v)}" for n, v in out.items()) or (
                 "no new versions (aliases imported where the store had none)"
             )
-    except AliasError as e:
+    except (AliasError, StoreError) as e:
         print(f"servery models: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=2) if args.json else text)
