@@ -8,7 +8,7 @@
     servery models import SRC_DIR            # into this store: versions, then aliases
     servery models compile iris [--version V] [--rows FILE]   # to ONNX, as a new version
 
-The store is ``$BENTOML_HOME`` (``make`` sets the project's ``./.bentoml``). Changes print one
+The store is BentoML's (``$BENTOML_HOME``, else ``~/bentoml``). Changes print one
 line each; ``--json`` prints machine-readable output instead. A mistake (unknown model, version,
 ambiguous prefix, bad alias) is one line on stderr and exit code 2; a compile that is refused
 (unsupported model, too few rows, the ONNX model disagrees) says why on stderr, exit code 1.
