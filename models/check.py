@@ -3,9 +3,11 @@
     python -m models.check [MODELS_FILE]
 
 Resolves every entry of the model config (default: ``SERVERY_MODELS_FILE``) in the BentoML store
-(``$BENTOML_HOME``) without loading any framework, prints what would be served, and exits 1 with
-one clear line per problem. ``make serve`` runs it first: ``bentoml serve`` itself would retry a
-router that cannot load its models forever, printing a traceback each time.
+(``$BENTOML_HOME``, else ``~/bentoml``) and loads the version it would serve exactly as the
+servers do (:func:`models.formats.load`: the model's file, its framework, its signature, one
+warm-up call on two rows), prints what would be served, and exits 1 with one line per model that
+cannot be served, naming it and why: never a green check followed by a failing serve. ``make
+serve`` runs it first.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from models.config import ConfigError, Framework, Settings, load_model_config
-from models.store import StoreError, framework_of, get_model
+from models.config import ConfigError, Settings, load_model_config
+from models.formats import load
+from models.store import StoreError, get_model
 
 
 def check(models_file: str) -> list[str]:
@@ -27,12 +30,27 @@ def check(models_file: str) -> list[str]:
     for entry in config.models:
         try:
             bento_model = get_model(entry.store_tag)
-            framework: Framework = framework_of(bento_model, entry.framework)
+            loaded = load(bento_model, entry)
         except StoreError as e:
             problems.append(f"model '{entry.name}': {e}")
             continue
-        placement = config.placement_of(entry).value
-        print(f"  {entry.name:<24} {bento_model.tag!s:<40} {framework.value:<8} {placement}")
+        placement = config.placement_of(entry)
+        sig = loaded.signature
+        if placement.value == "service" and (
+            loaded.framework.value == "onnx" or sig.single is None
+        ):
+            problems.append(
+                f"model '{entry.name}': placement service is for one-input sklearn, xgboost "
+                "and pytorch models; set placement: inline"
+            )
+            continue
+        inputs = ", ".join(f"{t.name}{t.oip_shape()} {t.datatype}" for t in sig.inputs[:3])
+        more = f" (+{len(sig.inputs) - 3})" if len(sig.inputs) > 3 else ""
+        print(
+            f"  {entry.name:<20} {bento_model.tag!s:<36} "
+            f"{loaded.framework.value + ' (' + loaded.format.value + ')':<30} "
+            f"{sig.task.value:<14} {placement.value:<8} {inputs}{more}"
+        )
     return problems
 
 

@@ -57,6 +57,18 @@ class Framework(StrEnum):
     SKLEARN = "sklearn"
     XGBOOST = "xgboost"
     PYTORCH = "pytorch"
+    ONNX = "onnx"
+    """ONNX Runtime; inline only (no framework service hosts it)."""
+
+
+class Postprocess(StrEnum):
+    """What to make of a raw-tensor model's first output (its logits)."""
+
+    NONE = "none"
+    SOFTMAX = "softmax"
+    """Classifier: ``predict_proba`` = softmax, ``predict`` = its argmax."""
+    ARGMAX = "argmax"
+    """Classifier without probabilities: ``predict`` = the argmax."""
 
 
 class Placement(StrEnum):
@@ -278,6 +290,35 @@ class Routing(BaseModel):
         return v
 
 
+class InputDecl(BaseModel):
+    """One input of a model that does not record its own (TorchScript, a pickled PyTorch module,
+    an estimator without ``n_features_in_``), or an override of what it records."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        None, description="Input name; default input-0 (input-<i> for several)"
+    )
+    datatype: Literal[
+        "BOOL",
+        "UINT8",
+        "UINT16",
+        "UINT32",
+        "UINT64",
+        "INT8",
+        "INT16",
+        "INT32",
+        "INT64",
+        "FP16",
+        "FP32",
+        "FP64",
+        "BYTES",
+    ] = "FP32"
+    shape: list[Annotated[int, Field(ge=-1)]] = Field(
+        description="Shape of one row, without the batch dimension ([] for a scalar column)"
+    )
+
+
 class ModelEntry(BaseModel):
     """One served model."""
 
@@ -286,7 +327,18 @@ class ModelEntry(BaseModel):
     name: Annotated[str, Field(description="Name clients use in requests")]
     tag: str | None = Field(None, description="BentoML store tag; default '<name>:latest'")
     framework: Framework | None = Field(
-        None, description="Overrides the 'framework' label stored with the model"
+        None,
+        description="Overrides the framework read from the stored model (its BentoML module or "
+        "servery's 'framework' label)",
+    )
+    inputs: list[InputDecl] | None = Field(
+        None, min_length=1, description="The model's inputs, for models that do not record them"
+    )
+    postprocess: Postprocess | None = Field(
+        None, description="Raw-tensor models: softmax or argmax of the first output"
+    )
+    class_names: list[str] | None = Field(
+        None, min_length=1, description="Class labels, in the order of the model's outputs"
     )
     placement: Placement | None = None
     max_batch_size: int | None = Field(None, ge=1)

@@ -48,12 +48,15 @@ from models.config import (
     Placement,
     load_model_config,
 )
+from models.formats import framework_of
+from models.signature import OUTPUT_LABEL, OUTPUT_PROBA, Task
+from models.store import get_model
 from services.ops.heap import freeze_heap
 from services.ops.shutdown import delay_sigterm
 from services.protocols.errors import error_response
 from services.runtime.errors import InvalidInput, ModelLoadFailed, ModelNotFound, ServeryError
 from services.runtime.inputs import check_shape, finite
-from services.runtime.predictors import Runtime, load_info, load_runtime
+from services.runtime.predictors import Runtime, load_runtime
 from services.runtime.reload import DesiredWatch, FailedLoads, poll, release_memory
 from services.runtime.service_versions import (
     Key,
@@ -106,6 +109,11 @@ def _check_row(row: Row) -> Row:
             },
         )
     info = runtime.info
+    if info.n_features < 0 or info.signature.columnar:
+        raise ValueError(
+            f"model '{row.model}' takes {[t.describe() for t in info.signature.inputs]}, not one "
+            "flat row of numbers: call it on the router (POST /predict or OIP V2)"
+        )
     try:  # the one input rule (services/runtime/inputs.py), for one row
         check_shape((1, len(row.inputs)), info.n_features, 1, row.model, "'inputs'")
         finite(np.asarray([row.inputs]), info.dtype, "'inputs'")
@@ -122,9 +130,9 @@ CheckedRow = Annotated[Row, AfterValidator(_check_row)]
 class RowResult(BaseModel):
     model: str
     version: str
-    prediction: int
-    label: str
-    probabilities: list[float]
+    prediction: Any = Field(description="Class index, regression value(s), or first output")
+    label: str | None = None
+    probabilities: list[float] | None = None
 
 
 def service_config() -> dict[str, Any]:
@@ -166,17 +174,17 @@ class FrameworkService:
             if state.config.placement_of(entries[name]) is Placement.SERVICE
             and entries[name].framework in (None, self.framework)
         }
-        if errors:
-            raise ConfigError("; ".join(f"{n}: {e}" for n, e in errors.items()))
+        for name, error in errors.items():
+            # the router reports it (readiness, GET /models); the other models are served
+            logger.error("%s service: model '%s' cannot be served: %s", self.framework, name, error)
         for name, plan in self._plans.items():
             for version in plan.versions:
                 try:
                     self._store(self._load_sync(entries[name], version))
                 except _OtherFramework:
                     continue
-                except Exception:
-                    if version == plan.default:
-                        raise  # a service that cannot serve a model's default must not start
+                except Exception:  # logged and remembered by _load_sync; the others are served
+                    continue
             if (name, plan.default) in self._runtimes:
                 self._defaults[name] = plan.default
         self._publish()
@@ -195,10 +203,10 @@ class FrameworkService:
         if failed is not None:
             raise ModelLoadFailed(failed)
         try:
-            info, _ = load_info(entry, version)
-            if info.framework is not self.framework:
+            framework = framework_of(get_model(f"{entry.store_name}:{version}"), entry.framework)
+            if framework is not self.framework:
                 raise _OtherFramework(
-                    f"model '{entry.name}' version {version} is a {info.framework} model, "
+                    f"model '{entry.name}' version {version} is a {framework} model, "
                     f"not served by the {self.framework} service"
                 )
             runtime = load_runtime(entry, SETTINGS.model_threads, version)
@@ -376,14 +384,21 @@ class FrameworkService:
             runtime = await self._ensure(name, version)
             info = runtime.info
             x = np.asarray([rows[i].inputs for i in idx], dtype=info.dtype)
-            labels, proba = runtime.predict(x)
-            for i, k, p in zip(idx, labels.tolist(), proba.tolist(), strict=True):
+            outputs = runtime.predict(x)
+            first = (
+                outputs[OUTPUT_LABEL] if OUTPUT_LABEL in outputs else next(iter(outputs.values()))
+            )
+            proba = outputs.get(OUTPUT_PROBA)
+            classify = info.task is Task.CLASSIFICATION
+            names = info.class_names
+            for j, i in enumerate(idx):
+                k = first[j].tolist()
                 results[i] = RowResult(
                     model=name,
                     version=info.version,
                     prediction=k,
-                    label=info.class_names[k] if k < len(info.class_names) else str(k),
-                    probabilities=p,
+                    label=(names[k] if 0 <= k < len(names) else str(k)) if classify else None,
+                    probabilities=proba[j].tolist() if proba is not None else None,
                 )
         return results  # type: ignore[return-value]
 
@@ -394,10 +409,10 @@ class FrameworkService:
             runtime = await self._ensure(model, version)
         except ServeryError as e:
             return error_response(e)
-        if inputs.ndim != 2 or inputs.shape[1] != runtime.info.n_features:
+        single = runtime.info.signature.single
+        if single is None or inputs.shape[1:] != single.shape:
             raise ValueError(f"router sent a {inputs.shape} batch for model '{model}'")
-        labels, proba = runtime.predict(inputs)
-        return {"labels": labels, "probabilities": proba}
+        return {"outputs": runtime.predict(inputs)}
 
     @bentoml.api
     async def prepare(self, model: str, version: str) -> dict[str, Any]:

@@ -128,7 +128,7 @@ def _remote(dependency: Any, framework: Framework, health: ServiceHealth) -> Rem
     import httpx
     from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
-    async def call(name: str, version: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    async def call(name: str, version: str, x: np.ndarray) -> dict[str, np.ndarray]:
         why = health.down(framework)
         if why is not None:
             # circus keeps a dead worker's socket open until its replacement listens: a call
@@ -149,7 +149,7 @@ def _remote(dependency: Any, framework: Framework, health: ServiceHealth) -> Rem
         except BentoMLException as e:
             raise RuntimeError(f"{framework} service failed for model '{name}'") from e
         health.mark_up(framework)
-        return out["labels"], out["probabilities"]
+        return out["outputs"]  # type: ignore[no-any-return]
 
     return call
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.responses import Response
 
+from models.signature import OUTPUT_LABEL, OUTPUT_PROBA, Task
 from services.protocols.errors import error_response, from_validation_error, json_response
 from services.protocols.media import read_body
 from services.protocols.state import SCOPE_KEY, answer, registry_of
@@ -27,10 +28,26 @@ from services.runtime.registry import ROUTE_KEY_HEADER
 from services.settings import SETTINGS
 
 _ROWS_SCHEMA = {
-    "type": "array",
-    "minItems": 1,
-    "items": {"type": "array", "minItems": 1, "items": {"type": "number"}},
-    "description": "Rows x features; each row holds the model's n_features finite numbers",
+    "anyOf": [
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "array", "minItems": 1, "items": {}},
+            "description": "Rows, each nested as the model's input shape (rows x features for "
+            "a tabular model: each row holds its n_features finite numbers)",
+        },
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "object"},
+            "description": "Records, one object per row, for a model fitted on a DataFrame "
+            "(GET /models/{name}: input_schema.columns)",
+        },
+        {
+            "type": "object",
+            "description": "Input name -> rows, for a model with several inputs",
+        },
+    ],
 }
 
 
@@ -58,9 +75,18 @@ class PredictResponse(BaseModel):
         description="What chose the version: 'alias:production' or 'latest' (the default), "
         "'split:<target>' (the routing table), 'version' or 'alias:<name>' (the request)"
     )
-    predictions: list[int] = Field(description="Predicted class index per row")
-    labels: list[str] = Field(description="Predicted class name per row")
-    probabilities: list[list[float]] = Field(description="Class probabilities per row")
+    task: str = Field(description="classification, regression or tensor")
+    predictions: list[Any] = Field(
+        description="Per row: the class index (classification), the prediction (regression: a "
+        "float, or one per target), or the model's first output (tensor)"
+    )
+    labels: list[str] | None = Field(None, description="Classification: class name per row")
+    probabilities: list[list[float]] | None = Field(
+        None, description="Classification with probabilities: class probabilities per row"
+    )
+    outputs: dict[str, Any] | None = Field(
+        None, description="Tensor models: every output by name, per row"
+    )
 
 
 class ErrorBody(BaseModel):
@@ -102,7 +128,8 @@ router = APIRouter()
     },
 )
 async def predict(request: Request) -> Response:
-    """Predict classes and probabilities for ``inputs`` with ``model`` (at ``version``)."""
+    """Predict with ``model`` (at ``version``): classes and probabilities of a classifier, the
+    values of a regressor, the outputs of a tensor model."""
     call = Call()
     return await answer(request, call, _predict(request, call), error_response)
 
@@ -127,18 +154,27 @@ async def _predict(request: Request, call: Call) -> Response:
         lambda: request.headers.get(ROUTE_KEY_HEADER),
     )
     info = result.info
-    idx = result.labels.tolist()
-    names = info.class_names
-    return json_response(
-        {
-            "model": info.name,
-            "version": info.version,
-            "routed_by": result.routed_by,
-            "predictions": idx,
-            "labels": [names[i] if i < len(names) else str(i) for i in idx],
-            "probabilities": result.proba.tolist(),
-        }
-    )
+    outputs = result.outputs
+    body: dict[str, Any] = {
+        "model": info.name,
+        "version": info.version,
+        "routed_by": result.routed_by,
+        "task": info.task.value,
+    }
+    if info.task is Task.CLASSIFICATION:
+        idx = outputs[OUTPUT_LABEL].tolist()
+        names = info.class_names
+        body["predictions"] = idx
+        body["labels"] = [names[i] if 0 <= i < len(names) else str(i) for i in idx]
+        if OUTPUT_PROBA in outputs:
+            body["probabilities"] = outputs[OUTPUT_PROBA].tolist()
+    elif info.task is Task.REGRESSION:
+        body["predictions"] = outputs[OUTPUT_LABEL].tolist()
+    else:
+        listed = {name: arr.tolist() for name, arr in outputs.items()}
+        body["predictions"] = next(iter(listed.values()))
+        body["outputs"] = listed
+    return json_response(body)
 
 
 @router.get(

@@ -60,13 +60,18 @@ from services.runtime.errors import Overloaded
 if TYPE_CHECKING:
     from services.ops.metrics import BatchMetrics
 
-Result = tuple[np.ndarray, np.ndarray]
-SyncPredict = Callable[[np.ndarray], Result]
-AsyncPredict = Callable[[np.ndarray], Awaitable[Result]]
+Rows = Any
+"""A request's rows: an array ``[n, ...]``, or a dict of such arrays by input name (a model with
+several inputs, or a DataFrame model's columns)."""
+Result = Any
+"""A model call's answer for a batch: a dict of arrays by output name (a runtime's outputs), or a
+tuple of arrays; every array has one row per input row."""
+SyncPredict = Callable[[Rows], Result]
+AsyncPredict = Callable[[Rows], Awaitable[Result]]
 BatchHook = Callable[[int, int], None]
 
 # rows, the request's future, perf_counter() when it was submitted
-_Pending = tuple[np.ndarray, "asyncio.Future[Result]", float]
+_Pending = tuple[Rows, "asyncio.Future[Result]", float]
 
 logger = logging.getLogger("servery")
 
@@ -85,9 +90,11 @@ class QueueFull(Overloaded):
 class MicroBatcher:
     """Merge concurrent :meth:`submit` calls into batched ``predict`` calls.
 
-    ``predict`` takes a 2-D array and returns ``(class_indices, probabilities)`` with one row per
-    input row. With ``is_async=False`` it runs inline on the event loop (cheap in-process models);
-    with ``is_async=True`` it is awaited in a task (a call to another service), with at most
+    ``predict`` takes a batch of rows (an array, or a dict of arrays by input name: the
+    requests' rows concatenated on the first dimension) and returns a dict of arrays (or a tuple)
+    with one row per input row; each request gets its slice of every array. With
+    ``is_async=False`` it runs inline on the event loop (cheap in-process models); with
+    ``is_async=True`` it is awaited in a task (a call to another service), with at most
     ``max_in_flight`` batches outstanding: requests arriving meanwhile wait and leave together
     when a batch returns, so a slow remote model gets full batches instead of a stream of tiny
     ones that queue up behind each other.
@@ -148,7 +155,7 @@ class MicroBatcher:
         """Requests queued for a model call that has not started yet."""
         return len(self._pending)
 
-    async def submit(self, x: np.ndarray) -> Result:
+    async def submit(self, x: Rows) -> Result:
         """Queue ``x`` (validated rows) for the next flush and wait for its slice of the result.
 
         Raises :class:`QueueFull` at once when ``max_queue`` requests are unanswered already.
@@ -169,7 +176,7 @@ class MicroBatcher:
                 loop.call_soon(self._flush)
             elif self._hold is not None and (
                 0 < self._hold_until <= len(self._pending)
-                or sum(p[0].shape[0] for p in self._pending) >= self._max
+                or sum(n_rows(p[0]) for p in self._pending) >= self._max
             ):
                 # Everyone expected is back, or a full batch waits: no reason to hold any longer.
                 self._hold.cancel()
@@ -194,7 +201,7 @@ class MicroBatcher:
         chunk: list[_Pending] = []
         rows = 0
         for item in pending:
-            n = item[0].shape[0]
+            n = n_rows(item[0])
             if chunk and rows + n > self._max:
                 yield chunk
                 chunk, rows = [], 0
@@ -249,7 +256,7 @@ class MicroBatcher:
                     _fail(live, e)
                     continue
                 self._called(live, start)
-                self._scatter(live, x.shape[0], result)  # type: ignore[arg-type]
+                self._scatter(live, n_rows(x), result)
 
     async def _run_async(self, live: list[_Pending]) -> None:
         try:
@@ -262,7 +269,7 @@ class MicroBatcher:
                 _fail(live, e)
                 return
             self._called(live, start)
-            self._scatter(live, x.shape[0], result)
+            self._scatter(live, n_rows(x), result)
         finally:
             self._in_flight -= 1
             if self._pending and not self._scheduled:
@@ -278,39 +285,59 @@ class MicroBatcher:
         except Exception:  # metrics must never fail requests
             logger.exception("micro-batcher metrics failed")
 
-    def _scatter(self, live: list[_Pending], n_rows: int, result: Any) -> None:
+    def _scatter(self, live: list[_Pending], total: int, result: Any) -> None:
         """Hand each request its rows of ``result``; fail them all if ``result`` is malformed."""
         try:
-            labels, proba = result
-            if len(labels) != n_rows or len(proba) != n_rows:
-                raise RuntimeError(f"batch size mismatch: {len(labels)} results for {n_rows} rows")
+            arrays = result.values() if isinstance(result, dict) else result
+            for a in arrays:
+                if len(a) != total:
+                    raise RuntimeError(f"batch size mismatch: {len(a)} results for {total} rows")
         except Exception as e:
             _fail(live, e)
             return
         offset = 0
-        for x, fut, _ in live:
-            n = x.shape[0]
+        if len(live) == 1:
+            fut = live[0][1]
             if not fut.done():
-                fut.set_result((labels[offset : offset + n], proba[offset : offset + n]))
-            offset += n
+                fut.set_result(result)
+        else:
+            for x, fut, _ in live:
+                n = n_rows(x)
+                if not fut.done():
+                    end = offset + n
+                    if isinstance(result, dict):
+                        fut.set_result({k: v[offset:end] for k, v in result.items()})
+                    else:
+                        fut.set_result(tuple(a[offset:end] for a in result))
+                offset += n
         self.batches += 1
-        self.rows += n_rows
-        self.largest_batch = max(self.largest_batch, n_rows)
+        self.rows += total
+        self.largest_batch = max(self.largest_batch, total)
         if self._metrics is not None:
             try:
-                self._metrics.batch(n_rows, len(live))
+                self._metrics.batch(total, len(live))
             except Exception:  # metrics must never fail requests that were answered
                 logger.exception("micro-batcher metrics failed")
         if self._on_batch is not None:
             try:
-                self._on_batch(n_rows, len(live))
+                self._on_batch(total, len(live))
             except Exception:  # metrics must never fail requests that were answered
                 logger.exception("micro-batcher on_batch hook failed")
 
 
-def _stack(items: list[_Pending]) -> np.ndarray:
+def n_rows(x: Rows) -> int:
+    """Rows in a request's (or a batch's) rows."""
+    if type(x) is dict:
+        return len(next(iter(x.values())))
+    return int(x.shape[0])
+
+
+def _stack(items: list[_Pending]) -> Rows:
     if len(items) == 1:
         return items[0][0]
+    first = items[0][0]
+    if type(first) is dict:
+        return {k: np.concatenate([item[0][k] for item in items]) for k in first}
     return np.concatenate([item[0] for item in items])
 
 

@@ -10,7 +10,7 @@ decode their protocol and encode the answer; :func:`infer` does the rest, once:
    features and dtype; the one rule is :mod:`services.runtime.inputs`);
 3. **batch**: the version's micro-batcher merges the rows with concurrent requests of every
    protocol and runs the model (inline, or in its framework service);
-4. **check** the scores are finite (:func:`services.runtime.inputs.check_scores`);
+4. **check** the outputs are finite (:func:`services.runtime.inputs.check_outputs`);
 5. **shadow**: a request the table routed (no pinned version) is mirrored to the model's shadow;
 6. **count**: :class:`Call` counts the answer in the version's series
    (``servery_requests_total``, ``servery_model_request_duration_seconds``) or, when it failed
@@ -22,20 +22,21 @@ Modelled on MLServer's ``DataPlane.infer``: the protocols meet the models in one
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from services.ops import metrics
-from services.runtime.inputs import check_scores
+from services.runtime.inputs import check_outputs
 
 if TYPE_CHECKING:
     from services.runtime.predictors import ModelInfo
     from services.runtime.registry import Registry, ServedModel
 
-Decoder = Callable[["ModelInfo", int], "np.ndarray | Awaitable[np.ndarray]"]
+Decoder = Callable[["ModelInfo", int], "Any | Awaitable[Any]"]
 """(the chosen version's info, the row limit) -> the request's rows, validated for that version;
 raises a 4xx :class:`~services.runtime.errors.ServeryError`. May be a coroutine function (OIP REST
 reads its body only once the model is known)."""
@@ -63,18 +64,16 @@ class Call:
 class Inference:
     """What answered a request: the version, why it was chosen, and its outputs."""
 
-    __slots__ = ("info", "labels", "proba", "routed_by", "served")
+    __slots__ = ("info", "outputs", "routed_by", "served")
 
-    def __init__(
-        self, served: ServedModel, routed_by: str, labels: np.ndarray, proba: np.ndarray
-    ) -> None:
+    def __init__(self, served: ServedModel, routed_by: str, outputs: dict[str, np.ndarray]) -> None:
         self.served = served
         self.info: ModelInfo = served.info
         self.routed_by = routed_by
-        self.labels = labels
-        """Class index per row."""
-        self.proba = proba
-        """Class probabilities per row."""
+        self.outputs = outputs
+        """The model's outputs by name (``predict``: a classifier's class index per row, or a
+        regressor's prediction; ``predict_proba``: class probabilities; or a tensor model's own
+        outputs), one row per input row."""
 
 
 async def infer(
@@ -96,10 +95,10 @@ async def infer(
     call.served = served
     info = served.info
     x = decode(info, max_rows)
-    if not isinstance(x, np.ndarray):
+    if inspect.isawaitable(x):
         x = await x
-    labels, proba = await served.batcher.submit(x)
-    check_scores(info, proba)
+    outputs = await served.batcher.submit(x)
+    check_outputs(info, outputs)
     if version is None and routes.shadow is not None:
-        registry.mirror(routes, served, x, labels)
-    return Inference(served, how, labels, proba)
+        registry.mirror(routes, served, x, outputs)
+    return Inference(served, how, outputs)

@@ -84,7 +84,17 @@ class Loader:
             info, predict, is_async = runtime.info, runtime.predict, False
         else:
             info, _ = load_info(entry, version)
-            call = self.remote[info.framework]
+            call = self.remote.get(info.framework)
+            if call is None:
+                raise ConfigError(
+                    f"model '{entry.name}': {info.framework} models are served inline only "
+                    "(no framework service hosts them); set placement: inline"
+                )
+            if info.signature.single is None:
+                raise ConfigError(
+                    f"model '{entry.name}' takes several inputs or named columns, which are "
+                    "served inline only; set placement: inline"
+                )
 
             # servery_model_ready follows the service's health (a failed call marks it down,
             # an answered one up): Registry._publish_ready, through ServiceHealth.on_change.
@@ -124,16 +134,22 @@ class Loader:
         for name, plan in state.plans.items():
             versions = {v: loaded[(name, v)] for v in plan.versions if (name, v) in loaded}
             if plan.default not in versions:
-                errors[name] = f"default version {plan.default} did not load"
+                failure = self.failed.get((name, plan.default))
+                why = f": {failure.error}" if failure is not None else ""
+                errors[name] = f"default version {plan.default} did not load{why}"
                 continue
             models[name] = ModelRoutes(plan, versions, failures=self._failures(name, plan.versions))
         return models, errors
 
     def initial(self, config: ModelConfig | None = None) -> Registry:
-        """Load everything synchronously (at worker start); raises if a model cannot be served."""
+        """Load everything synchronously (at worker start). A model that cannot be served (not
+        in the store, or its default version fails to load) is left out with the reason: the
+        others are served, and readiness says which is missing (``Registry.ready``), instead of
+        a worker that exits and is restarted in a loop. Raises only for an unreadable models
+        file."""
         state = self.watch.first(config)
-        if state.errors:
-            raise ConfigError("; ".join(f"{n}: {e}" for n, e in state.errors.items()))
+        for name, error in state.errors.items():
+            logger.error("model '%s' cannot be served: %s", name, error)
         entries = {e.name: e for e in state.config.models}
         for name, plan in state.plans.items():
             for version in plan.versions:
@@ -142,8 +158,6 @@ class Loader:
                         entries[name], state.config, version
                     )
                 except Exception as e:
-                    if version == plan.default:
-                        raise
                     self._record_failure(entries[name], version, e)
             logger.info(
                 "serving '%s': versions %s, default %s (%s)",

@@ -38,9 +38,10 @@ import numpy as np
 
 from models.config import Placement
 from models.routing import Split
+from models.signature import OUTPUT_LABEL
 from models.versions import ModelPlan, resolve_ref
 from services.ops import metrics
-from services.runtime.batcher import MicroBatcher, Result
+from services.runtime.batcher import MicroBatcher, Result, n_rows
 from services.runtime.errors import ModelNotFound
 from services.runtime.predictors import ModelInfo
 from services.runtime.reload import poll, release_memory
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("servery")
 shadow_log = logging.getLogger("servery.shadow")
 
-# (served name, version, rows) -> (class indices, probabilities), answered by a framework service
+# (served name, version, rows) -> the outputs by name, answered by a framework service
 RemotePredict = Callable[[str, str, np.ndarray], Awaitable[Result]]
 # (served name, version) -> None once the framework service has loaded that version; raises if not
 RemotePrepare = Callable[[str, str], Awaitable[None]]
@@ -359,7 +360,7 @@ class Registry:
 
     # --- shadow traffic ------------------------------------------------------------------------
 
-    def mirror(self, routes: ModelRoutes, primary: ServedModel, x: np.ndarray, labels: Any) -> None:
+    def mirror(self, routes: ModelRoutes, primary: ServedModel, x: Any, outputs: Any) -> None:
         """Send a copy of a request the table routed to ``primary`` to the model's shadow version
         (callers check ``routes.shadow`` first: the hot path pays one attribute test)."""
         shadow = routes.shadow
@@ -370,22 +371,26 @@ class Registry:
             counter.labels(routes.name, shadow.info.version, "dropped").inc()
             return
         task = asyncio.get_running_loop().create_task(
-            self._shadow(routes.name, primary, shadow, x, labels)
+            self._shadow(routes.name, primary, shadow, x, outputs)
         )
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
 
     async def _shadow(
-        self, name: str, primary: ServedModel, shadow: ServedModel, x: np.ndarray, labels: Any
+        self, name: str, primary: ServedModel, shadow: ServedModel, x: Any, outputs: Any
     ) -> None:
         start = time.perf_counter()
         try:
-            if x.shape[1] != shadow.info.n_features:
+            want, have = shadow.info.signature, primary.info.signature
+            if not want.accepts_rows_of(have):
                 raise ValueError(
-                    f"shadow expects {shadow.info.n_features} features, request has {x.shape[1]}"
+                    f"shadow takes inputs {[t.describe() for t in want.inputs]}, the primary "
+                    f"{[t.describe() for t in have.inputs]}"
                 )
-            got, _ = await shadow.batcher.submit(x.astype(shadow.info.dtype, copy=False))
-            outcome = "agree" if np.array_equal(got, labels) else "disagree"
+            if isinstance(x, np.ndarray):
+                x = x.astype(want.inputs[0].dtype, copy=False)
+            got = await shadow.batcher.submit(x)
+            outcome = "agree" if _agree(got, outputs) else "disagree"
             detail = ""
         except Exception as e:  # a failing shadow never affects the client
             outcome, detail = "error", f" error={type(e).__name__}: {e}"
@@ -395,7 +400,7 @@ class Registry:
             name,
             primary.info.version,
             shadow.info.version,
-            x.shape[0],
+            n_rows(x),
             outcome,
             (time.perf_counter() - start) * 1000.0,
             detail,
@@ -444,3 +449,20 @@ class Registry:
         for name in self._published - self._models.keys() - self._errors.keys():
             metrics.set_model_ready(name, None)
         self._published |= self._models.keys() | self._errors.keys()
+
+
+def _agree(got: Any, want: Any) -> bool:
+    """A shadow's answer agrees with the primary's: the same ``predict`` (class indices exactly;
+    floats within 1e-5, e.g. a compiled version of the same regressor); for a tensor model, every
+    output of the primary."""
+    names = [OUTPUT_LABEL] if OUTPUT_LABEL in want else list(want)
+    for name in names:
+        a, b = got.get(name), want.get(name)
+        if a is None or b is None or np.shape(a) != np.shape(b):
+            return False
+        if np.asarray(b).dtype.kind == "f":
+            if not np.allclose(a, b, rtol=1e-5, atol=1e-5):
+                return False
+        elif not np.array_equal(a, b):
+            return False
+    return True

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from models.config import Framework, Placement
+from models.signature import Signature, TensorSpec
 from models.versions import ModelPlan
 from services.ops.health import ServiceHealth, probe_of
 from services.runtime.errors import ModelNotFound
@@ -26,10 +27,10 @@ def served(name: str, placement: Placement, framework: Framework) -> ModelRoutes
         store_name=name,
         version="v1",
         framework=framework,
-        n_features=4,
-        dtype=np.dtype("float64"),
+        signature=Signature(
+            (TensorSpec("input-0", np.dtype("float64"), (4,)),), class_names=("x", "y")
+        ),
         feature_names=["a", "b", "c", "d"],
-        class_names=["x", "y"],
         labels={},
         metadata={},
     )

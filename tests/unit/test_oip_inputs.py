@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from models.signature import Signature, TensorSpec
 from services.protocols.oip import core as oip
 from services.runtime.errors import ServeryError
+from services.runtime.inputs import holds_bool
 
 CASES: list[Any] = [
     [0.5, 1.25, -3.0, 7.0],
@@ -30,7 +32,8 @@ CASES: list[Any] = [
 
 
 def outcome(data: Any, datatype: str, dtype: str) -> Any:
-    info = SimpleNamespace(name="m", n_features=4, dtype=np.dtype(dtype))
+    spec = TensorSpec(oip.INPUT_NAME, np.dtype(dtype), (4,))
+    info = SimpleNamespace(name="m", signature=Signature((spec,)))
     tensor = oip.InputTensor(oip.INPUT_NAME, datatype, [1, 4], data)
     try:
         out = oip.rows_from_inputs([tensor], info, max_rows=10)  # type: ignore[arg-type]
@@ -67,4 +70,4 @@ def test_fast_path_values_are_the_models_dtype() -> None:
     ],
 )
 def test_holds_bool_finds_bools_at_any_depth(data: Any, expected: bool) -> None:
-    assert oip._holds_bool(data) is expected
+    assert holds_bool(data) is expected

@@ -1,5 +1,4 @@
-"""services/runtime/predictors.py: the XGBoost predictor's direct C call against XGBoost's own
-Python API."""
+"""models/formats.py: the XGBoost predictor's direct C call against XGBoost's own Python API."""
 
 from __future__ import annotations
 
@@ -9,7 +8,8 @@ import numpy as np
 import pytest
 import xgboost as xgb
 
-from services.runtime.predictors import _xgboost_dense_predict, _xgboost_predictor
+from models.formats import Format, _xgboost, _xgboost_dense_predict
+from models.signature import OUTPUT_LABEL, OUTPUT_PROBA, Task
 
 
 def booster(n_classes: int, n_features: int = 7, seed: int = 0) -> xgb.Booster:
@@ -71,7 +71,11 @@ def test_wrong_feature_count_is_refused() -> None:
 def test_binary_model_answers_both_class_probabilities() -> None:
     b = booster(2)
     x = np.random.default_rng(3).normal(size=(4, 7)).astype(np.float32)
-    proba = _xgboost_predictor(b, 1)(x)
+    loaded = _xgboost(b, Format.SERVERY, {}, None, 1)
+    assert loaded.signature.task is Task.CLASSIFICATION
+    out = loaded.predict(x)
+    proba = out[OUTPUT_PROBA]
     assert proba.shape == (4, 2)
+    np.testing.assert_array_equal(out[OUTPUT_LABEL], proba.argmax(axis=1))
     np.testing.assert_allclose(proba[:, 1], b.inplace_predict(x), rtol=0, atol=0)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from models.config import Framework
+from models.signature import Signature, Task, TensorSpec
 from services.runtime.errors import InvalidInput, PayloadTooLarge, ServeryError
 from services.runtime.inputs import to_matrix
 from services.runtime.predictors import ModelInfo, Runtime
@@ -192,6 +193,9 @@ def make_info(**overrides: Any) -> ModelInfo:
         },
     }
     fields.update(overrides)
+    spec = TensorSpec("input-0", np.dtype(fields.pop("dtype")), (fields.pop("n_features"),))
+    classes = tuple(fields.pop("class_names"))
+    fields["signature"] = Signature((spec,), (), Task.CLASSIFICATION, False, classes)
     return ModelInfo(**fields)
 
 
@@ -204,6 +208,7 @@ def test_describe() -> None:
         "version",
         "tag",
         "framework",
+        "format",
         "task",
         "input_schema",
         "class_names",
@@ -217,7 +222,10 @@ def test_describe() -> None:
     assert d["tag"] == "iris:abc123"
     assert d["framework"] == "sklearn"
     assert d["task"] == "classification"
+    assert d["format"] == "servery"
     assert d["input_schema"] == {
+        "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [],
         "n_features": 4,
         "dtype": "float32",
         "feature_names": ["sl", "sw", "pl", "pw"],
@@ -254,17 +262,19 @@ def test_validate_uses_the_model_schema() -> None:
 
 def test_runtime_predict() -> None:
     proba = np.array([[0.1, 0.7, 0.2], [0.6, 0.3, 0.1]])
-    runtime = Runtime(info=make_info(), predict_proba=lambda x: proba[: len(x)])
-    labels, out = runtime.predict(np.zeros((2, 4), dtype=F32))
-    assert labels.tolist() == [1, 0]
-    assert out is not None
-    np.testing.assert_array_equal(out, proba)
+    runtime = Runtime(
+        info=make_info(),
+        call=lambda x: {"predict": proba[: len(x)].argmax(1), "predict_proba": proba},
+    )
+    out = runtime.predict(np.zeros((2, 4), dtype=F32))
+    assert out["predict"].tolist() == [1, 0]
+    np.testing.assert_array_equal(out["predict_proba"], proba)
 
 
 def test_runtime_batch_size_mismatch() -> None:
-    runtime = Runtime(info=make_info(), predict_proba=lambda x: np.zeros((len(x) + 1, 2)))
+    runtime = Runtime(info=make_info(), call=lambda x: {"predict_proba": np.zeros((len(x) + 1, 2))})
     with pytest.raises(RuntimeError, match="batch size mismatch") as info:
         runtime.predict(np.zeros((3, 4), dtype=F32))
     msg = str(info.value)
     assert "iris:abc123" in msg
-    assert "returned 4 rows for 3 inputs" in msg
+    assert "returned 4 rows of 'predict_proba' for 3 inputs" in msg

@@ -7,61 +7,64 @@ parse and serialise (JSON in ``rest.py``, protobuf in ``grpc.py``), run the infe
 REST, gRPC and native requests for one model batch together), and map :class:`ServeryError` status
 codes to their protocol (400/404/503 over REST, INVALID_ARGUMENT/NOT_FOUND/UNAVAILABLE over gRPC).
 
-Every servery classifier has one input and two outputs:
+Inputs and outputs come from the model's :class:`~models.signature.Signature`, and the model
+metadata says exactly that:
 
-* input ``input-0``: ``[-1, n_features]``, the model's dtype (FP32 or FP64); any numeric datatype
-  is accepted and converted;
-* output ``predict``: ``INT64 [-1]``, the predicted class index per row;
-* output ``predict_proba``: ``[-1, n_classes]`` class probabilities (FP32 or FP64).
+* a one-input model takes its input (``input-0`` unless the model names it, e.g. an ONNX graph)
+  as ``[-1, *row_shape]``; any numeric datatype is accepted and converted to the model's;
+* a model with several inputs takes one tensor per input name;
+* a tabular model (a scikit-learn pipeline fitted on a DataFrame) takes one tensor per column,
+  shape ``[-1]`` or ``[-1, 1]``, ``BYTES`` for string columns, as MLServer's pandas codec
+  (``parameters.content_type: "pd"``) sends them;
+* a classifier answers ``predict`` (``INT64 [-1]``, the class index) and, when it has them,
+  ``predict_proba`` (``[-1, n_classes]``); a regressor ``predict`` (its floats); a tensor model its
+  own outputs (``output-0`` for a TorchScript model's one output).
 
-The names follow MLServer's scikit-learn runtime so existing clients keep working.
+The classifier names follow MLServer's scikit-learn runtime so existing clients keep working.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from models.signature import (
+    DEFAULT_INPUT,
+    OIP_DTYPES,
+    OUTPUT_LABEL,
+    OUTPUT_PROBA,
+    Task,
+    TensorSpec,
+    oip_datatype,
+)
 from services.runtime.errors import InvalidInput
-from services.runtime.inputs import check_shape, finite
+from services.runtime.inputs import (
+    check_names,
+    check_shape,
+    column,
+    finite,
+    holds_bool,
+    same_rows,
+    strings,
+    typed,
+)
 from services.runtime.predictors import ModelInfo
 
-INPUT_NAME = "input-0"
-OUTPUT_LABEL = "predict"
-OUTPUT_PROBA = "predict_proba"
+INPUT_NAME = DEFAULT_INPUT
 OUTPUT_NAMES = (OUTPUT_LABEL, OUTPUT_PROBA)
 
 SERVER_NAME = "servery"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS: list[str] = ["binary_tensor_data"]  # Triton's, used by tritonclient.http
 
-# OIP datatype -> numpy dtype, for the numeric tensors a classifier can take.
-NUMERIC_DTYPES: dict[str, np.dtype] = {
-    name: np.dtype(dt)
-    for name, dt in {
-        "UINT8": "uint8",
-        "UINT16": "uint16",
-        "UINT32": "uint32",
-        "UINT64": "uint64",
-        "INT8": "int8",
-        "INT16": "int16",
-        "INT32": "int32",
-        "INT64": "int64",
-        "FP16": "float16",
-        "FP32": "float32",
-        "FP64": "float64",
-    }.items()
-}
-ALL_DATATYPES = (*NUMERIC_DTYPES, "BOOL", "BYTES")
-_OIP_OF_DTYPE = {dt: name for name, dt in NUMERIC_DTYPES.items()}
-
-
-def oip_datatype(dtype: np.dtype) -> str:
-    """The OIP datatype name of a numpy dtype (FP32 for float32, ...)."""
-    return _OIP_OF_DTYPE[np.dtype(dtype)]
+# OIP datatype -> numpy dtype, for numeric tensors.
+NUMERIC_DTYPES: dict[str, np.dtype] = {k: v for k, v in OIP_DTYPES.items() if k != "BOOL"}
+ALL_DATATYPES = (*OIP_DTYPES, "BYTES")
+PANDAS = "pd"
+"""MLServer's content type for a DataFrame sent as one tensor per column."""
 
 
 def server_metadata() -> dict[str, Any]:
@@ -72,18 +75,24 @@ def model_metadata(info: ModelInfo, versions: Sequence[str] = ()) -> dict[str, A
     """OIP model metadata (``GET /v2/models/{name}``, gRPC ``ModelMetadata``).
 
     ``versions``: every served version of the model (default: just ``info``'s)."""
-    n_classes = len(info.class_names) or -1
-    dtype = oip_datatype(info.dtype)
-    return {
+    sig = info.signature
+    meta: dict[str, Any] = {
         "name": info.name,
         "versions": list(versions) or [info.version],
         "platform": info.framework.value,
-        "inputs": [{"name": INPUT_NAME, "datatype": dtype, "shape": [-1, info.n_features]}],
-        "outputs": [
-            {"name": OUTPUT_LABEL, "datatype": "INT64", "shape": [-1]},
-            {"name": OUTPUT_PROBA, "datatype": dtype, "shape": [-1, n_classes]},
-        ],
+        "inputs": [_tensor_metadata(t, sig.columnar) for t in sig.inputs],
+        "outputs": [t.describe() for t in sig.outputs],
     }
+    if sig.columnar:
+        meta["parameters"] = {"content_type": PANDAS}
+    return meta
+
+
+def _tensor_metadata(spec: TensorSpec, columnar: bool) -> dict[str, Any]:
+    out = spec.describe()
+    if columnar:
+        out["parameters"] = {"content_type": "str" if spec.is_string else "np"}
+    return out
 
 
 @dataclass(frozen=True)
@@ -105,39 +114,125 @@ class OutputTensor:
 
 
 _NUMBERS = frozenset((float, int))
-_WHAT = f"input '{INPUT_NAME}'"
 
 
-def rows_from_inputs(inputs: Sequence[InputTensor], info: ModelInfo, max_rows: int) -> np.ndarray:
-    """Validate the request's input tensors and return a 2-D array in the model's dtype.
+def rows_from_inputs(inputs: Sequence[InputTensor], info: ModelInfo, max_rows: int) -> Any:
+    """Validate the request's input tensors and return the model's rows: an array in the
+    model's dtype (one input), or a dict of arrays by input (or column) name.
 
     Raises :class:`InvalidInput` (400 on ``/v2``, INVALID_ARGUMENT on gRPC) naming the problem.
     """
+    sig = info.signature
+    single = sig.single
+    if single is not None:
+        return _single(inputs, single, info, max_rows)
+    names = [t.name for t in sig.inputs]
+    given = {t.name: t for t in inputs}
+    if len(given) != len(inputs):
+        raise InvalidInput(f"input names repeat: {[t.name for t in inputs]}")
+    check_names(set(given), names, info.name, "input(s)")
+    batch = {}
+    for spec in sig.inputs:
+        tensor = given[spec.name]
+        what = f"input '{spec.name}'"
+        shape = [int(d) for d in tensor.shape]
+        if sig.columnar:
+            # a column: [n] or [n, 1], as MLServer's pandas codec sends it
+            if len(shape) == 2 and shape[1] == 1:
+                shape = shape[:1]
+            check_shape(shape, (), max_rows, info.name, what, declared_shape=True)
+            batch[spec.name] = column(_values(tensor, spec, shape, what), spec, what)
+        else:
+            check_shape(shape, spec.shape, max_rows, info.name, what, declared_shape=True)
+            batch[spec.name] = _tensor(tensor, spec, shape, what)
+    same_rows(batch, info.name)
+    return batch
+
+
+def _single(
+    inputs: Sequence[InputTensor], spec: TensorSpec, info: ModelInfo, max_rows: int
+) -> np.ndarray:
+    name = spec.name
     if len(inputs) == 0:
-        raise InvalidInput(f"missing input '{INPUT_NAME}' for model '{info.name}'")
+        raise InvalidInput(f"missing input '{name}' for model '{info.name}'")
     if len(inputs) > 1:
         names = [t.name for t in inputs]
-        raise InvalidInput(f"model '{info.name}' takes one input '{INPUT_NAME}', got {names}")
+        raise InvalidInput(f"model '{info.name}' takes one input '{name}', got {names}")
     tensor = inputs[0]
-    if tensor.name != INPUT_NAME:
+    if tensor.name != name:
         raise InvalidInput(
-            f"unexpected input '{tensor.name}' for model '{info.name}'; expected '{INPUT_NAME}'"
+            f"unexpected input '{tensor.name}' for model '{info.name}'; expected '{name}'"
         )
+    what = f"input '{name}'"
+    shape = [int(d) for d in tensor.shape]
+    # the declared shape first: nothing is converted for a tensor that cannot be served
+    if spec.is_string:
+        check_shape(shape, spec.shape, max_rows, info.name, what, declared_shape=True)
+        return _tensor(tensor, spec, shape, what)
     src = NUMERIC_DTYPES.get(tensor.datatype)
     if src is None:
         allowed = ", ".join(NUMERIC_DTYPES)
         raise InvalidInput(
-            f"input '{INPUT_NAME}' has datatype '{tensor.datatype}'; model '{info.name}' takes "
+            f"input '{name}' has datatype '{tensor.datatype}'; model '{info.name}' takes "
             f"numeric tensors ({allowed})"
         )
-    shape = [int(d) for d in tensor.shape]
-    # the declared shape first: nothing is converted for a tensor that cannot be served
-    check_shape(shape, info.n_features, max_rows, info.name, _WHAT, declared_shape=True)
+    check_shape(shape, spec.shape, max_rows, info.name, what, declared_shape=True)
     data = tensor.data
-    out = _flat_numbers(data, src, shape) if src == info.dtype else None
+    out = (
+        _flat_numbers(data, src, shape)
+        if src == spec.dtype and spec.dtype.kind == "f" and len(shape) == 2
+        else None
+    )
     if out is None:
-        out = _converted(data, tensor.datatype, src, shape, info)
-    return finite(out, info.dtype, _WHAT)
+        out = _converted(data, tensor.datatype, src, shape, spec.dtype, what)
+    return finite(out, spec.dtype, what) if spec.dtype.kind == "f" else typed(out, spec.dtype, what)
+
+
+def _values(tensor: InputTensor, spec: TensorSpec, shape: list[int], what: str) -> Any:
+    """A tensor's values, flat, for a column of ``spec`` (strings or numbers)."""
+    if spec.is_string:
+        if tensor.datatype != "BYTES":
+            raise InvalidInput(
+                f"{what} is a string column: send datatype BYTES, not {tensor.datatype}"
+            )
+        data = tensor.data
+        values = data.reshape(-1) if isinstance(data, np.ndarray) else _flatten(data)
+    else:
+        src = NUMERIC_DTYPES.get(tensor.datatype)
+        if src is None:
+            raise InvalidInput(
+                f"{what} is a numeric column: send a numeric datatype, not {tensor.datatype}"
+            )
+        values = _converted(tensor.data, tensor.datatype, src, shape, spec.dtype, what)
+    if len(values) != shape[0]:
+        raise InvalidInput(f"{what} has {len(values)} values but shape {shape} needs {shape[0]}")
+    return values
+
+
+def _tensor(tensor: InputTensor, spec: TensorSpec, shape: list[int], what: str) -> np.ndarray:
+    """One named input of a multi-input model, in its dtype."""
+    size = int(np.prod(shape))
+    if spec.is_string:
+        if tensor.datatype != "BYTES":
+            raise InvalidInput(f"{what} takes strings: send datatype BYTES, not {tensor.datatype}")
+        data = tensor.data
+        values = data.reshape(-1) if isinstance(data, np.ndarray) else _flatten(data)
+        if len(values) != size:
+            raise InvalidInput(f"{what} has {len(values)} values but shape {shape} needs {size}")
+        return strings(np.asarray(values, dtype=object), what).reshape(shape)
+    src = NUMERIC_DTYPES.get(tensor.datatype)
+    if src is None:
+        raise InvalidInput(f"{what} has datatype '{tensor.datatype}'; it takes numbers")
+    out = _converted(tensor.data, tensor.datatype, src, shape, spec.dtype, what)
+    return finite(out, spec.dtype, what) if spec.dtype.kind == "f" else typed(out, spec.dtype, what)
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    if not any(type(v) is list for v in data):
+        return data
+    return [v for item in data for v in _flatten(item)]
 
 
 def _flat_numbers(data: Any, dtype: np.dtype, shape: list[int]) -> np.ndarray | None:
@@ -158,76 +253,84 @@ def _flat_numbers(data: Any, dtype: np.dtype, shape: list[int]) -> np.ndarray | 
 
 
 def _converted(
-    data: Any, datatype: str, src: np.dtype, shape: list[int], info: ModelInfo
+    data: Any, datatype: str, src: np.dtype, shape: list[int], dtype: np.dtype, what: str
 ) -> np.ndarray:
-    """``data`` of OIP ``datatype`` (numpy ``src``) checked and cast to the model's dtype."""
+    """``data`` of OIP ``datatype`` (numpy ``src``) checked and cast to the model's ``dtype``."""
     if isinstance(data, np.ndarray):
         arr = data
     else:
         try:
             arr = np.asarray(data)
         except (ValueError, TypeError, OverflowError):
-            raise InvalidInput(f"input '{INPUT_NAME}' data is not a regular array") from None
-        if arr.dtype.kind not in "iuf" or _holds_bool(data):
-            raise InvalidInput(f"input '{INPUT_NAME}' data does not match datatype '{datatype}'")
-    if arr.size != shape[0] * shape[1]:
-        raise InvalidInput(
-            f"input '{INPUT_NAME}' has {arr.size} values but shape {shape} needs "
-            f"{shape[0] * shape[1]}"
-        )
+            raise InvalidInput(f"{what} data is not a regular array") from None
+        if arr.dtype.kind not in "iuf" or holds_bool(data):
+            raise InvalidInput(f"{what} data does not match datatype '{datatype}'")
+    size = int(np.prod(shape))
+    if arr.size != size:
+        raise InvalidInput(f"{what} has {arr.size} values but shape {shape} needs {size}")
     if src.kind in "iu" and arr.dtype != src:
-        _check_integers(arr, src, datatype)
+        _check_integers(arr, src, datatype, what)
     with np.errstate(over="ignore", invalid="ignore"):
-        typed = arr.astype(src, copy=False) if arr.dtype != src else arr
-        return typed.reshape(shape).astype(info.dtype, copy=False)
+        typed_ = arr.astype(src, copy=False) if arr.dtype != src else arr
+        if dtype.kind in "iu" and src.kind == "f":
+            return typed_.reshape(shape)  # checked as whole numbers by typed()
+        return typed_.reshape(shape).astype(dtype, copy=False)
 
 
-def _check_integers(arr: np.ndarray, src: np.dtype, datatype: str) -> None:
+def _check_integers(arr: np.ndarray, src: np.dtype, datatype: str, what: str) -> None:
     """JSON numbers for an integer datatype must be whole and within its range: numpy's cast would
     wrap INT8 1000 to -24 and truncate 1.5 to 1 without a word (gRPC's typed fields refuse them
     on their own)."""
     if arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0):
-        raise InvalidInput(
-            f"input '{INPUT_NAME}' holds non-integer values for datatype '{datatype}'"
-        )
+        raise InvalidInput(f"{what} holds non-integer values for datatype '{datatype}'")
     limits = np.iinfo(src)
     low, high = arr.min(initial=0), arr.max(initial=0)
     if low < limits.min or high > limits.max:
         raise InvalidInput(
-            f"input '{INPUT_NAME}' holds values outside the {datatype} range "
-            f"[{limits.min}, {limits.max}]"
+            f"{what} holds values outside the {datatype} range [{limits.min}, {limits.max}]"
         )
 
 
-def _holds_bool(data: Any) -> bool:
-    """JSON true/false parse as Python bools, which numpy would silently read as 1/0."""
-    if not isinstance(data, list):
-        return isinstance(data, bool)
-    types = set(map(type, data))  # one C-level pass over a flat list
-    if bool in types:
-        return True
-    return list in types and any(_holds_bool(item) for item in data if type(item) is list)
+def bytes_elements(raw: memoryview | bytes, what: str) -> np.ndarray:
+    """A BYTES tensor's binary form (Triton's, also in gRPC ``raw_input_contents``): each element
+    a 4-byte little-endian length, then that many bytes."""
+    out: list[bytes] = []
+    view = memoryview(raw)
+    i = 0
+    while i < len(view):
+        if i + 4 > len(view):
+            raise InvalidInput(f"{what}: BYTES data ends inside an element's 4-byte length")
+        n = int.from_bytes(view[i : i + 4], "little")
+        i += 4
+        if i + n > len(view):
+            raise InvalidInput(f"{what}: a BYTES element of {n} bytes runs past the data")
+        out.append(bytes(view[i : i + n]))
+        i += n
+    arr = np.empty(len(out), dtype=object)
+    arr[:] = out
+    return arr
 
 
-def requested_outputs(names: Sequence[str] | None) -> tuple[str, ...]:
+def requested_outputs(names: Sequence[str] | None, info: ModelInfo) -> tuple[str, ...]:
     """The outputs to return (all when none are requested); unknown names are a 400."""
+    have = info.signature.output_names
     if not names:
-        return OUTPUT_NAMES
-    unknown = [n for n in names if n not in OUTPUT_NAMES]
+        return have
+    unknown = [n for n in names if n not in have]
     if unknown:
-        raise InvalidInput(f"unknown output(s) {unknown}; outputs are {list(OUTPUT_NAMES)}")
+        raise InvalidInput(f"unknown output(s) {unknown}; outputs are {list(have)}")
     return tuple(names)
 
 
 def output_tensors(
-    info: ModelInfo, labels: np.ndarray, proba: np.ndarray, names: Sequence[str]
+    info: ModelInfo, outputs: Mapping[str, np.ndarray], names: Sequence[str]
 ) -> list[OutputTensor]:
     out = []
     for name in names:
-        if name == OUTPUT_LABEL:
-            data = labels.astype(np.int64, copy=False)
-            out.append(OutputTensor(name, "INT64", [len(data)], data))
-        else:
-            data = proba.astype(info.dtype, copy=False)
-            out.append(OutputTensor(name, oip_datatype(info.dtype), list(data.shape), data))
+        data = np.asarray(outputs[name])
+        if name == OUTPUT_LABEL and info.task is Task.CLASSIFICATION:
+            data = data.astype(np.int64, copy=False)
+        elif name == OUTPUT_PROBA:
+            data = data.astype(info.dtype if info.dtype.kind == "f" else data.dtype, copy=False)
+        out.append(OutputTensor(name, oip_datatype(data.dtype), list(data.shape), data))
     return out

@@ -138,6 +138,8 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[oip.InputTensor]:
 
 
 def _from_raw(name: str, datatype: str, buf: bytes) -> Any:
+    if datatype == "BYTES":
+        return oip.bytes_elements(buf, f"input '{name}'")
     dtype = oip.NUMERIC_DTYPES.get(datatype)
     if dtype is None:
         return []
@@ -152,6 +154,10 @@ def _from_raw(name: str, datatype: str, buf: bytes) -> Any:
 
 
 def _from_contents(t: pb.ModelInferRequest.InferInputTensor) -> Any:
+    if t.datatype == "BYTES":
+        arr = np.empty(len(t.contents.bytes_contents), dtype=object)
+        arr[:] = list(t.contents.bytes_contents)
+        return arr
     dtype = oip.NUMERIC_DTYPES.get(t.datatype)
     if dtype is None:
         return []
@@ -307,12 +313,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         versions = () if request.version else self._registry.routes(request.name).ordered
         meta = oip.model_metadata(served.info, versions)
         tensor = pb.ModelMetadataResponse.TensorMetadata
+        fields = ("name", "datatype", "shape")
         return pb.ModelMetadataResponse(
             name=meta["name"],
             versions=meta["versions"],
             platform=meta["platform"],
-            inputs=[tensor(**t) for t in meta["inputs"]],
-            outputs=[tensor(**t) for t in meta["outputs"]],
+            inputs=[tensor(**{k: t[k] for k in fields}) for t in meta["inputs"]],
+            outputs=[tensor(**{k: t[k] for k in fields}) for t in meta["outputs"]],
         )
 
     async def ModelInfer(
@@ -325,10 +332,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         status = 200
         names: tuple[str, ...] = ()
 
-        def decode(info: ModelInfo, max_rows: int) -> np.ndarray:
+        def decode(info: ModelInfo, max_rows: int) -> Any:
             nonlocal names
             tensors = decode_inputs(request)
-            names = oip.requested_outputs([o.name for o in request.outputs])
+            names = oip.requested_outputs([o.name for o in request.outputs], info)
             return oip.rows_from_inputs(tensors, info, max_rows)
 
         try:
@@ -344,7 +351,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 lambda: route_key(context),
             )
             info = result.info
-            outputs = oip.output_tensors(info, result.labels, result.proba, names)
+            outputs = oip.output_tensors(info, result.outputs, names)
             return encode_response(request, info, outputs, result.routed_by)
         except Exception as e:
             status = _http_status(e)

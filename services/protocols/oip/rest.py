@@ -86,6 +86,8 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
 
 
 def _from_bytes(raw: memoryview, tensor: V2RequestInput) -> np.ndarray:
+    if tensor.datatype == "BYTES":
+        return oip.bytes_elements(raw, f"input '{tensor.name}'")
     dtype = oip.NUMERIC_DTYPES.get(tensor.datatype)
     if dtype is None:
         raise InvalidInput(
@@ -144,15 +146,16 @@ def parse_infer_request(
     return req, inputs
 
 
-def output_plan(req: V2InferenceRequest) -> tuple[list[str] | None, set[str]]:
-    """Requested output names (None: all) and the names to return as binary data."""
+def output_plan(req: V2InferenceRequest, info: ModelInfo) -> tuple[tuple[str, ...], set[str]]:
+    """The output names to return and those to return as binary data."""
     default = _flag(req.parameters, "binary_data_output", False)
     if not req.outputs:
-        return None, set(oip.OUTPUT_NAMES) if default else set()
+        names = oip.requested_outputs(None, info)
+        return names, set(names) if default else set()
     for o in req.outputs:
         _reject_unsupported(o.parameters, f"output '{o.name}'")
     binary = {o.name for o in req.outputs if _flag(o.parameters, "binary_data", default)}
-    return [o.name for o in req.outputs], binary
+    return oip.requested_outputs([o.name for o in req.outputs], info), binary
 
 
 def encode_infer_response(
@@ -202,13 +205,13 @@ async def _infer(request: Request, call: Call, name: str, version: str | None) -
     headers = request.headers
     plan: tuple[V2InferenceRequest, tuple[str, ...], set[str]] | None = None
 
-    async def decode(info: ModelInfo, max_rows: int) -> np.ndarray:
+    async def decode(info: ModelInfo, max_rows: int) -> Any:
         # The body is read once the model is known: an unknown model is 404 whatever was sent.
         nonlocal plan
         body = await read_body(request, binary=True, max_bytes=SETTINGS.max_body_bytes)
         req, inputs = parse_infer_request(body, headers.get(HEADER_LENGTH))
-        names, binary = output_plan(req)
-        plan = (req, oip.requested_outputs(names), binary)
+        names, binary = output_plan(req, info)
+        plan = (req, names, binary)
         return oip.rows_from_inputs(inputs, info, max_rows)
 
     result = await inference.infer(
@@ -223,7 +226,7 @@ async def _infer(request: Request, call: Call, name: str, version: str | None) -
     assert plan is not None  # decode ran: infer returned
     req, outputs, binary = plan
     info = result.info
-    tensors = oip.output_tensors(info, result.labels, result.proba, outputs)
+    tensors = oip.output_tensors(info, result.outputs, outputs)
     return encode_infer_response(info, req.id, tensors, binary, result.routed_by)
 
 

@@ -21,6 +21,9 @@ class V2TensorMetadata(BaseModel):
     name: str
     datatype: str
     shape: list[int]
+    parameters: Parameters | None = Field(
+        None, description="A tabular model's column: content_type 'np' or 'str'"
+    )
 
 
 class V2ServerMetadata(BaseModel):
@@ -35,6 +38,9 @@ class V2ModelMetadata(BaseModel):
     platform: str
     inputs: list[V2TensorMetadata]
     outputs: list[V2TensorMetadata]
+    parameters: Parameters | None = Field(
+        None, description="content_type 'pd': a tabular model, one input per column"
+    )
 
 
 class V2Health(BaseModel):
@@ -44,10 +50,14 @@ class V2Health(BaseModel):
 
 
 class V2RequestInput(BaseModel):
-    name: str = Field(description=f"Input name: '{oip.INPUT_NAME}'")
+    name: str = Field(
+        description=f"Input name: '{oip.INPUT_NAME}', or as the model metadata names its inputs"
+    )
     # Strict: pydantic's lax mode would read "1" and true as 1 (fuzzing found [true, 4] served).
-    shape: list[StrictInt] = Field(description="[rows, n_features]")
-    datatype: str = Field(description="Numeric OIP datatype (FP32, FP64, INT64, ...)")
+    shape: list[StrictInt] = Field(description="[rows, *row_shape], as in the model metadata")
+    datatype: str = Field(
+        description="OIP datatype (FP32, FP64, INT64, ...; BYTES for a string column)"
+    )
     parameters: Parameters | None = Field(
         None, description="'binary_data_size': bytes of this tensor after the JSON header"
     )
@@ -55,7 +65,7 @@ class V2RequestInput(BaseModel):
 
 
 class V2RequestOutput(BaseModel):
-    name: str = Field(description=f"One of {list(oip.OUTPUT_NAMES)}")
+    name: str = Field(description="One of the model's outputs (model metadata)")
     parameters: Parameters | None = Field(None, description="'binary_data': true for raw bytes")
 
 
