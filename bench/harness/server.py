@@ -122,6 +122,7 @@ def start_server(
     target: str = "services:Router",
     ready_timeout: float = 120,
     root: Path = ROOT,
+    ready_path: str = "/readyz",
 ) -> Server:
     """Start ``bentoml serve TARGET`` on a free loopback port and wait for ``/readyz``.
 
@@ -130,6 +131,8 @@ def start_server(
     too unless ``env`` names ``SERVERY_GRPC_PORT`` (every worker binds it with SO_REUSEPORT, so
     two servers on one fixed port would silently share it). ``root`` is the source tree served
     (another checkout of the project, e.g. an older commit for a before/after benchmark).
+    ``ready_path``: what answers 200 once the server is up (``/livez`` for a server that is
+    meant to start not ready).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -162,7 +165,7 @@ def start_server(
         grpc_port=int(full_env["SERVERY_GRPC_PORT"]),
     )
     server.wait_ready(
-        lambda: httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200,
+        lambda: httpx.get(f"{server.url}{ready_path}", timeout=2).status_code == 200,
         ready_timeout,
         "server",
     )

@@ -64,7 +64,7 @@ def load_subject(name: str) -> Subject:
     info = runtime.info
     seed = int(info.metadata.get("params", {}).get("seed", 0))
     rows = dataset_rows(info.store_name, info.n_features, seed).astype(info.dtype)
-    labels, _ = runtime.predict(rows[:N_BODIES])
+    labels = runtime.predict(rows[:N_BODIES])["predict"]
     return Subject(name, str(info.framework), runtime, rows, labels.tolist())
 
 

@@ -50,7 +50,8 @@ def check_model(server: MLServer, name: str) -> dict[str, Any]:
 
     subject = load_subject(name)
     row = subject.rows[0]
-    labels, proba = subject.runtime.predict(row[None, :])
+    out = subject.runtime.predict(row[None, :])
+    labels, proba = out["predict"], out["predict_proba"]
     url = f"{server.url}/v2/models/{name}/infer"
     default = httpx.post(url, json=oip_body(row), timeout=10)
     default.raise_for_status()

@@ -63,7 +63,8 @@ def local_predict(demo_store: Path):
 
     def predict(served_name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         runtime = runtimes[PLACEMENTS[served_name]]
-        return runtime.predict(np.asarray(rows, dtype=runtime.info.dtype))
+        out = runtime.predict(np.asarray(rows, dtype=runtime.info.dtype))
+        return out["predict"], out["predict_proba"]
 
     return predict
 

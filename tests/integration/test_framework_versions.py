@@ -31,7 +31,7 @@ def local_proba(home: Path, version: str) -> np.ndarray:
 
     with bentoml_store(home):
         runtime = load_runtime(ModelEntry(name="iris-svc", tag="iris"), version=version)
-    return runtime.predict(np.asarray(ROWS, dtype=runtime.info.dtype))[1]
+    return runtime.predict(np.asarray(ROWS, dtype=runtime.info.dtype))["predict_proba"]
 
 
 @dataclass
