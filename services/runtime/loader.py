@@ -149,7 +149,12 @@ class Loader:
         file."""
         state = self.watch.first(config)
         for name, error in state.errors.items():
-            logger.error("model '%s' cannot be served: %s", name, error)
+            logger.error(
+                "model '%s' cannot be served: %s (the other models are served; `python -m "
+                "models.check` lists every problem, `make models` trains the demo models)",
+                name,
+                error,
+            )
         entries = {e.name: e for e in state.config.models}
         for name, plan in state.plans.items():
             for version in plan.versions:

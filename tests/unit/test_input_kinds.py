@@ -149,7 +149,12 @@ def test_metadata_tells_the_truth() -> None:
     sig = TABLE.with_outputs([TensorSpec("predict", np.dtype("int64"), ())])
     meta = oip.model_metadata(
         SimpleNamespace(
-            name="m", version="v", signature=sig, framework=SimpleNamespace(value="sklearn")
+            name="m",
+            version="v",
+            signature=sig,
+            framework=SimpleNamespace(value="sklearn"),
+            task=sig.task,
+            dtype=np.dtype("float64"),
         )
     )
     assert meta["parameters"] == {"content_type": "pd"}

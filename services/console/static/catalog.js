@@ -70,7 +70,13 @@ function classifierCard(m) {
       ],
       ["Routing", routing.split?.length ? splitBar(routing.split) : `all to the default`],
       ["Shadow", routing.shadow ? shortVersion(routing.shadow) : null],
-      ["Input", `${schema.n_features} × ${schema.dtype}`],
+      ["Task", m.task],
+      [
+        "Input",
+        Number.isInteger(schema.n_features)
+          ? `${schema.n_features} × ${schema.dtype}`
+          : (schema.inputs || []).map((t) => `${t.name} [${t.shape.join(", ")}] ${t.datatype}`).join("; "),
+      ],
       ["Classes", (m.class_names || []).join(", ")],
       ["Placement", m.placement],
     ]),

@@ -27,7 +27,9 @@ export class Try {
   }
 
   setModels(models) {
-    const served = models.filter((m) => m.versions && m.input_schema);
+    // The form sends one flat row of numbers: models with n-D, named or string inputs are
+    // called through the API (their inputs are listed in the catalog).
+    const served = models.filter((m) => m.versions && Number.isInteger(m.input_schema?.n_features));
     const changed = served.map((m) => m.name).join() !== [...this.models.keys()].join();
     this.models = new Map(served.map((m) => [m.name, m]));
     if (changed) {
@@ -129,9 +131,9 @@ export class Try {
   show(answer, took) {
     const model = this.models.get(answer.model);
     const names = model?.class_names || [];
-    const proba = answer.probabilities[0];
+    const proba = answer.probabilities?.[0] || [];
     const top = answer.predictions[0];
-    $("try-class").textContent = answer.labels[0];
+    $("try-class").textContent = answer.labels?.[0] ?? JSON.stringify(top);
     $("try-meta").textContent =
       `${answer.model} version ${shortVersion(answer.version)}, chosen by ${answer.routed_by}; ` +
       `answered in ${num(took)} ms (in this browser).`;

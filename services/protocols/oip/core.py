@@ -81,7 +81,14 @@ def model_metadata(info: ModelInfo, versions: Sequence[str] = ()) -> dict[str, A
         "versions": list(versions) or [info.version],
         "platform": info.framework.value,
         "inputs": [_tensor_metadata(t, sig.columnar) for t in sig.inputs],
-        "outputs": [t.describe() for t in sig.outputs],
+        "outputs": [
+            {
+                "name": t.name,
+                "datatype": oip_datatype(_wire_dtype(info, t.name, t.dtype)),
+                "shape": t.oip_shape(),
+            }
+            for t in sig.outputs
+        ],
     }
     if sig.columnar:
         meta["parameters"] = {"content_type": PANDAS}
@@ -328,9 +335,17 @@ def output_tensors(
     out = []
     for name in names:
         data = np.asarray(outputs[name])
-        if name == OUTPUT_LABEL and info.task is Task.CLASSIFICATION:
-            data = data.astype(np.int64, copy=False)
-        elif name == OUTPUT_PROBA:
-            data = data.astype(info.dtype if info.dtype.kind == "f" else data.dtype, copy=False)
+        data = data.astype(_wire_dtype(info, name, data.dtype), copy=False)
         out.append(OutputTensor(name, oip_datatype(data.dtype), list(data.shape), data))
     return out
+
+
+def _wire_dtype(info: ModelInfo, name: str, dtype: np.dtype) -> np.dtype:
+    """The datatype an output is sent (and described) in: a classifier's class index as INT64,
+    its probabilities in the model's float input dtype (FP32 for an FP32 model, whatever the
+    framework computed them in), anything else as the model computed it."""
+    if name == OUTPUT_LABEL and info.task is Task.CLASSIFICATION:
+        return np.dtype(np.int64)
+    if name == OUTPUT_PROBA and info.dtype.kind == "f":
+        return info.dtype
+    return np.dtype(dtype)
