@@ -1,10 +1,14 @@
-"""How servery models live in the BentoML model store: one file format per framework.
+"""servery's own model format in the BentoML model store: one file format per framework.
 
-Every model is saved with :func:`save_model` through ``bentoml.models.create`` (the framework
-helpers are not used: ``bentoml.xgboost`` fails with the ``xgboost-cpu`` wheel and
-``bentoml.pytorch`` is deprecated and breaks on torch >= 2.6, see docs/internals/stack.md). Each
-version holds one
-file named by :data:`MODEL_FILES` plus labels and metadata:
+It is one of the formats servery serves (:mod:`models.formats`), beside models saved with
+BentoML's framework APIs (``bentoml.sklearn``, ``bentoml.xgboost``, ``bentoml.torchscript``,
+``bentoml.pytorch``, ``bentoml.onnx``). :func:`save_model` saves through
+``bentoml.models.create`` and records what those do not: metrics, training parameters, a data
+hash and, optionally, hold-out rows (``holdout.npy``). ``bentoml.xgboost`` works with the
+``xgboost-cpu`` wheel through :mod:`models.xgboost_dist`; ``bentoml.pytorch`` models are loaded
+with ``torch.load(weights_only=False)`` directly (:mod:`models.formats.torch_models`), as
+BentoML's loader breaks on torch >= 2.6. Each version holds one file named by
+:data:`MODEL_FILES` plus labels and metadata:
 
 labels
     ``framework`` (sklearn | xgboost | pytorch), ``task`` (classification), ``servery`` ("1")
