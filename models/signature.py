@@ -89,6 +89,8 @@ class TensorSpec:
     """Per row (no batch dimension); -1 is any size."""
     categories: tuple[str, ...] = ()
     """For a string column: the values the model was trained on (first one used to warm up)."""
+    closed: bool = False
+    """Only ``categories`` are valid (the model's encoder refuses any other value)."""
 
     @property
     def datatype(self) -> str:
@@ -113,7 +115,14 @@ class TensorSpec:
         return np.zeros(shape, dtype=self.dtype)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": self.oip_shape()}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "datatype": self.datatype,
+            "shape": self.oip_shape(),
+        }
+        if self.closed:
+            out["categories"] = list(self.categories)
+        return out
 
 
 @dataclass(frozen=True)

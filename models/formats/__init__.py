@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.config import Framework, ModelEntry
+from models.config import Framework, ModelEntry, Postprocess
 from models.formats.common import (
     FILES,
     FRAMEWORK_OF_FORMAT,
@@ -48,7 +48,7 @@ from models.formats.onnx_models import load_onnx
 from models.formats.sklearn_models import load_sklearn, sklearn_object
 from models.formats.torch_models import load_torch
 from models.formats.xgboost_models import load_xgboost, xgboost_object
-from models.signature import TensorSpec
+from models.signature import OUTPUT_PROBA, TensorSpec
 from models.store import StoreError
 
 if TYPE_CHECKING:
@@ -120,6 +120,16 @@ def load(bento_model: bentoml.Model, entry: ModelEntry | None = None, threads: i
             f"'{framework}' (remove 'framework' from its entry)"
         )
     meta = dict(bento_model.info.metadata)
+    how = entry.postprocess if entry is not None else None
+    if how not in (None, Postprocess.NONE) and (
+        framework in (Framework.SKLEARN, Framework.XGBOOST)
+        or fmt is Format.SERVERY
+        or meta.get("task") in ("classification", "regression")
+    ):
+        raise StoreError(
+            f"model {bento_model.tag} ({fmt.value}) answers predictions itself; 'postprocess: "
+            f"{how}' is for raw-tensor models (TorchScript, PyTorch, ONNX): remove it"
+        )
     try:
         if framework is Framework.SKLEARN:
             loaded = load_sklearn(sklearn_object(bento_model, fmt), fmt, meta, entry, threads)
@@ -139,6 +149,17 @@ def load(bento_model: bentoml.Model, entry: ModelEntry | None = None, threads: i
     return _warmed_up(bento_model, loaded)
 
 
+def _hint(loaded: Loaded) -> str:
+    if loaded.format is Format.ONNX:
+        return (
+            " (servery batches rows on the first dimension: export the graph with a dynamic "
+            "first dimension, e.g. dynamic_axes / dynamic_shapes for the batch)"
+        )
+    if loaded.framework is Framework.PYTORCH and loaded.format is not Format.SERVERY:
+        return " (declare the input's per-row shape in the model config: inputs:)"
+    return ""
+
+
 def _warmed_up(bento_model: bentoml.Model, loaded: Loaded) -> Loaded:
     """Call the model once (first calls allocate), and read its outputs' dtypes and shapes."""
     sig = loaded.signature
@@ -147,8 +168,7 @@ def _warmed_up(bento_model: bentoml.Model, loaded: Loaded) -> Loaded:
     except Exception as e:
         raise StoreError(
             f"model {bento_model.tag} fails on a batch of 2 rows of its inputs "
-            f"{[t.describe() for t in sig.inputs]}: {type(e).__name__}: {e}"
-            + (" (declare the right shape in the model config: inputs:)" if sig.inputs else "")
+            f"{[t.describe() for t in sig.inputs]}: {type(e).__name__}: {e}{_hint(loaded)}"
         ) from e
     specs = []
     for name, arr in out.items():
@@ -159,6 +179,12 @@ def _warmed_up(bento_model: bentoml.Model, loaded: Loaded) -> Loaded:
                 "for 2 rows; servery batches rows on the first dimension"
             )
         specs.append(TensorSpec(name, arr.dtype, tuple(arr.shape[1:])))
+    proba = out.get(OUTPUT_PROBA)
+    if sig.class_names and proba is not None and np.shape(proba)[1:] != (len(sig.class_names),):
+        raise StoreError(
+            f"model {bento_model.tag} has {len(sig.class_names)} class names "
+            f"{list(sig.class_names)[:10]} but answers {np.shape(proba)[1:]} probabilities per row"
+        )
     return Loaded(
         loaded.format,
         loaded.framework,

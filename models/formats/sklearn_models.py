@@ -34,21 +34,25 @@ def sklearn_object(bento_model: bentoml.Model, fmt: Format) -> Any:
     return load_object(bento_model, Framework.SKLEARN)
 
 
-def _string_columns(estimator: Any) -> dict[str, tuple[str, ...]]:
+def _string_columns(estimator: Any) -> dict[str, tuple[tuple[str, ...], bool]]:
     """Columns a fitted estimator encodes as categories of strings (its encoders' inputs), with
-    the categories: found through every ColumnTransformer and Pipeline inside it."""
+    the categories and whether the encoder refuses others (``handle_unknown="error"``, the
+    default): found through every ColumnTransformer and Pipeline inside it."""
     from sklearn.compose import ColumnTransformer
     from sklearn.pipeline import Pipeline
 
-    found: dict[str, tuple[str, ...]] = {}
+    found: dict[str, tuple[tuple[str, ...], bool]] = {}
 
     def walk(est: Any, columns: Any) -> None:
         if isinstance(est, Pipeline):
-            if est.steps:
-                walk(est.steps[0][1], columns)
-            for _, step in est.steps[1:]:
+            # The columns reach each step until one encodes them (an imputer, then an encoder)
+            for _, step in est.steps:
                 if isinstance(step, ColumnTransformer):
                     walk(step, None)
+                elif columns:
+                    walk(step, columns)
+                    if getattr(step, "categories_", None) is not None:
+                        columns = None
             return
         if isinstance(est, ColumnTransformer):
             for _, trans, cols in getattr(est, "transformers_", ()):
@@ -61,10 +65,11 @@ def _string_columns(estimator: Any) -> dict[str, tuple[str, ...]]:
             return
         cats = getattr(est, "categories_", None)
         if cats is not None and columns:
+            closed = getattr(est, "handle_unknown", "error") == "error"
             for col, values in zip(columns, cats, strict=False):
                 values = np.asarray(values)
                 if values.dtype.kind in "OUS":
-                    found[col] = tuple(str(v) for v in values if isinstance(v, str))
+                    found[col] = (tuple(str(v) for v in values if isinstance(v, str)), closed)
 
     walk(estimator, None)
     return found
@@ -86,7 +91,7 @@ def load_sklearn(
         strings = _string_columns(est)
         feature_names = tuple(str(c) for c in columns)
         inputs = tuple(
-            TensorSpec(c, STRING, (), strings[c])
+            TensorSpec(c, STRING, (), *strings[c])
             if c in strings
             else TensorSpec(c, np.dtype("float64"), ())
             for c in feature_names

@@ -80,8 +80,9 @@ def check_shape(
             param="inputs",
         )
     if len(row) == 1 and row[0] >= 0 and shape[1] != row[0]:
+        where = "" if what == "'inputs'" else f"{what}: "
         raise InvalidInput(
-            f"model '{name}' expects {row[0]} features per row, got {shape[1]}",
+            f"{where}model '{name}' expects {row[0]} features per row, got {shape[1]}",
             param="inputs",
         )
     if wrong and shape[0] >= 1:
@@ -259,7 +260,19 @@ def records(inputs: Any, signature: Signature, max_rows: int, name: str) -> dict
 def column(values: Sequence[Any] | np.ndarray, spec: TensorSpec, what: str) -> np.ndarray:
     """One column's values (a list of JSON scalars, or a decoded tensor) in its dtype."""
     if spec.is_string:
-        return strings(np.asarray(values, dtype=object).reshape(-1), what)
+        out = strings(np.asarray(values, dtype=object).reshape(-1), what)
+        if spec.closed:
+            known = set(spec.categories)
+            bad = [i for i, v in enumerate(out) if v not in known]
+            if bad:
+                shown = ", ".join(map(repr, spec.categories[:20]))
+                more = ", ..." if len(spec.categories) > 20 else ""
+                raise InvalidInput(
+                    f"{what} has {out[bad[0]]!r:.40} (row {bad[0]}), which the model does not "
+                    f"know; it takes one of [{shown}{more}]",
+                    param="inputs",
+                )
+        return out
     if isinstance(values, np.ndarray) and values.dtype.kind in _NUMERIC_KINDS:
         return typed(values.reshape(-1), spec.dtype, what)
     for i, v in enumerate(values):

@@ -96,7 +96,7 @@ def model_metadata(info: ModelInfo, versions: Sequence[str] = ()) -> dict[str, A
 
 
 def _tensor_metadata(spec: TensorSpec, columnar: bool) -> dict[str, Any]:
-    out = spec.describe()
+    out: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": spec.oip_shape()}
     if columnar:
         out["parameters"] = {"content_type": "str" if spec.is_string else "np"}
     return out
