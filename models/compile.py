@@ -164,29 +164,30 @@ def load_source(name: str, ref: str | None) -> Source:
     if info.module == "bentoml.onnx" or "compiled" in labels:
         source = labels.get("compiled_from", "?")
         raise CompileRefused(f"{tag} is already a compiled (ONNX) version, of version {source}")
-    if info.module in ("bentoml.sklearn", "bentoml.xgboost"):
-        import bentoml
+    # loaded as the servers load it (models/formats), whichever API saved it
+    from models.config import Framework
+    from models.formats import format_of, framework_of
+    from models.formats.sklearn_models import sklearn_object
+    from models.formats.xgboost_models import xgboost_object
+    from models.store import StoreError
 
-        from models.xgboost_dist import install
-
-        install()  # bentoml.xgboost looks up the `xgboost` distribution (xgboost-cpu here)
-        kind = info.module.removeprefix("bentoml.")
-        obj = getattr(bentoml, kind).load_model(bento_model)
-    elif labels.get("servery") or "framework" in labels:
-        from models.config import Framework
-        from models.store import framework_of, load_object
-
-        framework = framework_of(bento_model)
-        if framework is Framework.PYTORCH:
-            raise CompileRefused(
-                f"{tag} is a PyTorch model: compile converts scikit-learn and XGBoost models only"
-            )
-        obj, kind = load_object(bento_model, framework), framework.value
+    try:
+        fmt, framework = format_of(bento_model), framework_of(bento_model)
+    except StoreError as e:
+        raise CompileRefused(
+            f"{e}; compile takes models saved by models.store.save_model, bentoml.sklearn or "
+            "bentoml.xgboost"
+        ) from None
+    if framework is Framework.SKLEARN:
+        obj = sklearn_object(bento_model, fmt)
+    elif framework is Framework.XGBOOST:
+        obj = xgboost_object(bento_model, fmt)
     else:
         raise CompileRefused(
-            f"{tag} was saved with {info.module or 'an unknown module'}; compile takes models "
-            "saved by models.store.save_model, bentoml.sklearn or bentoml.xgboost"
+            f"{tag} is a {framework} model ({fmt.value}): compile converts scikit-learn and "
+            "XGBoost models only"
         )
+    kind = framework.value
     n_features, classes = _inspect(tag, kind, obj)
     names = [str(f) for f in meta.get("feature_names") or []]
     if not names:
