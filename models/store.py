@@ -24,6 +24,7 @@ model config; nothing else.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -191,5 +192,9 @@ def load_object(bento_model: bentoml.Model, framework: Framework, threads: int =
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         net.eval()
         return net
-    except (OSError, KeyError) as e:
-        raise StoreError(f"model {bento_model.tag} has no readable {framework} file: {e}") from e
+    except (OSError, KeyError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        # a missing, truncated or foreign file: joblib reports a damaged pickle as KeyError(110)
+        raise StoreError(
+            f"model {bento_model.tag}: its {framework} file {MODEL_FILES[framework]} cannot be "
+            f"loaded ({type(e).__name__}: {e})"
+        ) from e
