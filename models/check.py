@@ -12,6 +12,7 @@ serve`` runs it first.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -57,7 +58,9 @@ def check(models_file: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     models_file = args[0] if args else str(Settings().models_file)
+    home = os.environ.get("BENTOML_HOME") or os.path.join(os.path.expanduser("~"), "bentoml")
     print(f"model config: {models_file}")
+    print(f"model store:  {os.path.join(home, 'models')}")
     problems = check(models_file)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
