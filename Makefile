@@ -14,6 +14,7 @@
 #               from your environment, else ~/bentoml, the same one `bentoml serve` and `servery`
 #               use (`make serve BENTOML_HOME=/somewhere` serves another)
 #   BENCH_ARGS  extra arguments for `make bench` / `make bench-protocols` / `make bench-peers`
+#               / `make bench-formats`
 #               (e.g. BENCH_ARGS="--quick --models iris")
 #
 # The environment is exactly a lock file (requirements-*.txt), written by `make lock` from
@@ -36,7 +37,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.servery-installed
 LOCK := requirements-dev-$(BUILD).txt
 
-.PHONY: serve test lock models models-llm models-large bench bench-protocols bench-peers bench-versioning bench-llm bench-overload peer-mlserver lint clean help
+.PHONY: serve test lock models models-llm models-large bench bench-protocols bench-peers bench-versioning bench-formats bench-llm bench-overload peer-mlserver lint clean help
 
 help:
 	@awk '/^#/ {print; next} {exit}' Makefile
@@ -160,6 +161,14 @@ bench-versioning: $(STAMP)
 	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
 		{ echo "bench-versioning needs wrk: apt-get install -y wrk"; exit 1; }
 	$(PY) -m bench.studies.versioning $(BENCH_ARGS)
+
+# A model saved with BentoML's API vs servery's format, and compiled (ONNX) vs native, on one router,
+# OIP REST at c=64 (bench/RESULTS.md, "formats" section); trains its own models into a temporary
+# store. About 8 minutes; BENCH_ARGS=--quick about 1.
+bench-formats: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
+		{ echo "bench-formats needs wrk: apt-get install -y wrk"; exit 1; }
+	$(PY) -m bench.studies.formats $(BENCH_ARGS)
 
 # servery vs bare vLLM's OpenAI server (as-is and pinned like servery) on the same model, one server
 # at a time (bench/RESULTS.md, "llm" section). tiny ~9 min; BENCH_ARGS="--model smollm2 --output-tokens 64" ~10 min.
