@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -138,12 +139,12 @@ class Signature:
     (MLServer's pandas codec, ``content_type: "pd"``)."""
     class_names: tuple[str, ...] = ()
 
-    @property
+    @cached_property
     def single(self) -> TensorSpec | None:
         """The one input of a single-tensor model; None for several inputs or columns."""
         return self.inputs[0] if len(self.inputs) == 1 and not self.columnar else None
 
-    @property
+    @cached_property
     def n_features(self) -> int:
         """Values per row of a flat single-input model, or columns of a tabular one; -1 else."""
         if self.columnar:
@@ -153,7 +154,7 @@ class Signature:
             return single.shape[0]
         return -1
 
-    @property
+    @cached_property
     def output_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.outputs)
 

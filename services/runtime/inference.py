@@ -95,7 +95,7 @@ async def infer(
     call.served = served
     info = served.info
     x = decode(info, max_rows)
-    if inspect.isawaitable(x):
+    if type(x) is not np.ndarray and inspect.isawaitable(x):
         x = await x
     outputs = await served.batcher.submit(x)
     check_outputs(info, outputs)

@@ -58,10 +58,14 @@ def check_shape(
     model's values per row (a flat model) or its per-row shape (``-1``: any size);
     ``declared_shape``: the client sent the shape (an OIP tensor's), so a wrong one is quoted as
     sent."""
-    if isinstance(n_features, int):
+    if type(n_features) is int:
+        if len(shape) == 2 and shape[1] == n_features and 1 <= shape[0] <= max_rows:
+            return  # the common request (a flat model's rows), in a few comparisons
         row: tuple[int, ...] = (n_features,)
     else:
         row = tuple(n_features)
+        if len(row) == 1 and len(shape) == 2 and shape[1] == row[0] and 1 <= shape[0] <= max_rows:
+            return
     wrong = (
         len(shape) != 1 + len(row)
         or any(e >= 0 and g != e for g, e in zip(shape[1:], row, strict=False))

@@ -11,6 +11,7 @@ in another process.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,22 @@ class ModelInfo:
     def dtype(self) -> np.dtype:
         """The dtype of a one-input model's input (the first input's otherwise)."""
         return self.signature.inputs[0].dtype
+
+    @cached_property
+    def output_dtypes(self) -> dict[str, np.dtype]:
+        """The dtype each output is answered in (every protocol): a classifier's class index as
+        int64, its probabilities in the model's float input dtype (float32 for a float32 model,
+        whatever the framework computed them in), anything else as the model computes it."""
+        floats = self.dtype if self.dtype.kind == "f" else None
+        out = {}
+        for spec in self.signature.outputs:
+            dtype = spec.dtype
+            if spec.name == OUTPUT_LABEL and self.task is Task.CLASSIFICATION:
+                dtype = np.dtype(np.int64)
+            elif spec.name == OUTPUT_PROBA and floats is not None:
+                dtype = floats
+            out[spec.name] = dtype
+        return out
 
     def validate(self, inputs: Any, max_rows: int) -> Any:
         """Turn a JSON ``inputs`` value into this model's rows, or raise a 4xx error."""

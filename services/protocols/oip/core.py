@@ -36,7 +36,6 @@ from models.signature import (
     OIP_DTYPES,
     OUTPUT_LABEL,
     OUTPUT_PROBA,
-    Task,
     TensorSpec,
     oip_datatype,
 )
@@ -84,7 +83,7 @@ def model_metadata(info: ModelInfo, versions: Sequence[str] = ()) -> dict[str, A
         "outputs": [
             {
                 "name": t.name,
-                "datatype": oip_datatype(_wire_dtype(info, t.name, t.dtype)),
+                "datatype": oip_datatype(info.output_dtypes.get(t.name, t.dtype)),
                 "shape": t.oip_shape(),
             }
             for t in sig.outputs
@@ -332,20 +331,17 @@ def requested_outputs(names: Sequence[str] | None, info: ModelInfo) -> tuple[str
 def output_tensors(
     info: ModelInfo, outputs: Mapping[str, np.ndarray], names: Sequence[str]
 ) -> list[OutputTensor]:
+    wire = info.output_dtypes
     out = []
     for name in names:
-        data = np.asarray(outputs[name])
-        data = data.astype(_wire_dtype(info, name, data.dtype), copy=False)
-        out.append(OutputTensor(name, oip_datatype(data.dtype), list(data.shape), data))
+        data = outputs[name]
+        dtype = wire.get(name, data.dtype)
+        if data.dtype != dtype:
+            data = data.astype(dtype)
+        out.append(
+            OutputTensor(name, _DATATYPES.get(dtype) or oip_datatype(dtype), list(data.shape), data)
+        )
     return out
 
 
-def _wire_dtype(info: ModelInfo, name: str, dtype: np.dtype) -> np.dtype:
-    """The datatype an output is sent (and described) in: a classifier's class index as INT64,
-    its probabilities in the model's float input dtype (FP32 for an FP32 model, whatever the
-    framework computed them in), anything else as the model computed it."""
-    if name == OUTPUT_LABEL and info.task is Task.CLASSIFICATION:
-        return np.dtype(np.int64)
-    if name == OUTPUT_PROBA and info.dtype.kind == "f":
-        return info.dtype
-    return np.dtype(dtype)
+_DATATYPES = {np.dtype(dt): name for name, dt in OIP_DTYPES.items()}
