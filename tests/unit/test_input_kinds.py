@@ -155,6 +155,7 @@ def test_metadata_tells_the_truth() -> None:
             framework=SimpleNamespace(value="sklearn"),
             task=sig.task,
             dtype=np.dtype("float64"),
+            output_dtypes={"predict": np.dtype("int64")},
         )
     )
     assert meta["parameters"] == {"content_type": "pd"}
