@@ -110,6 +110,8 @@ class CompileResult:
     outputs: dict[str, str]
     converter: dict[str, Any]
     seconds: float
+    pinned_production: str | None = None
+    """The source version, when compile pointed the (absent) ``production`` alias at it."""
 
 
 def compile_model(
@@ -137,6 +139,7 @@ def compile_model(
     refusal = explain(agreement, source, tolerance)
     if refusal:
         raise CompileRefused(f"{source.tag}: the ONNX model disagrees with the source: {refusal}")
+    pinned = _keep_serving(name, source.version)
     saved = save_compiled(source, onnx_model, outputs, agreement, converter)
     return CompileResult(
         tag=str(saved.tag),
@@ -148,7 +151,21 @@ def compile_model(
         outputs=outputs,
         converter=converter,
         seconds=time.perf_counter() - start,
+        pinned_production=pinned,
     )
+
+
+def _keep_serving(name: str, source_version: str) -> str | None:
+    """A model without a ``production`` alias serves its newest version, which the compiled one
+    is about to become: point ``production`` at the source first, so the compiled version is a
+    candidate to shadow and promote, not a silent switch. Returns the version pinned, if any."""
+    from models.aliases import DEFAULT_ALIAS, AliasStore
+
+    store = AliasStore()
+    if DEFAULT_ALIAS in store.read(name).aliases:
+        return None
+    store.promote(name, source_version, DEFAULT_ALIAS)
+    return source_version
 
 
 def load_source(name: str, ref: str | None) -> Source:

@@ -95,6 +95,11 @@ def compile_version(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         f"  shadow or promote it: servery models promote {args.name} {result.version} "
         "--alias staging"
     )
+    if result.pinned_production:
+        text += (
+            f"\n  production -> {result.pinned_production} (the source): {args.name} had no "
+            "production alias, and the compiled version would have been served as the newest"
+        )
     return asdict(result), text
 
 

@@ -118,6 +118,11 @@ def test_servery_models_compile_on_their_stored_holdout(store: dict[str, Any], n
         expected = (obj.inplace_predict(holdout.astype(np.float32)) > 0.5).astype(int)
     labels, proba = run_saved(result.tag, holdout)
     assert (labels == expected).all() and (proba.argmax(axis=1) == expected).all()
+    # the compiled version is the newest, a candidate: production stays on the source
+    aliases = AliasStore()
+    assert aliases.latest(name) == result.version
+    assert aliases.read(name).aliases["production"] == store[name]
+    assert result.pinned_production in (store[name], None)  # None: pinned by an earlier compile
 
 
 def test_bentoml_sklearn_pipeline_compiles_with_rows_from_a_npy_file(
