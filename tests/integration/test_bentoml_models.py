@@ -551,7 +551,8 @@ def _check(home: Path, models_yaml: str, tmp_path: Path) -> subprocess.Completed
 def test_models_check_lists_every_model(store, tmp_path: Path) -> None:
     done = _check(store[0], MODELS_YAML, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    listed = {line.split()[0] for line in done.stdout.splitlines()[1:] if line.strip()}
+    # the header lines ("model config:", "model store:") start at column 0, models are indented
+    listed = {line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ")}
     assert listed == set(KIND), done.stdout
 
 
