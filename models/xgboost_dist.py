@@ -57,7 +57,8 @@ class DistributionAlias(md.DistributionFinder):
     def _find(self, name: str) -> list[md.Distribution]:
         found: list[md.Distribution] = []
         for finder in sys.meta_path:
-            if finder is not self and hasattr(finder, "find_distributions"):
+            # not through an alias (this one, or another installed twice by another copy)
+            if not isinstance(finder, DistributionAlias) and hasattr(finder, "find_distributions"):
                 found.extend(finder.find_distributions(md.DistributionFinder.Context(name=name)))
         return found
 
