@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -29,9 +30,29 @@ BENTOML = str(Path(sys.executable).with_name("bentoml"))
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port nobody listens on, below the kernel's ephemeral range: a port the kernel
+    hands out for ``bind(0)`` can be taken by any outgoing connection (a client's, Prometheus'
+    scrape) before the server binds it; a CI run saw gRPC's bind fail that way."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 20000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # everything tried was taken: any port, as before
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def launch(cmd: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
