@@ -166,9 +166,3 @@ def load_info(entry: ModelEntry, version: str | None = None) -> tuple[ModelInfo,
     loaded = load(bento_model, entry, 1)
     return _info(entry, bento_model, loaded), bento_model
 
-
-def outputs_of(info: ModelInfo, outputs: Outputs) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """A classifier's (class index, probabilities) from its outputs (None where absent)."""
-    if info.task is not Task.CLASSIFICATION:
-        return None, None
-    return outputs.get(OUTPUT_LABEL), outputs.get(OUTPUT_PROBA)
