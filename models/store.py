@@ -156,20 +156,6 @@ def get_model(tag: str) -> bentoml.Model:
         raise StoreError(f"cannot read model {tag!r} from the store: {e}") from e
 
 
-def framework_of(bento_model: bentoml.Model, override: Framework | None = None) -> Framework:
-    """The model's framework: ``override`` if given, else its ``framework`` label/metadata."""
-    if override is not None:
-        return override
-    label = bento_model.info.labels.get("framework") or bento_model.info.metadata.get("framework")
-    try:
-        return Framework(label)
-    except ValueError:
-        raise StoreError(
-            f"model {bento_model.tag} has no known 'framework' label ({label!r}); "
-            "save it with models.store.save_model or set 'framework' in the model config"
-        ) from None
-
-
 def load_object(bento_model: bentoml.Model, framework: Framework, threads: int = 1) -> Any:
     """Load the framework object stored in ``bento_model`` (not yet wrapped for serving)."""
     path = bento_model.path_of(MODEL_FILES[framework])

@@ -88,7 +88,8 @@ def export_model(name: str, dest: Path) -> dict[str, Any] | None:
     Re-saving the same trees through ``XGBClassifier`` adds ``_estimator_type: classifier``, so
     MLServer answers ``predict`` with labels and ``predict_proba`` like our server.
     """
-    from models.store import MODEL_FILES, framework_of, get_model
+    from models.formats import framework_of
+    from models.store import MODEL_FILES, get_model
 
     bento_model = get_model(f"{name}:latest")
     framework = framework_of(bento_model)

@@ -18,7 +18,8 @@ from bench.harness.server import ROOT
 from bench.harness.store import bentoml_store
 from models.aliases import AliasError, AliasStore
 from models.compile import INPUT_NAME, CompileRefused, compile_model
-from models.store import framework_of, load_object
+from models.formats import framework_of
+from models.store import load_object
 
 
 @pytest.fixture(scope="module")
