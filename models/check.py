@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from models.config import ConfigError, Settings, load_model_config
 from models.formats import load
-from models.store import StoreError, get_model
+from models.store import StoreError, get_model, store_home
 
 
 def check(models_file: str) -> list[str]:
@@ -58,9 +58,8 @@ def check(models_file: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     models_file = args[0] if args else str(Settings().models_file)
-    home = os.environ.get("BENTOML_HOME") or os.path.join(os.path.expanduser("~"), "bentoml")
     print(f"model config: {models_file}")
-    print(f"model store:  {os.path.join(home, 'models')}")
+    print(f"model store:  {os.path.join(store_home(), 'models')}")
     problems = check(models_file)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)

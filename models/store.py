@@ -143,6 +143,14 @@ def _no_none(value: Any) -> Any:
     return "None" if value is None else value
 
 
+def store_home() -> str:
+    """The BentoML home whose ``models/`` folder is the model store, as BentoML itself resolves
+    it: ``$BENTOML_HOME``, else ``~/bentoml``."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return str(BentoMLContainer.bentoml_home.get())
+
+
 def get_model(tag: str) -> bentoml.Model:
     """The stored model for ``tag`` (``name:version`` or ``name:latest``); StoreError if absent."""
     import bentoml

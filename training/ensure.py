@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
-from models.store import StoreError, get_model
+from models.store import StoreError, get_model, store_home
 from training.common import SIZES, Size, store_name
 
 DEMOS: tuple[str, ...] = ("iris", "breast_cancer", "digits")
@@ -28,14 +28,6 @@ DEMOS: tuple[str, ...] = ("iris", "breast_cancer", "digits")
 
 OLD_PROJECT_STORE = Path(__file__).resolve().parents[1] / ".bentoml"
 """Where ``make`` put the store before it used BentoML's standard one; only named in a hint."""
-
-
-def store_home() -> str:
-    """The BentoML home whose ``models/`` folder is the model store, as BentoML itself resolves
-    it: ``$BENTOML_HOME``, else ``~/bentoml``."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    return str(BentoMLContainer.bentoml_home.get())
 
 
 def present(name: str) -> str | None:

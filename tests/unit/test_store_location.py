@@ -38,7 +38,7 @@ def _store_seen_by_make_recipes(home: Path, *args: str, **env: str) -> str:
         pytest.skip("make is not installed")
     probe = (
         "servery-store-probe: ;"
-        f" @{sys.executable} -c 'from training.ensure import store_home; print(store_home())'"
+        f" @{sys.executable} -c 'from models.store import store_home; print(store_home())'"
     )
     out = subprocess.run(
         ["make", "-s", "--no-print-directory", "--eval", probe, *args, "servery-store-probe"],
