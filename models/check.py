@@ -16,8 +16,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from models.config import ConfigError, Settings, load_model_config
-from models.formats import load
+from models.config import ConfigError, Placement, Settings, load_model_config
+from models.formats import inline_only, load
 from models.store import StoreError, get_model, store_home
 
 
@@ -37,13 +37,13 @@ def check(models_file: str) -> list[str]:
             continue
         placement = config.placement_of(entry)
         sig = loaded.signature
-        if placement.value == "service" and (
-            loaded.framework.value == "onnx" or sig.single is None
-        ):
-            problems.append(
-                f"model '{entry.name}': placement service is for one-input sklearn, xgboost "
-                "and pytorch models; set placement: inline"
-            )
+        why = (
+            inline_only(entry.name, loaded.framework, sig)
+            if placement is Placement.SERVICE
+            else None
+        )
+        if why is not None:
+            problems.append(why)
             continue
         inputs = ", ".join(f"{t.name}{t.oip_shape()} {t.datatype}" for t in sig.inputs[:3])
         more = f" (+{len(sig.inputs) - 3})" if len(sig.inputs) > 3 else ""

@@ -48,7 +48,7 @@ from models.formats.onnx_models import load_onnx
 from models.formats.sklearn_models import load_sklearn, sklearn_object
 from models.formats.torch_models import load_torch
 from models.formats.xgboost_models import load_xgboost, xgboost_object
-from models.signature import OUTPUT_PROBA, TensorSpec
+from models.signature import OUTPUT_PROBA, Signature, TensorSpec
 from models.store import StoreError
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ __all__ = [
     "declared_inputs",
     "format_of",
     "framework_of",
+    "inline_only",
     "load",
 ]
 
@@ -147,6 +148,27 @@ def load(bento_model: bentoml.Model, entry: ModelEntry | None = None, threads: i
             f"{type(e).__name__}: {e}"
         ) from e
     return _warmed_up(bento_model, loaded)
+
+
+SERVICE_FRAMEWORKS = (Framework.SKLEARN, Framework.XGBOOST, Framework.PYTORCH)
+"""The frameworks a framework service hosts (services/frameworks/); ONNX runs inline only."""
+
+
+def inline_only(name: str, framework: Framework, signature: Signature) -> str | None:
+    """Why model ``name`` cannot be placed in a framework service, or None when it can: the
+    services host three frameworks and take one flat tensor per row (their micro-batches are one
+    array)."""
+    if framework not in SERVICE_FRAMEWORKS:
+        return (
+            f"model '{name}': {framework} models are served inline only (no framework service "
+            "hosts them); set placement: inline"
+        )
+    if signature.single is None:
+        return (
+            f"model '{name}' takes several inputs or named columns, which are served inline "
+            "only; set placement: inline"
+        )
+    return None
 
 
 def _hint(loaded: Loaded) -> str:

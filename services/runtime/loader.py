@@ -21,6 +21,7 @@ from typing import Any
 
 from models.aliases import AliasStore
 from models.config import ConfigError, Framework, ModelConfig, ModelEntry, Placement, Settings
+from models.formats import inline_only
 from models.reload import Desired
 from services.ops import metrics
 from services.runtime.batcher import MicroBatcher
@@ -84,17 +85,10 @@ class Loader:
             info, predict, is_async = runtime.info, runtime.predict, False
         else:
             info, _ = load_info(entry, version)
-            call = self.remote.get(info.framework)
-            if call is None:
-                raise ConfigError(
-                    f"model '{entry.name}': {info.framework} models are served inline only "
-                    "(no framework service hosts them); set placement: inline"
-                )
-            if info.signature.single is None:
-                raise ConfigError(
-                    f"model '{entry.name}' takes several inputs or named columns, which are "
-                    "served inline only; set placement: inline"
-                )
+            why = inline_only(entry.name, info.framework, info.signature)
+            if why is not None:
+                raise ConfigError(why)
+            call = self.remote[info.framework]
 
             # servery_model_ready follows the service's health (a failed call marks it down,
             # an answered one up): Registry._publish_ready, through ServiceHealth.on_change.

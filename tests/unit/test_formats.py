@@ -146,3 +146,17 @@ def test_what_cannot_be_served_is_refused(store: Path) -> None:
         pass
     with pytest.raises(StoreError, match="servery does not serve"):
         loaded("custom")
+
+
+def test_which_models_a_framework_service_can_host() -> None:
+    from models.config import Framework
+    from models.formats import inline_only
+    from models.signature import Signature, TensorSpec
+
+    flat = Signature((TensorSpec("input-0", np.dtype("float32"), (4,)),))
+    table = Signature(
+        (TensorSpec("a", np.dtype("float64"), ()), TensorSpec("b", STRING, ())), columnar=True
+    )
+    assert inline_only("m", Framework.SKLEARN, flat) is None
+    assert "onnx models are served inline only" in (inline_only("m", Framework.ONNX, flat) or "")
+    assert "several inputs or named columns" in (inline_only("m", Framework.SKLEARN, table) or "")
