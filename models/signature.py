@@ -53,6 +53,9 @@ _OIP_OF_DTYPE = {dt: name for name, dt in OIP_DTYPES.items()}
 
 def oip_datatype(dtype: np.dtype) -> str:
     """The OIP datatype name of a numpy dtype (FP32 for float32, BYTES for strings)."""
+    name = _OIP_OF_DTYPE.get(dtype)  # a numeric np.dtype (every output, per request): one lookup
+    if name is not None:
+        return name
     dtype = np.dtype(dtype)
     if dtype.kind in "OUS":
         return "BYTES"

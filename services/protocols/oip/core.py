@@ -44,7 +44,6 @@ from services.runtime.inputs import (
     check_names,
     check_shape,
     column,
-    finite,
     holds_bool,
     same_rows,
     strings,
@@ -191,18 +190,13 @@ def _single(
     )
     if out is None:
         out = _converted(data, tensor.datatype, src, shape, spec.dtype, what)
-    return finite(out, spec.dtype, what) if spec.dtype.kind == "f" else typed(out, spec.dtype, what)
+    return typed(out, spec.dtype, what)
 
 
 def _values(tensor: InputTensor, spec: TensorSpec, shape: list[int], what: str) -> Any:
     """A tensor's values, flat, for a column of ``spec`` (strings or numbers)."""
     if spec.is_string:
-        if tensor.datatype != "BYTES":
-            raise InvalidInput(
-                f"{what} is a string column: send datatype BYTES, not {tensor.datatype}"
-            )
-        data = tensor.data
-        values = data.reshape(-1) if isinstance(data, np.ndarray) else _flatten(data)
+        values = _string_values(tensor, what, "is a string column")
     else:
         src = NUMERIC_DTYPES.get(tensor.datatype)
         if src is None:
@@ -219,10 +213,7 @@ def _tensor(tensor: InputTensor, spec: TensorSpec, shape: list[int], what: str) 
     """One named input of a multi-input model, in its dtype."""
     size = int(np.prod(shape))
     if spec.is_string:
-        if tensor.datatype != "BYTES":
-            raise InvalidInput(f"{what} takes strings: send datatype BYTES, not {tensor.datatype}")
-        data = tensor.data
-        values = data.reshape(-1) if isinstance(data, np.ndarray) else _flatten(data)
+        values = _string_values(tensor, what, "takes strings")
         if len(values) != size:
             raise InvalidInput(f"{what} has {len(values)} values but shape {shape} needs {size}")
         return strings(np.asarray(values, dtype=object), what).reshape(shape)
@@ -230,7 +221,15 @@ def _tensor(tensor: InputTensor, spec: TensorSpec, shape: list[int], what: str) 
     if src is None:
         raise InvalidInput(f"{what} has datatype '{tensor.datatype}'; it takes numbers")
     out = _converted(tensor.data, tensor.datatype, src, shape, spec.dtype, what)
-    return finite(out, spec.dtype, what) if spec.dtype.kind == "f" else typed(out, spec.dtype, what)
+    return typed(out, spec.dtype, what)
+
+
+def _string_values(tensor: InputTensor, what: str, wants: str) -> Any:
+    """A BYTES tensor's values, flat (JSON strings, or the binary forms' bytes)."""
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"{what} {wants}: send datatype BYTES, not {tensor.datatype}")
+    data = tensor.data
+    return data.reshape(-1) if isinstance(data, np.ndarray) else _flatten(data)
 
 
 def _flatten(data: Any) -> list[Any]:
@@ -338,10 +337,5 @@ def output_tensors(
         dtype = wire.get(name, data.dtype)
         if data.dtype != dtype:
             data = data.astype(dtype)
-        out.append(
-            OutputTensor(name, _DATATYPES.get(dtype) or oip_datatype(dtype), list(data.shape), data)
-        )
+        out.append(OutputTensor(name, oip_datatype(dtype), list(data.shape), data))
     return out
-
-
-_DATATYPES = {np.dtype(dt): name for name, dt in OIP_DTYPES.items()}
