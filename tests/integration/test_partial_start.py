@@ -20,12 +20,18 @@ models:
 ROW = {"inputs": [[5.1, 3.5, 1.4, 0.2]]}
 
 
-def test_models_that_load_are_served_and_readiness_names_the_missing(tmp_path: Path) -> None:
+def store_of_three(tmp_path: Path) -> Path:
+    """A store for CONFIG: iris, a ``broken`` whose model file does not load, and no ``ghost``."""
     home = tmp_path / "bentoml"
     with bentoml_store(home):
         save_iris()
         broken = save_iris("broken")
     (home / "models" / "broken" / broken / "model.joblib").write_bytes(b"not a model")
+    return home
+
+
+def test_models_that_load_are_served_and_readiness_names_the_missing(tmp_path: Path) -> None:
+    home = store_of_three(tmp_path)
     srv = start_server(
         home,
         CONFIG,
@@ -70,13 +76,10 @@ def test_models_that_load_are_served_and_readiness_names_the_missing(tmp_path: P
 def test_check_names_every_model_that_cannot_be_served(tmp_path: Path) -> None:
     from models.check import check
 
-    home = tmp_path / "bentoml"
+    home = store_of_three(tmp_path)
+    config = tmp_path / "models.yaml"
+    config.write_text(CONFIG)
     with bentoml_store(home):
-        save_iris()
-        broken = save_iris("broken")
-        (home / "models" / "broken" / broken / "model.joblib").write_bytes(b"not a model")
-        config = tmp_path / "models.yaml"
-        config.write_text(CONFIG)
         problems = check(str(config))
     assert len(problems) == 2, problems
     assert any("'ghost'" in p and "not in the model store" in p for p in problems)
