@@ -165,4 +165,3 @@ def load_info(entry: ModelEntry, version: str | None = None) -> tuple[ModelInfo,
     bento_model = get_model(f"{entry.store_name}:{version}" if version else entry.store_tag)
     loaded = load(bento_model, entry, 1)
     return _info(entry, bento_model, loaded), bento_model
-
