@@ -113,7 +113,17 @@ class Settings(BaseSettings):
     router worker may have unanswered; the next is answered 503 ``overloaded`` with
     ``Retry-After`` before its body is parsed. Where the router's HTTP front end, not a
     model, is what saturates, requests otherwise pile up in the worker's event loop with no
-    bound on their latency. 0 turns it off; also off with ``SERVERY_FAST_PATH=false``."""
+    bound on their latency. OpenAI API requests (``/v1/``, streams included) count too. 0 turns
+    it off; also off with ``SERVERY_FAST_PATH=false``."""
+
+    max_bytes_in_flight: int = Field(16 * 2**20, ge=0, le=2**34)
+    """Memory admission: request-body bytes one router worker may hold at once, every route
+    (16 MiB). A request is admitted before any of its body is read when its ``Content-Length``
+    (a chunked body: ``max_body_bytes``) fits beside the bodies in flight, or when nothing is in
+    flight; else it is answered 503 ``overloaded`` with ``Retry-After``. Parsing costs a multiple
+    of the body (JSON numbers become Python objects), so this, not ``max_in_flight`` x
+    ``max_body_bytes`` (4 GiB by default), is what bounds a worker's memory under large
+    bodies. 0 turns it off."""
 
     max_body_bytes: int = Field(16 * 2**20, ge=1024, le=2**31)
     """Largest request body the router reads (16 MiB); a larger one is answered 413 from its
@@ -176,6 +186,11 @@ class Settings(BaseSettings):
 
     grpc_enabled: bool = True
     """Serve the Open Inference Protocol V2 over gRPC from every router worker."""
+
+    grpc_max_concurrent_rpcs: int = Field(64, ge=1, le=100_000)
+    """Calls one router worker's gRPC server runs at once (grpc.aio's
+    ``maximum_concurrent_rpcs``); more are refused with ``RESOURCE_EXHAUSTED``. With gRPC's 4 MiB
+    message limit this bounds the memory gRPC requests can hold (64 x 4 MiB)."""
 
     grpc_host: str = "127.0.0.1"
     """Address the gRPC server binds: loopback by default, ``0.0.0.0`` to accept remote clients."""

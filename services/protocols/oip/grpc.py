@@ -458,7 +458,10 @@ async def serve(
     A port held by a process without ``SO_REUSEPORT`` fails the bind (and so the worker's
     start-up); note that another servery of the same user on the port would share it silently.
     """
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    server = grpc.aio.server(
+        options=[("grpc.so_reuseport", 1)],
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+    )
     servicer = InferenceServicer(
         registry, settings.max_rows_per_request, access_log=access_log_enabled(), keys=keys
     )
