@@ -63,6 +63,7 @@ def wire() -> None:
         fast=SETTINGS.fast_path and not SETTINGS.trace_predictions,
         max_body_bytes=SETTINGS.max_body_bytes,
         max_in_flight=SETTINGS.max_in_flight,
+        max_bytes_in_flight=SETTINGS.max_bytes_in_flight,
     )
     _wired = True
 

@@ -41,6 +41,7 @@ from starlette.responses import Response
 
 from services.gateway.gate import HttpGate, check_body_size
 from services.ops import logs, metrics
+from services.protocols.errors import refusal
 from services.runtime.errors import Overloaded, RequestTimeout, ServeryError
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -163,10 +164,13 @@ class FastPath:
         gate: HttpGate | None = None,
         max_body_bytes: int | None = None,
         max_in_flight: int = 0,
+        max_bytes_in_flight: int = 0,
     ) -> None:
         self.app = app
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.max_bytes_in_flight = max_bytes_in_flight
+        self.bytes_in_flight = 0
         self.shed = metrics.REQUESTS.labels(metrics.UNKNOWN_MODEL, "", "503")
         self.gate = gate
         self.max_body_bytes = max_body_bytes
@@ -187,13 +191,84 @@ class FastPath:
                 return route, match
         return None
 
+    def _mount(self, path: str) -> ASGIApp | None:
+        for prefix, mounted in self.mounts:
+            if path.startswith(prefix):
+                return mounted
+        return None
+
+    def _body_bytes(self, scope: dict[str, Any]) -> int:
+        """Bytes of body this request may bring, known before any is read: its
+        ``Content-Length`` (at most the body limit: more is refused 413 unread), else, when a
+        chunked body may follow, the body limit (what the size check may buffer)."""
+        limit = self.max_body_bytes or self.max_bytes_in_flight
+        chunked = False
+        for name, value in scope["headers"]:  # one pass; ASGI servers send names lower-case
+            if name == b"content-length":
+                try:
+                    return min(max(int(value), 0), limit)
+                except ValueError:
+                    return 0  # refused 400 by the size check, unread
+            if name == b"transfer-encoding":
+                chunked = True
+        return limit if chunked else 0
+
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         rid = logs.request_id(scope["headers"])
         logs.REQUEST_ID.set(rid)  # on every log line of this request (its own task)
+        start = time.perf_counter()
+        found = self._match(scope)
+        mounted = self._mount(scope["path"]) if found is None and self.mounts else None
+        # Admission comes first, before a byte of the body is read (and before the size check
+        # and the gate, which may buffer it): requests in flight (prediction routes and the
+        # OpenAI API) and body bytes in flight (every route) are bounded per worker.
+        counted = found is not None or mounted is not None
+        need = self._body_bytes(scope) if self.max_bytes_in_flight else 0
+        if (counted and self.max_in_flight and self.in_flight >= self.max_in_flight) or (
+            need and self.bytes_in_flight and self.bytes_in_flight + need > self.max_bytes_in_flight
+        ):
+            return await self._shed(scope, receive, send, rid, start)
+        self.bytes_in_flight += need
+        self.in_flight += counted
+        try:
+            await self._admitted(scope, receive, send, rid, start, found, mounted)
+        finally:
+            self.bytes_in_flight -= need
+            self.in_flight -= counted
+
+    async def _shed(
+        self, scope: dict[str, Any], receive: Any, send: Any, rid: str, start: float
+    ) -> None:
+        """503 ``overloaded`` with ``Retry-After``, the body unread (drained, bounded)."""
+        response = refusal(
+            scope["path"],
+            InFlightFull(
+                f"overloaded: {self.in_flight} requests and {self.bytes_in_flight} body bytes "
+                "in progress in this worker; retry shortly"
+            ),
+        )
+        self.shed.inc()  # the model is not known before the body is read
+        response.raw_headers.append((_RID_HEADER, rid.encode()))
+        # Read (not parse) the body first: answering with it unread makes uvicorn close the
+        # connection, which clients see as a reset instead of the 503.
+        await _drain(receive, self.max_body_bytes or self.max_bytes_in_flight or 2**24)
+        await response(scope, receive, send)
+        if self.access is not None:
+            self._log(scope, response.status_code, None, time.perf_counter() - start)
+
+    async def _admitted(
+        self,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        rid: str,
+        start: float,
+        found: tuple[Route, re.Match[str]] | None,
+        mounted: ASGIApp | None,
+    ) -> None:
         if self.max_body_bytes is not None or self.gate is not None:
-            start = time.perf_counter()
             refused = None
             if self.max_body_bytes is not None:
                 refused, receive = await check_body_size(scope, receive, self.max_body_bytes)
@@ -205,40 +280,27 @@ class FastPath:
                 if self.access is not None:
                     self._log(scope, refused.status_code, None, time.perf_counter() - start)
                 return None
-        found = self._match(scope)
         if found is None:
             send = _with_request_id(send, rid)
-            for prefix, mounted in self.mounts:
-                if scope["path"].startswith(prefix):
-                    return await self._mounted(mounted, scope, receive, send)
+            if mounted is not None:
+                return await self._mounted(mounted, scope, receive, send)
             return await self.app(scope, receive, send)
         route, match = found
         start = time.perf_counter()
-        if self.max_in_flight and self.in_flight >= self.max_in_flight:
+        scope["app"] = self.api  # what the FastAPI handlers read as request.app
+        task, ended = self.deadlines.arm(), False
+        try:
+            response = await route.handler(Request(scope, receive), match)
+        except asyncio.CancelledError:
+            ended = True
+            if not self.deadlines.end(task, cancelled=True):
+                raise  # not (only) the timeout: the server is stopping
             response = route.on_error(
-                InFlightFull(f"overloaded: {self.in_flight} requests in progress; retry shortly")
+                RequestTimeout(f"request not answered within {self.timeout_s} s")
             )
-            self.shed.inc()  # the model is not known before the body is read
-            # Read (not parse) the body first: answering with it unread makes uvicorn close the
-            # connection, which clients see as a reset instead of the 503.
-            await _drain(receive)
-        else:
-            scope["app"] = self.api  # what the FastAPI handlers read as request.app
-            self.in_flight += 1
-            task, ended = self.deadlines.arm(), False
-            try:
-                response = await route.handler(Request(scope, receive), match)
-            except asyncio.CancelledError:
-                ended = True
-                if not self.deadlines.end(task, cancelled=True):
-                    raise  # not (only) the timeout: the server is stopping
-                response = route.on_error(
-                    RequestTimeout(f"request not answered within {self.timeout_s} s")
-                )
-            finally:
-                if not ended:
-                    self.deadlines.end(task, cancelled=False)
-                self.in_flight -= 1
+        finally:
+            if not ended:
+                self.deadlines.end(task, cancelled=False)
         response.raw_headers.append((_RID_HEADER, rid.encode()))  # MutableHeaders scans first
         await response(scope, receive, send)
         elapsed = time.perf_counter() - start
@@ -298,12 +360,15 @@ class FastPath:
 _RID_HEADER = logs.HEADER.encode()
 
 
-async def _drain(receive: Any) -> None:
-    """Receive the rest of the request body and drop it (bounded: check_body_size ran first)."""
-    while True:
+async def _drain(receive: Any, limit: int) -> None:
+    """Receive the request body and drop it, up to ``limit`` bytes (a refused chunked body may be
+    endless: past the limit the connection is left for uvicorn to close)."""
+    seen = 0
+    while seen <= limit:
         message = await receive()
         if message["type"] != "http.request" or not message.get("more_body", False):
             return
+        seen += len(message.get("body", b""))
 
 
 def _with_request_id(send: Any, rid: str) -> Any:
@@ -366,6 +431,7 @@ def install(
     fast: bool = True,
     max_body_bytes: int | None = None,
     max_in_flight: int = 0,
+    max_bytes_in_flight: int = 0,
 ) -> None:
     """Wrap the app BentoML builds for services that declare ``__servery_fast_path__``, a dict
     naming what the fast path serves for them: ``{"kind": "router", "api", "gate",
@@ -409,6 +475,7 @@ def install(
             gate=gate,
             max_body_bytes=max_body_bytes,
             max_in_flight=max_in_flight if kind == "router" else 0,
+            max_bytes_in_flight=max_bytes_in_flight if kind == "router" else 0,
         )
 
     app_factory.wrap_apps(wrap)

@@ -17,14 +17,23 @@ and answered ``internal server error``.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from itertools import islice
+from typing import Any, TypeVar
 
 import orjson
+import pydantic_core
+from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from services.runtime.errors import BadRequest, ModelNotFound, ServeryError
 
 logger = logging.getLogger("servery")
+
+MAX_REPORTED_ERRORS = 20
+"""Most problems one error answer lists; ``errors`` gives the total. A hostile body can have
+millions of problems (1.6 M unknown keys in 16 MiB): listing them all cost gigabytes."""
+
+M = TypeVar("M", bound=BaseModel)
 
 _ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
@@ -73,10 +82,43 @@ def from_validation_error(exc: Any) -> ServeryError:
     if any(err["type"] == "json_invalid" for err in errors):
         return BadRequest("request body is not valid JSON")
     problems = [
-        {"loc": ".".join(str(p) for p in err["loc"]) or "body", "msg": err["msg"]} for err in errors
+        {"loc": ".".join(str(p) for p in err["loc"]) or "body", "msg": err["msg"]}
+        for err in errors[:MAX_REPORTED_ERRORS]
     ]
     summary = "; ".join(f"{p['loc']}: {p['msg']}" for p in problems[:5])
-    return BadRequest(f"invalid request body: {summary}", detail=problems)
+    return BadRequest(f"invalid request body: {summary}", detail=problems, errors=exc.error_count())
+
+
+def parse_json_model(raw: bytes | str, model: type[M]) -> M:
+    """Parse a JSON body into ``model`` at a cost bounded by the body, not by its mistakes.
+
+    ``model.model_validate_json`` reports every unknown field of an ``extra="forbid"`` model as
+    its own error: 1.6 M keys in a 16 MiB body made 1.2 GB of error objects before the answer
+    was cut. Here the JSON is parsed by pydantic's own parser, unknown top-level fields are one
+    error (the first :data:`MAX_REPORTED_ERRORS` and the total), and only then is the model
+    validated (its remaining errors are bounded by its fields; list fields use ``fail_fast``).
+    """
+    try:
+        data = pydantic_core.from_json(raw, cache_strings="keys")
+    except ValueError as e:
+        raise BadRequest("request body is not valid JSON") from e
+    if isinstance(data, dict) and model.model_config.get("extra") == "forbid":
+        fields = model.model_fields
+        known = len(data.keys() & fields.keys())
+        if known != len(data):
+            first = list(islice((k for k in data if k not in fields), MAX_REPORTED_ERRORS))
+            unknown = len(data) - known
+            more = f" (and {unknown - len(first)} more)" if unknown > len(first) else ""
+            raise BadRequest(
+                f"invalid request body: unknown field(s) {', '.join(map(repr, first))}{more}; "
+                f"allowed: {', '.join(fields)}",
+                detail=[{"loc": str(k), "msg": "Extra inputs are not permitted"} for k in first],
+                errors=unknown,
+            )
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from e
 
 
 def oip_error(exc: BaseException) -> Response:

@@ -15,11 +15,11 @@ import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.responses import Response
 
 from models.signature import OUTPUT_LABEL, OUTPUT_PROBA, Task
-from services.protocols.errors import error_response, from_validation_error, json_response
+from services.protocols.errors import error_response, json_response, parse_json_model
 from services.protocols.media import read_body
 from services.protocols.state import SCOPE_KEY, answer, registry_of
 from services.runtime.errors import ServeryError
@@ -135,11 +135,8 @@ async def predict(request: Request) -> Response:
 
 
 async def _predict(request: Request, call: Call) -> Response:
-    try:
-        raw = await read_body(request, binary=False, max_bytes=SETTINGS.max_body_bytes)
-        body = PredictRequest.model_validate_json(raw)
-    except ValidationError as e:
-        raise from_validation_error(e) from e
+    raw = await read_body(request, binary=False, max_bytes=SETTINGS.max_body_bytes)
+    body = parse_json_model(raw, PredictRequest)
     key = request.scope.get(SCOPE_KEY)
     if key is not None:  # before the lookup: an unknown model is 403 too, not 404
         key.check_model(body.model)
