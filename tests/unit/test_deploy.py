@@ -13,7 +13,9 @@ import importlib.metadata
 import json
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,24 +74,31 @@ def rendered() -> dict[str, list[Obj]]:
     return {target: kustomize(DEPLOY / target) for target in TARGETS}
 
 
-@pytest.fixture(scope="module")
-def with_servicemonitor(tmp_path_factory: pytest.TempPathFactory) -> list[Obj]:
-    """The gpu overlay plus the optional ServiceMonitor component, as deploy/README.md adds it."""
-    overlay = tmp_path_factory.mktemp("overlay")
-    # kustomize refuses absolute paths to other kustomizations
-    rel = Path(os.path.relpath(DEPLOY, overlay))
-    overlay.joinpath("kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "namespace": NAMESPACE,
-                "resources": [str(rel / "overlays/gpu")],
-                "components": [str(rel / "components/servicemonitor")],
-            }
+def render_with(*components: str, overlay: str = "overlays/gpu") -> list[Obj]:
+    """``overlay`` plus ``components`` (folders under deploy/, e.g. ``"components/servicemonitor"``)
+    rendered as a user's own overlay adds them (deploy/README.md), for tests of optional
+    components: ``render_with("components/qdrant")``."""
+    with tempfile.TemporaryDirectory(prefix="servery-overlay-") as tmp:
+        # kustomize refuses absolute paths to other kustomizations
+        rel = Path(os.path.relpath(DEPLOY, tmp))
+        Path(tmp, "kustomization.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                    "kind": "Kustomization",
+                    "namespace": NAMESPACE,
+                    "resources": [str(rel / overlay)],
+                    "components": [str(rel / c) for c in components],
+                }
+            )
         )
-    )
-    return kustomize(overlay)
+        return kustomize(Path(tmp))
+
+
+@pytest.fixture(scope="module")
+def with_servicemonitor() -> list[Obj]:
+    """The gpu overlay plus the optional ServiceMonitor component, as deploy/README.md adds it."""
+    return render_with("components/servicemonitor")
 
 
 def of_kind(objs: list[Obj], kind: str) -> list[Obj]:
@@ -594,3 +603,246 @@ def test_api_keys_are_on_in_every_overlay(rendered: dict[str, list[Obj]]) -> Non
         assert {s["secretName"] for s in secrets.values()} == {"servery-api-keys"}, target
     specs = parse_keys_file(DEPLOY / "api-keys.example.yaml")
     assert [s.name for s in specs] == ["team-a", "batch-jobs"]
+
+
+# --- NetworkPolicies ----------------------------------------------------------------------------
+# A small evaluator of Kubernetes' NetworkPolicy rules (ingress; networking.k8s.io/v1): a pod that
+# no policy selects for Ingress accepts everything; a selected pod accepts a connection when some
+# ingress rule of some policy selecting it matches both the peer and the port (rules and policies
+# are ORed). A peer with a podSelector alone means pods of the policy's namespace; with a
+# namespaceSelector, pods of the namespaces it matches (AND the podSelector when both are in one
+# peer). A missing or empty `from`/`ports` matches everything; a named port is looked up in the
+# target pod's container ports. Peers here are pods; the policies must not use ipBlock.
+
+CLIENT_LABEL = "servery/client"  # the namespace labels deploy/README.md tells operators to set
+SCRAPER_LABEL = "servery/scraper"
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    labels: dict[str, str]
+    ports: dict[str, int] = field(default_factory=dict)  # container port name -> number
+
+
+def label_selected(selector: Obj | None, labels: dict[str, str]) -> bool:
+    """Whether a LabelSelector matches ``labels`` (an empty selector matches everything)."""
+    selector = selector or {}
+    if not selects(selector.get("matchLabels", {}), labels):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def policy_types(policy: Obj) -> list[str]:
+    spec = policy["spec"]
+    return spec.get("policyTypes") or ["Ingress"] + (["Egress"] if "egress" in spec else [])
+
+
+def peer_matches(peer: Obj, policy_ns: str, source: Pod, namespaces: dict[str, dict]) -> bool:
+    assert "ipBlock" not in peer, "the evaluator models pods only"
+    if "namespaceSelector" in peer:
+        ns_labels = {
+            "kubernetes.io/metadata.name": source.namespace,
+            **namespaces[source.namespace],
+        }
+        in_namespace = label_selected(peer["namespaceSelector"], ns_labels)
+    else:
+        in_namespace = source.namespace == policy_ns
+    return in_namespace and (
+        "podSelector" not in peer or label_selected(peer["podSelector"], source.labels)
+    )
+
+
+def port_matches(rule_port: Obj, target: Pod, port: int) -> bool:
+    if rule_port.get("protocol", "TCP") != "TCP":
+        return False
+    wanted = rule_port.get("port")
+    if wanted is None:
+        return True
+    if isinstance(wanted, str):
+        return target.ports.get(wanted) == port
+    return wanted <= port <= rule_port.get("endPort", wanted)
+
+
+def allowed(
+    policies: list[Obj], namespaces: dict[str, dict], source: Pod, target: Pod, port: int
+) -> bool:
+    """Whether ``source`` may open a TCP connection to ``target``'s ``port`` under ``policies``."""
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"].get("namespace", "default") == target.namespace
+        and "Ingress" in policy_types(p)
+        and label_selected(p["spec"]["podSelector"], target.labels)
+    ]
+    if not selecting:
+        return True
+    return any(
+        (
+            not rule.get("from")
+            or any(
+                peer_matches(peer, target.namespace, source, namespaces) for peer in rule["from"]
+            )
+        )
+        and (not rule.get("ports") or any(port_matches(p, target, port) for p in rule["ports"]))
+        for policy in selecting
+        for rule in policy["spec"].get("ingress", [])
+    )
+
+
+def pod_of(deployment: Obj) -> Pod:
+    ports = {
+        p["name"]: p["containerPort"]
+        for c in deployment["spec"]["template"]["spec"]["containers"]
+        for p in c.get("ports", [])
+        if "name" in p
+    }
+    return Pod(deployment["metadata"]["namespace"], pod_labels(deployment), ports)
+
+
+def test_policy_evaluator_follows_kubernetes() -> None:
+    """The evaluator on the cases of the Kubernetes NetworkPolicy documentation."""
+    namespaces = {"app": {}, "ops": {"team": "ops"}, "other": {}}
+    db = Pod("app", {"role": "db"}, {"sql": 5432})
+    web = Pod("app", {"role": "web"})
+    ops_any = Pod("ops", {"role": "x"})
+    ops_web = Pod("ops", {"role": "web"})
+    far = Pod("other", {"role": "web"})
+    assert allowed([], namespaces, far, db, 5432)  # no policy: not isolated
+
+    def policy(ingress: list[Obj] | None, pod_selector: Obj | None = None) -> Obj:
+        spec: Obj = {"podSelector": pod_selector or {}}
+        if ingress is not None:
+            spec["ingress"] = ingress
+        return {"metadata": {"namespace": "app"}, "spec": spec}
+
+    deny = policy(None)
+    assert not allowed([deny], namespaces, web, db, 5432)
+    assert allowed([policy([{}])], namespaces, far, db, 5432)  # an empty rule allows all
+    and_peer = policy(
+        [
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {"matchLabels": {"team": "ops"}},
+                        "podSelector": {"matchLabels": {"role": "web"}},
+                    }
+                ],
+                "ports": [{"port": "sql"}],
+            }
+        ]
+    )
+    assert allowed([deny, and_peer], namespaces, ops_web, db, 5432)
+    assert not allowed([deny, and_peer], namespaces, ops_any, db, 5432)
+    assert not allowed([deny, and_peer], namespaces, web, db, 5432)  # web is not in ops
+    assert not allowed([deny, and_peer], namespaces, ops_web, db, 5433)
+    or_peers = policy(
+        [
+            {
+                "from": [
+                    {"namespaceSelector": {"matchLabels": {"team": "ops"}}},
+                    {"podSelector": {"matchLabels": {"role": "web"}}},
+                ],
+                "ports": [{"port": 5000, "endPort": 6000}],
+            }
+        ]
+    )
+    for source in (ops_any, ops_web, web):
+        assert allowed([deny, or_peers], namespaces, source, db, 5432)
+    assert not allowed([deny, or_peers], namespaces, far, db, 5432)
+    expressions = {"matchExpressions": [{"key": "role", "operator": "NotIn", "values": ["db"]}]}
+    assert allowed([policy(None, expressions)], namespaces, far, db, 5432)  # db not selected
+    assert not allowed([policy(None, expressions)], namespaces, far, web, 80)
+
+
+def network_flows(objs: list[Obj]) -> Iterator[tuple[str, Pod, Pod, int, bool]]:
+    """(what, source, target, port, whether it must be allowed) for the pods ``objs`` render."""
+    router = pod_of(named(objs, "Deployment", "servery-router"))
+    loader = yaml.safe_load((DEPLOY / "model-loader.yaml").read_text())
+    loader_pod = Pod(NAMESPACE, loader["metadata"]["labels"])
+    client = Pod("shop", {"app": "web"})
+    ingress = Pod("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+    stranger = Pod("default", {"app": "web"})
+    prometheus = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    grafana = Pod("monitoring", {"app.kubernetes.io/name": "grafana"})
+    rogue_prometheus = Pod("default", {"app.kubernetes.io/name": "prometheus"})
+    http, grpc = router.ports["http"], router.ports["grpc"]
+
+    yield "a client namespace -> router http", client, router, http, True
+    yield "a client namespace -> router gRPC", client, router, grpc, True
+    yield "the ingress controller -> router http", ingress, router, http, True
+    yield "Prometheus -> router /metrics", prometheus, router, http, True
+    yield "an unlabelled namespace -> router http", stranger, router, http, False
+    yield "an unlabelled namespace -> router gRPC", stranger, router, grpc, False
+    yield "a client namespace -> another router port", client, router, 8080, False
+    yield "Prometheus -> router gRPC", prometheus, router, grpc, False
+    yield "another pod of Prometheus's namespace -> router", grafana, router, http, False
+    yield "a Prometheus-labelled pod elsewhere -> router", rogue_prometheus, router, http, False
+    yield "the model loader -> router", loader_pod, router, http, False
+    yield "a client namespace -> model loader", client, loader_pod, http, False
+    yield "Prometheus -> model loader", prometheus, loader_pod, http, False
+    if any(d["metadata"]["name"] == "servery-llm" for d in of_kind(objs, "Deployment")):
+        llm = pod_of(named(objs, "Deployment", "servery-llm"))
+        llm_http = llm.ports["http"]
+        yield "router -> LLM", router, llm, llm_http, True
+        yield "Prometheus -> LLM /metrics", prometheus, llm, llm_http, True
+        yield "a client namespace -> LLM", client, llm, llm_http, False
+        yield "the ingress controller -> LLM", ingress, llm, llm_http, False
+        yield "an unlabelled namespace -> LLM", stranger, llm, llm_http, False
+        yield "another pod of Prometheus's namespace -> LLM", grafana, llm, llm_http, False
+        yield "the model loader -> LLM", loader_pod, llm, llm_http, False
+        yield "router -> another LLM port", router, llm, 8000, False
+        impostor = Pod("shop", router.labels)
+        yield "a router-labelled pod in a client namespace -> LLM", impostor, llm, llm_http, False
+
+
+@pytest.mark.parametrize("target", [*TARGETS, "overlays/gpu + servicemonitor"])
+def test_network_policies(
+    rendered: dict[str, list[Obj]], with_servicemonitor: list[Obj], target: str
+) -> None:
+    """Default deny; clients (namespaces labelled servery/client=true) reach the router's REST and
+    gRPC ports; Prometheus (pods named prometheus in namespaces labelled servery/scraper=true)
+    reaches /metrics; only the router reaches the LLM service. Fails without the policies."""
+    objs = with_servicemonitor if target.endswith("servicemonitor") else rendered[target]
+    policies = of_kind(objs, "NetworkPolicy")
+    assert all(p["metadata"]["namespace"] == NAMESPACE for p in policies)
+    namespaces = {
+        NAMESPACE: {},
+        "shop": {CLIENT_LABEL: "true"},
+        "ingress-nginx": {CLIENT_LABEL: "true"},
+        "monitoring": {SCRAPER_LABEL: "true"},
+        "default": {},
+    }
+    wrong = [
+        f"{what}: {'refused' if expected else 'allowed'} on port {port}"
+        for what, source, dest, port, expected in network_flows(objs)
+        if allowed(policies, namespaces, source, dest, port) != expected
+    ]
+    assert not wrong, "\n".join(wrong)
+    # every pod of the namespace is isolated: what a later component adds is closed by default
+    assert any(
+        policy_types(p) == ["Ingress"]
+        and p["spec"]["podSelector"] == {}
+        and not p["spec"].get("ingress")
+        for p in policies
+    ), "no default-deny policy"
+    # the framework services are Unix sockets in the router pod: no port but http and gRPC
+    ports = {d["metadata"]["name"]: set(pod_of(d).ports) for d in of_kind(objs, "Deployment")}
+    assert ports.pop("servery-router") == {"http", "grpc"}
+    assert ports in ({}, {"servery-llm": {"http"}})
+
+
+def test_network_policy_labels_are_documented() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    for label in (CLIENT_LABEL, SCRAPER_LABEL):
+        assert f"{label}=true" in readme, f"deploy/README.md does not say how to set {label}"
