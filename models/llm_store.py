@@ -76,8 +76,6 @@ def save_hf_dir(
     ``parameters``: the parameter count (recorded for memory estimates); ``quantization``: the
     quantization of the stored weights (None: unquantized). Returns the stored ``bentoml.Model``.
     """
-    import bentoml
-
     path = Path(path)
     config = check_hf_dir(path)
     all_metadata: dict[str, Any] = {
@@ -87,9 +85,29 @@ def save_hf_dir(
         "quantization": quantization or "none",
         **(metadata or {}),
     }
-    all_labels = {"task": TASK, "format": FORMAT, "servery": "1", **(labels or {})}
-    with bentoml.models.create(name, labels=all_labels, metadata=all_metadata) as bento_model:
-        shutil.copytree(path, bento_model.path_of(SUBDIR))
+    all_labels = {"task": TASK, "format": FORMAT, **(labels or {})}
+    return save_folder(name, path, SUBDIR, labels=all_labels, metadata=all_metadata)
+
+
+def save_folder(
+    name: str,
+    path: Path | str,
+    subdir: str,
+    *,
+    labels: Mapping[str, str],
+    metadata: Mapping[str, Any],
+) -> Any:
+    """Copy the folder ``path`` into a new version of ``name`` (as ``<model path>/<subdir>``),
+    labelled ``servery: "1"`` plus ``labels``; returns the stored ``bentoml.Model``.
+
+    The one store step of every packaged model folder: LLMs (:func:`save_hf_dir`) and embedding
+    models (``models/embeddings.py``).
+    """
+    import bentoml
+
+    all_labels = {"servery": "1", **labels}
+    with bentoml.models.create(name, labels=all_labels, metadata=dict(metadata)) as bento_model:
+        shutil.copytree(path, bento_model.path_of(subdir))
     return bentoml.models.get(bento_model.tag)
 
 

