@@ -27,6 +27,7 @@ levels is a 400, not a ``RecursionError``).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,9 +60,23 @@ ROUTES: dict[str, Route] = {
         Route("/v1/models", frozenset({"GET"})),
         Route("/v1/chat/completions", frozenset({"POST"}), generates=True),
         Route("/v1/completions", frozenset({"POST"}), generates=True, prompts=True),
+        # RAG (services/rag/): embeddings, and the collections' list
+        Route("/v1/embeddings", frozenset({"POST"})),
+        Route("/v1/rag/collections", frozenset({"GET"})),
     )
 }
-"""Every ``/v1`` path the router forwards; anything else is answered 404 there."""
+"""Every ``/v1`` path the router forwards (with :data:`COLLECTION_ROUTES`); anything else is
+answered 404 there."""
+
+COLLECTION_ROUTES: dict[str, Route] = {
+    "": Route("/v1/rag/collections/{name}", frozenset({"DELETE"})),
+    "/documents": Route(
+        "/v1/rag/collections/{name}/documents", frozenset({"GET", "POST", "DELETE"})
+    ),
+    "/query": Route("/v1/rag/collections/{name}/query", frozenset({"POST"})),
+}
+"""The routes of one RAG collection, by what follows its name (a store name: ``a-z0-9._-``)."""
+_COLLECTION = re.compile(r"/v1/rag/collections/([a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?)(/[a-z]+)?")
 
 MODELS = "/v1/models"
 
@@ -77,7 +92,11 @@ def canonical_path(scope: dict[str, Any]) -> str:
 def route_of(scope: dict[str, Any]) -> Route | None:
     """The allow-listed route of an HTTP request, or None (unknown path, or one that only
     decodes to a known path)."""
-    return ROUTES.get(canonical_path(scope))
+    path = canonical_path(scope)
+    found = ROUTES.get(path)
+    if found is None and (rag := _COLLECTION.fullmatch(path)):
+        found = COLLECTION_ROUTES.get(rag[2] or "")
+    return found
 
 
 # --- request bodies ------------------------------------------------------------------------------
