@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pydantic_core
@@ -75,7 +75,8 @@ COLLECTION_ROUTES: dict[str, Route] = {
     ),
     "/query": Route("/v1/rag/collections/{name}/query", frozenset({"POST"})),
 }
-"""The routes of one RAG collection, by what follows its name (a store name: ``a-z0-9._-``)."""
+"""The routes of one RAG collection, by what follows its name (a store name: ``a-z0-9._-``);
+:func:`route_of` answers them with the request's own path."""
 _COLLECTION = re.compile(r"/v1/rag/collections/([a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?)(/[a-z]+)?")
 
 MODELS = "/v1/models"
@@ -95,7 +96,9 @@ def route_of(scope: dict[str, Any]) -> Route | None:
     path = canonical_path(scope)
     found = ROUTES.get(path)
     if found is None and (rag := _COLLECTION.fullmatch(path)):
-        found = COLLECTION_ROUTES.get(rag[2] or "")
+        template = COLLECTION_ROUTES.get(rag[2] or "")
+        # the concrete path (the name matched a store name: nothing decodes differently)
+        found = None if template is None else replace(template, path=path)
     return found
 
 
