@@ -38,6 +38,31 @@ BATCH_REQUESTS = Histogram(
     ["model", "version", "placement"],
     buckets=BATCH_BUCKETS,
 )
+FLUSH_REASONS = ("tick", "full", "hold_ended", "hold_alone")
+"""Why the micro-batcher (services/runtime/batcher.py) flushed: ``tick``, the next loop turn (no
+hold); ``full``, a hold cut short by ``max_batch_size`` rows waiting; ``hold_ended``, a hold that
+ran out or saw as many requests as the previous batch come back, with company; ``hold_alone``, a
+hold that gathered nobody (wasted: the back-off follows)."""
+
+BATCH_FLUSHES = Counter(
+    "servery_batch_flushes",
+    "Micro-batcher flushes by reason: tick (the next event-loop turn, no hold), full (a hold cut "
+    "short by max_batch_size rows), hold_ended (a hold that ended with company), hold_alone (a "
+    "hold that gathered nobody)",
+    ["model", "version", "placement", "reason"],
+)
+BATCH_HOLD_SECONDS = Histogram(
+    "servery_batch_hold_seconds",
+    "How long each micro-batcher hold waited for company before its flush (SERVERY_BATCH_HOLD_MS)",
+    ["model", "version", "placement"],
+    buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1),
+)
+BATCH_SHED = Counter(
+    "servery_batch_shed",
+    "Requests refused at once (503) because the model version's micro-batcher queue was full "
+    "(max_queue)",
+    ["model", "version", "placement"],
+)
 REQUESTS = Counter(
     "servery_requests",
     "Prediction requests answered by the router, by model, version and HTTP status",
@@ -244,14 +269,23 @@ class BatchMetrics:
         "_batcher",
         "_compute",
         "_depth",
+        "_flushes",
         "_gauges",
+        "_hold",
         "_in_flight",
         "_requests",
         "_rows",
+        "_shed",
         "_wait",
     )
 
     def __init__(self, model: str, version: str, placement: str) -> None:
+        # every reason's series exists from the load on, so rate() and ratios have a start
+        self._flushes = {
+            r: BATCH_FLUSHES.labels(model, version, placement, r) for r in FLUSH_REASONS
+        }
+        self._hold = BATCH_HOLD_SECONDS.labels(model, version, placement)
+        self._shed = BATCH_SHED.labels(model, version, placement)
         self._rows = BATCH_SIZE.labels(model, version, placement)
         self._requests = BATCH_REQUESTS.labels(model, version, placement)
         self._compute = MODEL_COMPUTE_SECONDS.labels(model, version, placement)
@@ -265,6 +299,18 @@ class BatchMetrics:
         """A model call answered ``requests`` requests with ``rows`` rows."""
         self._rows.observe(rows)
         self._requests.observe(requests)
+
+    def flushed(self, reason: str) -> None:
+        """The batcher flushed its queue, for ``reason`` (one of ``FLUSH_REASONS``)."""
+        self._flushes[reason].inc()
+
+    def held(self, seconds: float) -> None:
+        """A hold ended after ``seconds``."""
+        self._hold.observe(seconds)
+
+    def shed(self) -> None:
+        """A request was refused: the queue was full."""
+        self._shed.inc()
 
     def called(self, seconds: float, waits: Sequence[float]) -> None:
         """A model call took ``seconds``; its requests had waited ``waits`` for it."""

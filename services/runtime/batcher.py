@@ -39,10 +39,11 @@ never split, so one request's rows always come from one model call).
 
 Metrics (``metrics``, a :class:`services.ops.metrics.BatchMetrics`) are written per batch, not per
 request: after every model call its time and each carried request's wait since :meth:`submit`
-(one write per histogram bucket hit), after every successful one the rows and requests. The
-in-flight and queue-depth gauges cost the hot path nothing: a metrics thread samples
-:attr:`MicroBatcher.queued` and :attr:`MicroBatcher.waiting`
-(``services.ops.metrics.sample_gauges``).
+(one write per histogram bucket hit), after every successful one the rows and requests. Its
+decisions are counted too: every flush by its reason (``services.ops.metrics.FLUSH_REASONS``),
+every hold's length, and every request shed. The in-flight and queue-depth gauges cost the hot
+path nothing: a metrics thread samples :attr:`MicroBatcher.queued` and
+:attr:`MicroBatcher.waiting` (``services.ops.metrics.sample_gauges``).
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ class MicroBatcher:
         # Remote (async) batchers already gather while a batch is in flight: no holds there.
         self._hold_s = 0.0 if is_async else hold_s
         self._hold: asyncio.TimerHandle | None = None
+        self._hold_start = 0.0  # loop time when the current hold began (holds are loop timers)
         self._hold_until = 0  # requests waiting that end the current hold early (0: none)
         self._last_batch = 0  # requests in the previous flush
         self._backoff = 0  # single-request flushes to skip before the next hold
@@ -162,6 +164,8 @@ class MicroBatcher:
         """
         if self.max_queue is not None and self.queued >= self.max_queue:
             self.shed += 1
+            if self._metrics is not None:
+                self._metrics.shed()
             raise QueueFull(
                 f"overloaded: {self.queued} requests already queued for this model version "
                 "(max_queue); retry after the Retry-After seconds"
@@ -174,19 +178,26 @@ class MicroBatcher:
             if not self._scheduled:
                 self._scheduled = True
                 loop.call_soon(self._flush)
-            elif self._hold is not None and (
-                0 < self._hold_until <= len(self._pending)
-                or sum(n_rows(p[0]) for p in self._pending) >= self._max
-            ):
+            elif self._hold is not None:
                 # Everyone expected is back, or a full batch waits: no reason to hold any longer.
-                self._hold.cancel()
-                self._hold = None
-                loop.call_soon(self._end_hold)
+                if sum(n_rows(p[0]) for p in self._pending) >= self._max:
+                    self._cut_hold(loop, "full")
+                elif 0 < self._hold_until <= len(self._pending):
+                    self._cut_hold(loop, "hold_ended")
             return await fut
         finally:
             self.queued -= 1
 
-    def _end_hold(self) -> None:
+    def _cut_hold(self, loop: asyncio.AbstractEventLoop, reason: str) -> None:
+        self._hold.cancel()  # type: ignore[union-attr]
+        self._hold = None
+        loop.call_soon(self._end_hold, reason)
+
+    def _hold_for(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._hold_start = loop.time()
+        self._hold = loop.call_later(self._hold_s, self._end_hold)
+
+    def _end_hold(self, reason: str = "hold_ended") -> None:
         self._hold = None
         self.holds += 1
         if len(self._pending) > 1:
@@ -195,7 +206,13 @@ class MicroBatcher:
         else:  # nobody came: hold less often while traffic stays sequential
             self._backoff = self._next_backoff
             self._next_backoff = min(2 * self._next_backoff, MAX_BACKOFF)
-        self._flush(held=True)
+            reason = "hold_alone"
+        if self._metrics is not None:
+            try:
+                self._metrics.held(asyncio.get_running_loop().time() - self._hold_start)
+            except Exception:  # metrics must never fail requests
+                logger.exception("micro-batcher metrics failed")
+        self._flush(held=True, reason=reason)
 
     def _chunks(self, pending: list[_Pending]) -> Iterator[list[_Pending]]:
         chunk: list[_Pending] = []
@@ -210,7 +227,7 @@ class MicroBatcher:
         if chunk:
             yield chunk
 
-    def _flush(self, held: bool = False) -> None:
+    def _flush(self, held: bool = False, reason: str = "tick") -> None:
         n = len(self._pending)
         if self._hold_s and not held and n < self._max:
             if 2 * n < self._last_batch:
@@ -219,15 +236,20 @@ class MicroBatcher:
                 # time are here, at most hold_s) instead of paying a model call for a handful now
                 # and another for the rest right after.
                 self._hold_until = self._last_batch
-                self._hold = asyncio.get_running_loop().call_later(self._hold_s, self._end_hold)
+                self._hold_for(asyncio.get_running_loop())
                 return
             if n == 1:
                 if self._backoff:
                     self._backoff -= 1
                 else:  # probe: does a lone request find company? (the whole hold_s)
                     self._hold_until = 0
-                    self._hold = asyncio.get_running_loop().call_later(self._hold_s, self._end_hold)
+                    self._hold_for(asyncio.get_running_loop())
                     return
+        if self._metrics is not None and n:
+            try:
+                self._metrics.flushed(reason)
+            except Exception:  # metrics must never fail requests
+                logger.exception("micro-batcher metrics failed")
         self._scheduled = False
         self._last_batch = n
         pending, self._pending = self._pending, []

@@ -21,7 +21,7 @@ from bench.harness.store import bentoml_store, save_iris
 from services.ops import metrics
 from services.runtime.batcher import MicroBatcher, Result
 from services.runtime.errors import ModelNotReady
-from tests.conftest import eventually
+from tests.conftest import eventually, run_on_virtual_clock
 
 
 def value(metric: Any, suffix: str = "", **labels: str) -> float:
@@ -113,6 +113,48 @@ def test_one_batch_records_compute_once_and_every_request_wait() -> None:
     gauges = {"model": name, "version": "v1"}
     assert value(metrics.IN_FLIGHT, **gauges) == 0
     assert value(metrics.QUEUE_DEPTH, **gauges) == 0
+
+
+def test_batcher_decisions_are_counted_per_reason_with_hold_times_and_shed() -> None:
+    """A scripted load on loop time: each flush is counted once, by why it happened."""
+    name = tag()
+    labels = {"model": name, "version": "v1", "placement": "inline"}
+    predict = RowSums()
+    batcher = MicroBatcher(
+        predict, max_batch_size=4, hold_s=0.05, metrics=metrics.BatchMetrics(name, "v1", "inline")
+    )
+
+    async def late(i: int) -> Result:
+        await asyncio.sleep(0.005 * i)
+        return await batcher.submit(rows(i))
+
+    async def main() -> None:
+        await batcher.submit(rows(0))  # alone and held: nobody comes (back-off: skip 1)
+        await asyncio.gather(*(late(i) for i in range(3)))  # skipped: tick; then 2 held together
+        await asyncio.gather(*(late(i) for i in range(5)))  # held until 4 rows wait; 1 alone
+
+    run_on_virtual_clock(asyncio.wait_for(main(), 5))
+    assert predict.calls == [1, 1, 2, 4, 1]
+    flushes = {
+        r: value(metrics.BATCH_FLUSHES, "_total", reason=r, **labels) for r in metrics.FLUSH_REASONS
+    }
+    assert flushes == {"tick": 1, "full": 1, "hold_ended": 1, "hold_alone": 2}
+    assert count(metrics.BATCH_HOLD_SECONDS, **labels) == batcher.holds == 4
+    # three holds ran their whole 50 ms (loop time); the one cut short by a full batch did not
+    assert value(metrics.BATCH_HOLD_SECONDS, "_sum", **labels) == pytest.approx(0.165, abs=0.002)
+
+    shedding = MicroBatcher(
+        predict, max_batch_size=64, max_queue=1, metrics=metrics.BatchMetrics(name, "v2", "x")
+    )
+
+    async def burst() -> list[Any]:
+        return await asyncio.gather(
+            *(shedding.submit(rows(i)) for i in range(3)), return_exceptions=True
+        )
+
+    answers = asyncio.run(burst())
+    assert sum(isinstance(a, Exception) for a in answers) == 2
+    assert value(metrics.BATCH_SHED, "_total", model=name, version="v2") == shedding.shed == 2
 
 
 def test_a_failed_call_is_timed_but_not_counted_as_a_batch() -> None:
