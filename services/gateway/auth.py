@@ -27,8 +27,11 @@ optional allowed models and rate limits::
 Rate limits are token buckets per key *in each router worker process* (no shared state): each
 worker enforces the configured rate divided by ``SERVERY_ROUTER_WORKERS``, so the sum over a
 router never exceeds it. A bucket holds one minute's worth (its burst) and refills continuously.
-A request costs 1 from the request bucket; an LLM completion also costs its ``max_tokens`` (or
-``max_completion_tokens``) times ``n`` from the token bucket, charged up front and not refunded.
+A request costs 1 from the request bucket; an LLM completion also costs, from the token bucket,
+its estimated prompt tokens plus what it may generate (``max_tokens`` or
+``max_completion_tokens``, times ``n`` and the number of prompts, parsed as vLLM parses them:
+services/llm/openai_api.py), charged up front and not refunded. ``/v1`` answers carry OpenAI's
+``x-ratelimit-*`` headers for the key's buckets in the worker that answered.
 
 The keys file is re-read while serving (rotation without a restart): at most every
 ``SERVERY_RELOAD_INTERVAL_S``, the first request after the interval ``stat``s the file (following
@@ -48,6 +51,7 @@ import math
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +61,7 @@ from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from models.config import ConfigError, Settings
-from services.runtime.errors import Forbidden, RateLimited, Unauthenticated
+from services.runtime.errors import Forbidden, RateLimited, ServeryError, Unauthenticated
 
 MIN_KEY_LENGTH = 16
 SHA256_PREFIX = "sha256:"
@@ -197,6 +201,27 @@ class TokenBucket:
     def take(self, cost: float) -> None:
         self.tokens -= cost
 
+    def headers(self, kind: str) -> list[tuple[bytes, bytes]]:
+        """OpenAI's ``x-ratelimit-{limit,remaining,reset}-<kind>`` for this bucket (call
+        :meth:`wait_s` first: it refills up to now)."""
+        reset = (self.capacity - self.tokens) / self.rate if self.rate else 0.0
+        return [
+            (b"x-ratelimit-limit-" + kind.encode(), b"%d" % int(self.capacity)),
+            (b"x-ratelimit-remaining-" + kind.encode(), b"%d" % max(0, int(self.tokens))),
+            (b"x-ratelimit-reset-" + kind.encode(), duration(reset).encode()),
+        ]
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as OpenAI writes its rate-limit resets (Go's duration format): ``20ms``,
+    ``1.5s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    if seconds < 60:
+        return f"{round(seconds, 3):g}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s"
+
 
 @dataclass(eq=False)
 class ApiKey:
@@ -246,6 +271,100 @@ class ApiKey:
             self.requests.take(1)
         if tokens and self.tokens is not None:
             self.tokens.take(tokens)
+
+    def rate_headers(self) -> list[tuple[bytes, bytes]]:
+        """OpenAI's ``x-ratelimit-*`` headers for this key's buckets in this router worker (the
+        limits are the worker's share, ``SERVERY_ROUTER_WORKERS``); none for an unlimited key."""
+        out: list[tuple[bytes, bytes]] = []
+        for kind, bucket in (("requests", self.requests), ("tokens", self.tokens)):
+            if bucket is not None:
+                bucket.wait_s(0)  # refill up to now
+                out += bucket.headers(kind)
+        return out
+
+
+class AdminGuard:
+    """Who may call ``/admin/`` (the router's ``POST /admin/reload``).
+
+    * ``Authorization: Bearer <SERVERY_ADMIN_TOKEN>`` when a token is set, or an API key that may
+      use every model (a key limited to some models is refused 403: the reload report lists
+      every model, version and error);
+    * with neither keys nor a token (local use), anyone, but an unsafe method only with
+      ``Content-Type: application/json``: a cross-site HTML form cannot send that without a
+      CORS preflight, which the router never answers;
+    * an address that failed ``failures_per_minute`` times in the last minute is refused 429
+      before its credentials are even looked at (a token bucket per client address, at most
+      ``max_addresses`` remembered, the least recently failing forgotten first).
+    """
+
+    def __init__(
+        self,
+        token: str | None,
+        keys: Keyring | None,
+        *,
+        failures_per_minute: float = 10,
+        max_addresses: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._expected = None if token is None else f"Bearer {token}".encode()
+        self.keys = keys
+        self.failures_per_minute = failures_per_minute
+        self.max_addresses = max_addresses
+        self.clock = clock
+        self._failures: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def check(
+        self, authorization: str | None, client: str, method: str, content_type: str | None
+    ) -> ApiKey | None:
+        """The admitted caller's key (None: the admin token, or open mode); raises 401, 403,
+        415 or 429 (:class:`~services.runtime.errors.ServeryError`)."""
+        if self._expected is None and self.keys is None:
+            media = (content_type or "").partition(";")[0].strip().lower()
+            if method not in ("GET", "HEAD", "OPTIONS") and media != "application/json":
+                raise ServeryError.with_status(
+                    415,
+                    "admin endpoints without SERVERY_ADMIN_TOKEN or API keys accept only "
+                    "'Content-Type: application/json' (no cross-site form posts)",
+                )
+            return None
+        bucket = self._failures.get(client)
+        if bucket is not None and (wait := bucket.wait_s(1)) > 0:
+            REJECTED.labels("-", "admin_throttled").inc()
+            raise RateLimited(
+                f"too many failed admin attempts from this address; retry in {wait:.0f} s",
+                max(1, math.ceil(wait)),
+            )
+        given = (authorization or "").encode()
+        if self._expected is not None and hmac.compare_digest(given, self._expected):
+            return None
+        if self.keys is None:
+            self._failed(client)
+            raise Unauthenticated(
+                "admin endpoints need 'Authorization: Bearer <SERVERY_ADMIN_TOKEN>'",
+                invalid_token=authorization is not None,
+            )
+        try:
+            key = self.keys.authenticate(authorization)
+        except Unauthenticated:
+            self._failed(client)
+            raise
+        if key.models is not None:
+            REJECTED.labels(key.name, "forbidden").inc()
+            raise Forbidden(
+                "admin endpoints need an API key that may use every model, or the admin token"
+            )
+        key.admit()
+        return key
+
+    def _failed(self, client: str) -> None:
+        bucket = self._failures.pop(client, None)
+        if bucket is None:
+            bucket = TokenBucket(self.failures_per_minute, self.clock)
+            if len(self._failures) >= self.max_addresses:
+                self._failures.popitem(last=False)
+        bucket.wait_s(0)
+        bucket.take(1)
+        self._failures[client] = bucket  # most recent last
 
 
 def _by_digest(keys: Iterable[ApiKey]) -> dict[bytes, ApiKey]:

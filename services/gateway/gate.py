@@ -1,28 +1,37 @@
-"""The router's HTTP gate: API keys and rate limits (services/gateway/auth.py) checked in front of
-every
-route, fast path or not (services/gateway/fastpath.py wraps BentoML's app with it).
+"""The router's HTTP gate: API keys, rate limits (services/gateway/auth.py) and the admin
+endpoints, checked in front of every route, fast path or not (services/gateway/fastpath.py wraps
+BentoML's app with it), after the body-size check (:func:`check_body_size`, every method).
 
-Open without a key: the probes and metrics in :data:`OPEN_PATHS`, and ``/admin/`` when
-``SERVERY_ADMIN_TOKEN`` is set (the admin token guards it; both would use ``Authorization``).
+Open without a key: the probes and metrics in :data:`OPEN_PATHS` and the console's static files.
+``/admin/`` is guarded by :class:`~services.gateway.auth.AdminGuard` whether keys are on or not.
 Refusals use each API's envelope: OpenAI's on ``/v1/``, OIP's ``{"error": "..."}`` on ``/v2``,
 the platform's elsewhere. Allowed models are checked here when the path names the model
-(``/v2/models/{name}...``, ``/models/{name}``) or, on ``/v1/``, from the request body (read once
-and replayed to the proxy); ``/predict`` checks its body's model in the handler.
+(``/v2/models/{name}...``, ``/models/{name}``) or, on an allow-listed ``/v1`` POST route
+(services/llm/openai_api.py, by the raw path), from the request body (read once and replayed to
+the proxy), which also gives the tokens charged; ``/predict`` checks its body's model in the
+handler. Answers on ``/v1`` carry OpenAI's ``x-ratelimit-*`` headers for a rate-limited key.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from starlette.responses import Response
 
 from models.config import Settings
-from services.gateway.auth import Keyring
+from services.gateway.auth import AdminGuard, Keyring
+from services.llm.openai_api import (
+    RATE_HEADERS,
+    generation,
+    read_body,
+    replaying,
+    route_of,
+    too_large,
+)
 from services.protocols.errors import refusal
-from services.protocols.state import SCOPE_KEY
-from services.runtime.errors import BadRequest, PayloadTooLarge, ServeryError
+from services.protocols.state import ADMIN_KEY, SCOPE_KEY
+from services.runtime.errors import BadRequest, PayloadTooLarge, RateLimited, ServeryError
 
 OPEN_PATHS = frozenset(
     {"/livez", "/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"}
@@ -34,78 +43,120 @@ CONSOLE = "/console"
 key on ``<script src>``; they hold no data, and every call the page makes for data carries the
 key the user typed in."""
 
+ADMIN = "/admin/"
+
 _MODEL_IN_PATH = re.compile(r"^/(?:v2/)?models/([^/]+)")
-_COMPLETIONS = ("/completions",)  # /v1/completions and /v1/chat/completions generate tokens
 
 
 class HttpGate:
     """Admits or refuses one HTTP request, before any route runs (see
-    services/gateway/fastpath.py)."""
+    services/gateway/fastpath.py). ``keys`` None: authentication is off, only ``/admin/`` is
+    checked (by ``admin``)."""
 
     def __init__(
-        self, keys: Keyring, *, admin_token_set: bool = False, default_max_tokens: int = 1024
+        self,
+        keys: Keyring | None,
+        admin: AdminGuard,
+        *,
+        default_max_tokens: int = 1024,
+        max_body_bytes: int | None = None,
     ) -> None:
         self.keys = keys
-        self.admin_token_set = admin_token_set
+        self.admin = admin
         self.default_max_tokens = default_max_tokens
+        self.max_body_bytes = max_body_bytes
 
     async def admit(self, scope: dict[str, Any], receive: Any) -> tuple[Response | None, Any]:
         """``(None, receive)`` to go on (``receive`` replays a body read here), or a refusal."""
         path: str = scope["path"]
-        if (
-            path in OPEN_PATHS
-            or path == CONSOLE
-            or path.startswith(CONSOLE + "/")
-            or (self.admin_token_set and path.startswith("/admin/"))
-        ):
+        if path.startswith(ADMIN):
+            return self._admin(scope), receive
+        if self.keys is None or path in OPEN_PATHS or path == CONSOLE:
             return None, receive
+        if path.startswith(CONSOLE + "/"):
+            return None, receive
+        llm = path.startswith("/v1/")
+        key = None
         try:
             key = self.keys.authenticate(header(scope, b"authorization"))
             tokens = 0
-            if path.startswith("/v1/"):
-                if scope["method"] == "POST" and key.reads_llm_body:
-                    body, receive = await buffer_body(receive)
-                    model, tokens = llm_cost(body, path, self.default_max_tokens)
-                    key.check_model(model)
+            route = route_of(scope) if llm else None
+            if (
+                route is not None
+                and (route.names_model or route.generates)
+                and scope["method"] == "POST"
+                and key.reads_llm_body
+            ):
+                body, left = await read_body(receive, self.max_body_bytes)
+                receive = replaying(body, receive, left)
+                asked = generation(body, route)
+                if route.names_model:
+                    key.check_model(asked.model)
+                if route.generates:
+                    tokens = asked.charge(self.default_max_tokens)
             elif key.models is not None and (found := _MODEL_IN_PATH.match(path)):
                 key.check_model(found[1])
             key.admit(tokens)
         except ServeryError as e:
-            return refusal(path, e), receive
+            refused = refusal(path, e)
+            if llm and key is not None and isinstance(e, RateLimited):
+                refused.raw_headers.extend(key.rate_headers())
+            return refused, receive
         scope[SCOPE_KEY] = key
+        if llm:
+            scope[RATE_HEADERS] = key.rate_headers()
         return None, receive
 
-
-def http_gate(keys: Keyring | None, settings: Settings) -> HttpGate | None:
-    """The gate for ``keys`` as ``settings`` configure it (None when authentication is off)."""
-    if keys is None:
+    def _admin(self, scope: dict[str, Any]) -> Response | None:
+        client = scope.get("client")
+        try:
+            key = self.admin.check(
+                header(scope, b"authorization"),
+                client[0] if client else "-",
+                scope["method"],
+                header(scope, b"content-type"),
+            )
+        except ServeryError as e:
+            return refusal(scope["path"], e)
+        scope[ADMIN_KEY] = True
+        if key is not None:
+            scope[SCOPE_KEY] = key
         return None
+
+
+def http_gate(
+    keys: Keyring | None, settings: Settings, *, llm_max_tokens_limit: int | None = None
+) -> HttpGate:
+    """The gate for ``keys`` (None: authentication off) as ``settings`` configure it.
+
+    A completion that sets no ``max_tokens`` is charged ``llm_max_tokens_limit`` in all
+    (``SERVERY_LLM_MAX_TOKENS_LIMIT``: the LLM service caps such a request to it) when that is
+    set, else ``SERVERY_RATE_LIMIT_DEFAULT_MAX_TOKENS`` per choice."""
     return HttpGate(
         keys,
-        admin_token_set=settings.admin_token is not None,
-        default_max_tokens=settings.rate_limit_default_max_tokens,
+        AdminGuard(settings.admin_token, keys),
+        default_max_tokens=llm_max_tokens_limit or settings.rate_limit_default_max_tokens,
+        max_body_bytes=settings.max_body_bytes,
     )
-
-
-def too_large_message(limit: int) -> str:
-    return f"request body larger than {limit} bytes (SERVERY_MAX_BODY_BYTES)"
 
 
 async def check_body_size(
     scope: dict[str, Any], receive: Any, limit: int
 ) -> tuple[Response | None, Any]:
-    """``(None, receive)`` when the body fits in ``limit`` bytes, else a 413 refusal.
+    """``(None, receive)`` when the body fits in ``limit`` bytes, else a 413 refusal; for every
+    method.
 
-    A declared ``Content-Length`` is checked as it is (uvicorn holds the body to it); a body sent
-    without one (chunked) is read here up to the limit and replayed.
-    """
+    A declared ``Content-Length`` is checked as it is (uvicorn holds the body to it); a chunked
+    body (``Transfer-Encoding``) is read here up to the limit and replayed. A request with
+    neither has no body (RFC 9112 6.3)."""
     length = header(scope, b"content-length")
     try:
         if length is not None:
             if int(length) > limit:
-                raise PayloadTooLarge(too_large_message(limit))
-        elif scope["method"] in ("POST", "PUT", "PATCH"):
-            _, receive = await buffer_body(receive, limit)
+                raise too_large(limit)
+        elif header(scope, b"transfer-encoding") is not None:
+            body, left = await read_body(receive, limit)
+            receive = replaying(body, receive, left)
     except PayloadTooLarge as e:
         return refusal(scope["path"], e), receive
     except ValueError:  # not a number: uvicorn would have refused it already
@@ -118,64 +169,3 @@ def header(scope: dict[str, Any], name: bytes) -> str | None:
         if k.lower() == name:
             return v.decode("latin-1")
     return None
-
-
-async def buffer_body(receive: Any, limit: int | None = None) -> tuple[bytes, Any]:
-    """Read the whole request body; returns it and a ``receive`` that replays it first.
-
-    Raises :class:`~services.runtime.errors.PayloadTooLarge` once more than ``limit`` bytes arrived.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    first: dict[str, Any]
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":  # the client left: replay the disconnect
-            body, first = b"", message
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if limit is not None and size > limit:
-            raise PayloadTooLarge(too_large_message(limit))
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            body = b"".join(chunks)
-            first = {"type": "http.request", "body": body, "more_body": False}
-            break
-    replayed = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return first
-        return await receive()
-
-    return body, replay
-
-
-def llm_cost(body: bytes, path: str, default_max_tokens: int) -> tuple[str | None, int]:
-    """The ``model`` of an OpenAI request and the tokens it is charged: ``max_completion_tokens``
-    or ``max_tokens`` (else ``default_max_tokens``) times ``n`` on the completion routes, 0
-    elsewhere and for a body that is not a JSON object (the LLM service answers 400)."""
-    try:
-        doc = json.loads(body) if body else None
-    except ValueError:
-        return None, 0
-    if not isinstance(doc, dict):
-        return None, 0
-    model = doc.get("model")
-    model = model if isinstance(model, str) else None
-    if not path.endswith(_COMPLETIONS):
-        return model, 0
-    limit = next(
-        (
-            v
-            for v in (doc.get("max_completion_tokens"), doc.get("max_tokens"))
-            if isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        ),
-        default_max_tokens,
-    )
-    n = doc.get("n")
-    n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
-    return model, limit * n

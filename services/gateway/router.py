@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import Field, WithJsonSchema
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
@@ -50,6 +51,7 @@ from services.ops.heap import freeze_heap
 from services.protocols import native
 from services.protocols.errors import error_response
 from services.protocols.oip import rest as oip_rest
+from services.rag.settings import RagSettings
 from services.runtime.errors import BadRequest, ModelNotReady, Overloaded, ServeryError
 from services.runtime.loader import Loader
 from services.runtime.registry import RemotePredict, RemotePrepare
@@ -60,7 +62,19 @@ logger = logging.getLogger("servery")
 KEYS = auth.keyring(SETTINGS)
 """This worker's API keys and their rate-limit buckets (None: authentication off), shared by the
 HTTP gate and the gRPC servicer."""
-GATE = http_gate(KEYS, SETTINGS)
+
+
+def _llm_max_tokens_limit() -> int | None:
+    """SERVERY_LLM_MAX_TOKENS_LIMIT: what the LLM service caps a completion that sets no
+    ``max_tokens`` to, so what the gate charges it."""
+    if not SETTINGS.llm_enabled:
+        return None
+    from services.llm.service import SETTINGS as LLM_SETTINGS
+
+    return LLM_SETTINGS.max_tokens_limit
+
+
+GATE = http_gate(KEYS, SETTINGS, llm_max_tokens_limit=_llm_max_tokens_limit())
 
 app = FastAPI(
     title="servery",
@@ -110,15 +124,83 @@ if SETTINGS.llm_enabled:
         connect_timeout_s=5.0,
         read_timeout_s=SETTINGS.request_timeout_s,
         on_done=_llm_done,
+        max_body_bytes=SETTINGS.max_body_bytes,
     )
+    RAG_ON = RagSettings().active(llm_enabled=True)
+    if RAG_ON:  # RAG (services/rag/): its own service, started only when configured
+        from services.rag.routing import V1Split
+        from services.rag.service import RAG
+        from services.rag.service import STATE as _RAG_STATE
+
+        def _rag_address() -> str:
+            from bentoml._internal.configuration.containers import BentoMLContainer
+
+            return BentoMLContainer.remote_runner_mapping.get()[RAG.name]
+
+        _LLM_NAMES |= frozenset(_RAG_STATE.apps)
+        RAG_PROXY = StreamingProxy(
+            _rag_address,
+            connect_timeout_s=5.0,
+            read_timeout_s=SETTINGS.request_timeout_s,
+            on_done=_llm_done,
+        )
+        LLM_PROXY = V1Split(
+            LLM_PROXY, RAG_PROXY, frozenset(_RAG_STATE.apps), SETTINGS.max_body_bytes
+        )
     # The fast path (services/gateway/fastpath.py) serves /v1/ with this same proxy before BentoML's
     # middleware; the route serves it when the fast path is off.
-    app.add_route("/v1/{path:path}", LLM_PROXY, methods=["GET", "POST"], include_in_schema=False)
+    app.add_route(
+        "/v1/{path:path}", LLM_PROXY, methods=["GET", "POST", "DELETE"], include_in_schema=False
+    )
 else:
     LLM_PROXY = None
+    RAG_ON = False
 
 # The web console (services/console/): static pages under /console/, not on the prediction path.
 console.mount(app, auth=KEYS is not None, llm=SETTINGS.llm_enabled)
+
+CLIENT_APIS = ("predict", "models")
+"""The Router's BentoML APIs (below): what ``bentoml.SyncHTTPClient``/``AsyncHTTPClient`` find in
+``/schema.json``. Their requests are the platform's own (``POST /predict`` with ``model``,
+``inputs``, ``version``; ``POST /models``), so the platform's handlers answer them (the fast path
+for ``/predict``, else the mounted app: services/protocols/native.py), with the same keys,
+errors, metrics and speed as every other client's: :func:`serve_client_apis_from_app` takes
+BentoML's copies of these routes out of the app it builds."""
+
+
+def serve_client_apis_from_app(built: Any) -> None:
+    """Drop the routes BentoML adds for :data:`CLIENT_APIS` from the Starlette app it built for
+    the Router (they come before the mounted app and would shadow its handlers); the schema
+    stays. Called by services/gateway/fastpath.py on the entry service's app."""
+    built.router.routes[:] = [
+        r for r in built.router.routes if getattr(r, "name", None) not in CLIENT_APIS
+    ]
+
+
+async def _in_process(handler: Any, body: dict[str, Any]) -> Any:
+    """``handler`` (a platform route) called in-process with JSON ``body``: its JSON answer, or
+    the error it answered raised as a :class:`ServeryError` with its status and message."""
+    import json
+
+    from starlette.requests import Request as StarletteRequest
+
+    raw = json.dumps(body).encode()
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "app": app}
+    response = await handler(StarletteRequest(scope, receive))
+    answer = json.loads(response.body)
+    if response.status_code != 200:
+        error = answer.get("error", {})
+        raise ServeryError.with_status(response.status_code, str(error.get("message", error)))
+    return answer
 
 
 def _remote(dependency: Any, framework: Framework, health: ServiceHealth) -> RemotePredict:
@@ -182,13 +264,45 @@ class Router:
 
     # services/gateway/fastpath.py serves this service's prediction routes outside BentoML's
     # middleware.
-    __servery_fast_path__ = {"kind": "router", "api": app, "gate": GATE, "llm_proxy": LLM_PROXY}
+    __servery_fast_path__ = {
+        "kind": "router",
+        "api": app,
+        "gate": GATE,
+        "llm_proxy": LLM_PROXY,
+        "own_routes": serve_client_apis_from_app,
+    }
 
     sklearn = bentoml.depends(SklearnService)
     xgboost = bentoml.depends(XGBoostService)
     torch = bentoml.depends(TorchService)
     if SETTINGS.llm_enabled:
         llm = bentoml.depends(LLM)
+    if RAG_ON:
+        rag = bentoml.depends(RAG)
+
+    # BentoML's clients: the schema of the platform's /predict and /models (CLIENT_APIS). Over
+    # HTTP the platform's handlers answer these routes; the methods serve in-process callers.
+    @bentoml.api(route="/predict")
+    async def predict(
+        self,
+        model: Annotated[str, Field(description="Served model name (see models())")],
+        inputs: Annotated[Any, WithJsonSchema(native._ROWS_SCHEMA), Field(description="Rows")],
+        version: Annotated[
+            str | None,
+            Field(description="Version id, prefix, alias or 'latest'; default: the routing table"),
+        ] = None,
+    ) -> native.PredictResponse:
+        """Predict with ``model`` (at ``version``): classes and probabilities of a classifier,
+        the values of a regressor, the outputs of a tensor model (as ``POST /predict``)."""
+        body = {"model": model, "inputs": inputs}
+        if version is not None:
+            body["version"] = version
+        return await _in_process(native.predict, body)  # type: ignore[return-value]
+
+    @bentoml.api(route="/models")
+    async def models(self) -> dict[str, Any]:
+        """Every served model: versions, aliases, routing, readiness, schema (as ``GET /models``)."""
+        return {"models": self.registry.describe(), "last_reload": self.registry.last_reload}
 
     def __init__(self) -> None:
         services = {

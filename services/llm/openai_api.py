@@ -52,16 +52,25 @@ class Route:
     """``POST`` here runs a generation: its tokens are charged (:func:`generation`)."""
     prompts: bool = False
     """The body's ``prompt`` may be a list of prompts, each generated (``/v1/completions``)."""
+    names_model: bool = False
+    """The body's ``model`` says which model serves it: an API key limited to some models is
+    checked against it (services/gateway/gate.py)."""
 
 
 ROUTES: dict[str, Route] = {
     r.path: r
     for r in (
         Route("/v1/models", frozenset({"GET"})),
-        Route("/v1/chat/completions", frozenset({"POST"}), generates=True),
-        Route("/v1/completions", frozenset({"POST"}), generates=True, prompts=True),
+        Route("/v1/chat/completions", frozenset({"POST"}), generates=True, names_model=True),
+        Route(
+            "/v1/completions",
+            frozenset({"POST"}),
+            generates=True,
+            prompts=True,
+            names_model=True,
+        ),
         # RAG (services/rag/): embeddings, and the collections' list
-        Route("/v1/embeddings", frozenset({"POST"})),
+        Route("/v1/embeddings", frozenset({"POST"}), names_model=True),
         Route("/v1/rag/collections", frozenset({"GET"})),
     )
 }
@@ -80,6 +89,10 @@ COLLECTION_ROUTES: dict[str, Route] = {
 _COLLECTION = re.compile(r"/v1/rag/collections/([a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?)(/[a-z]+)?")
 
 MODELS = "/v1/models"
+
+RATE_HEADERS = "servery.rate_headers"
+"""ASGI scope entry: the ``x-ratelimit-*`` headers (name, value bytes) the gate computed for the
+caller's key; the proxy adds them to the answer."""
 
 
 def canonical_path(scope: dict[str, Any]) -> str:
@@ -255,3 +268,35 @@ def _prompt_count(prompt: Any) -> int:
     if isinstance(prompt, list) and any(isinstance(p, str | list) for p in prompt):
         return max(1, len(prompt))
     return 1
+
+
+def cap_tokens(doc: dict[str, Any], asked: Generation, limit: int | None, context: int) -> bool:
+    """Apply ``SERVERY_LLM_MAX_TOKENS_LIMIT`` (``limit``, over all choices) to what a request
+    will generate; True when ``doc`` was changed.
+
+    A request that asks for more is refused (:class:`BadRequest`). A chat that sets no
+    ``max_tokens`` may generate up to the rest of the model's ``context``: when that is over the
+    limit, ``max_completion_tokens`` is set to the limit's share per choice (the request is
+    served, within the limit, as OpenAI caps output at a model's maximum)."""
+    if limit is None:
+        return False
+    if asked.max_tokens is not None:
+        total = asked.max_tokens * asked.choices
+        if total > limit:
+            raise BadRequest(
+                f"{asked.max_tokens_param} x n = {total} is more than this server allows per "
+                f"request ({limit}, SERVERY_LLM_MAX_TOKENS_LIMIT)",
+                param=asked.max_tokens_param,
+            )
+        return False
+    if context and context * asked.choices <= limit:
+        return False
+    share = limit // asked.choices
+    if share < 1:
+        raise BadRequest(
+            f"n = {asked.choices} sequences is more than this server allows per request "
+            f"({limit} tokens, SERVERY_LLM_MAX_TOKENS_LIMIT)",
+            param="n",
+        )
+    doc["max_completion_tokens"] = share
+    return True

@@ -12,9 +12,13 @@ ASGI ``receive`` channel (uvicorn silently drops sends to a closed connection, s
 never notices): the upstream request is then cancelled and its connection closed, which makes
 vLLM abort the generation in the engine.
 
-``GET /v1/models`` for an API key limited to some models (services/gateway/auth.py) lists only
-those: the
-service's answer is read whole and filtered, as ``GET /models`` is for the platform's own models.
+Only the routes of services/llm/openai_api.py's allow-list are forwarded, to their canonical
+path, matched on the raw path the client sent (``/v1/../metrics`` or ``/v1/models%3F`` are 404
+here, never a decoded path the service reads otherwise); a request body is read up to
+``max_body_bytes`` (413 past it). ``GET /v1/models`` for an API key limited to some models
+(services/gateway/auth.py) lists only those: the service's answer is read whole and filtered, as
+``GET /models`` is for the platform's own models. The gate's ``x-ratelimit-*`` headers for the
+caller's key are added to the answer.
 """
 
 from __future__ import annotations
@@ -27,7 +31,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from services.llm.openai_api import (
+    MODELS,
+    RATE_HEADERS,
+    ROUTES,
+    model_of,
+    read_body,
+    route_of,
+)
+from services.protocols.errors import openai_error, openai_response
 from services.protocols.state import SCOPE_KEY
+from services.runtime.errors import PayloadTooLarge
 
 logger = logging.getLogger("servery")
 
@@ -66,13 +80,16 @@ class StreamingProxy:
         connect_timeout_s: float | None = None,
         read_timeout_s: float | None = None,
         on_done: Callable[[str, int, float], None] | None = None,
+        max_body_bytes: int = 16 * 2**20,
     ) -> None:
         """``read_timeout_s`` bounds each wait for bytes from the service (the first byte of an
         answer, the next chunk of a stream): past it the request is cancelled, answered 504 when
         nothing was sent yet, else the stream is ended. ``on_done(model, status, seconds)`` is
         called after every proxied request (the ``model`` of a JSON body, else ``-``; status 499
-        when the client went away first)."""
+        when the client went away first). ``max_body_bytes``: the most of a request body read
+        (``SERVERY_MAX_BODY_BYTES``)."""
         self._target = target
+        self._max_body_bytes = max_body_bytes
         self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._on_done = on_done
@@ -111,21 +128,24 @@ class StreamingProxy:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        if scope["method"] == "GET" and scope.get("root_path", "") + scope["path"] == "/v1/models":
+        try:
+            body, left = await read_body(receive, self._max_body_bytes)
+        except PayloadTooLarge as e:
+            return await openai_error(e)(scope, receive, send)
+        if left is not None:  # the client went away
+            return
+        route = route_of(scope)
+        if route is None or scope["method"] not in route.methods:
+            return await _not_served(route is None)(scope, receive, send)
+        if route.path == MODELS:
             key = scope.get(SCOPE_KEY)
             if key is not None and key.models is not None:
                 send = _only_models(send, key.allows)
+        if rate := scope.get(RATE_HEADERS):
+            send = _with_headers(send, rate)
         start = time.perf_counter()
         status = [499]  # until the upstream answers: the client left first
-        forward = asyncio.ensure_future(self._forward(scope, bytes(body), send, status))
+        forward = asyncio.ensure_future(self._forward(scope, route.path, body, send, status))
         watch = asyncio.ensure_future(_disconnected(receive))
         try:
             done, _ = await asyncio.wait({forward, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -136,16 +156,16 @@ class StreamingProxy:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
             if self._on_done is not None:
-                self._on_done(_model_of(body), status[0], time.perf_counter() - start)
+                model = (model_of(body) or "-")[:64]  # bounded: a metrics label
+                self._on_done(model, status[0], time.perf_counter() - start)
         if forward in done:
             forward.result()  # re-raise what the forward raised
 
     async def _forward(
-        self, scope: dict[str, Any], body: bytes, send: Any, status: list[int]
+        self, scope: dict[str, Any], path: str, body: bytes, send: Any, status: list[int]
     ) -> None:
         import aiohttp
 
-        path = scope.get("root_path", "") + scope["path"]
         query = scope.get("query_string", b"").decode("latin-1")
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
@@ -246,13 +266,24 @@ def _timeout_body(seconds: float | None) -> bytes:
     return json.dumps({"error": error}).encode()
 
 
-def _model_of(body: bytes) -> str:
-    """The ``model`` of an OpenAI request body (bounded: a metrics label), else ``-``."""
-    try:
-        model = json.loads(body).get("model") if body else None
-    except (ValueError, AttributeError):
-        return "-"
-    return model[:64] if isinstance(model, str) and model else "-"
+def _not_served(unknown: bool) -> Any:
+    """404 for a path off the allow-list (not echoed: it may be 10 KB of anything), 405 for a
+    listed path with another method."""
+    if unknown:
+        served = ", ".join(sorted(ROUTES))
+        return openai_response(404, f"no such route; served under /v1: {served}", "NotFoundError")
+    return openai_response(405, "Method Not Allowed", "invalid_request_error")
+
+
+def _with_headers(send: Any, headers: list[tuple[bytes, bytes]]) -> Any:
+    """``send`` that adds ``headers`` to the response's start."""
+
+    async def sending(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *headers]
+        await send(message)
+
+    return sending
 
 
 async def _disconnected(receive: Any) -> None:

@@ -133,6 +133,7 @@ def oip_error(exc: BaseException) -> Response:
 
 
 _OPENAI_TYPES = {
+    400: "BadRequestError",
     401: "AuthenticationError",
     403: "PermissionDeniedError",
     413: "BadRequestError",
@@ -155,7 +156,8 @@ def openai_response(
 def openai_error(exc: ServeryError) -> Response:
     """``exc`` in the OpenAI envelope (``type`` is the openai client's exception name)."""
     err_type = _OPENAI_TYPES.get(exc.status_code, exc.error_type)
-    return openai_response(exc.status_code, exc.message, err_type, None, exc.headers())
+    param = exc.details.get("param")  # the request field at fault, as vLLM names it
+    return openai_response(exc.status_code, exc.message, err_type, param, exc.headers())
 
 
 def refusal(path: str, exc: ServeryError) -> Response:

@@ -20,6 +20,10 @@ SCOPE_KEY = "servery.api_key"
 (services/gateway/gate.py) admitted it; handlers that learn the model from the body
 (``/predict``, the LLM proxy) call its ``check_model``."""
 
+ADMIN_KEY = "servery.admin"
+"""ASGI scope entry set (True) by the gate once the caller may use ``/admin/``
+(services/gateway/auth.py ``AdminGuard``); the admin handlers refuse a request without it."""
+
 
 def registry_of(request: Request) -> Registry:
     """The registry the Router service put on its app (``app.state.registry``) when it started;

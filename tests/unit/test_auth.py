@@ -21,7 +21,8 @@ from models.config import ConfigError, Settings
 from services.gateway import auth
 from services.gateway.auth import ApiKey, TokenBucket, digest_of, keyring
 from services.gateway.fastpath import FastPath, Route
-from services.gateway.gate import http_gate, llm_cost
+from services.gateway.gate import http_gate
+from services.llm.openai_api import RATE_HEADERS
 from services.protocols.errors import error_response, json_response
 from services.protocols.oip.grpc import status_of, trailers
 from services.protocols.state import SCOPE_KEY
@@ -250,29 +251,6 @@ def test_allowed_models() -> None:
     ApiKey("all", b"").check_model("anything")
 
 
-@pytest.mark.parametrize(
-    ("body", "path", "expected"),
-    [
-        ({"model": "m", "max_tokens": 50}, "/v1/chat/completions", ("m", 50)),
-        ({"model": "m", "max_tokens": 50, "n": 3}, "/v1/completions", ("m", 150)),
-        (
-            {"model": "m", "max_completion_tokens": 20, "max_tokens": 50},
-            "/v1/completions",
-            ("m", 20),
-        ),
-        ({"model": "m"}, "/v1/chat/completions", ("m", 1024)),
-        ({"model": "m", "max_tokens": "9", "n": True}, "/v1/completions", ("m", 1024)),
-        ({"model": "m", "max_tokens": 50}, "/v1/embeddings", ("m", 0)),
-        ({"model": 3}, "/v1/completions", (None, 1024)),
-        ([1, 2], "/v1/completions", (None, 0)),
-        (b"not json", "/v1/completions", (None, 0)),
-    ],
-)
-def test_llm_cost(body: Any, path: str, expected: tuple[str | None, int]) -> None:
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    assert llm_cost(raw, path, 1024) == expected
-
-
 def test_grpc_status_and_trailers() -> None:
     assert status_of(Unauthenticated("x"))[0] == grpc.StatusCode.UNAUTHENTICATED
     assert status_of(Forbidden("x"))[0] == grpc.StatusCode.PERMISSION_DENIED
@@ -300,8 +278,16 @@ class Recorder:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         message = await receive()
-        self.calls.append((scope["path"], message.get("body", b""), scope.get(SCOPE_KEY)))
-        await json_response({"by": self.name})(scope, receive, send)
+        key = scope.get(SCOPE_KEY)
+        self.calls.append((scope["path"], message.get("body", b""), key))
+        # what the LLM proxy adds to its answer
+        await json_response({"by": self.name}, headers=dict_of(scope.get(RATE_HEADERS, [])))(
+            scope, receive, send
+        )
+
+
+def dict_of(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in headers}
 
 
 def gated(tmp_path: Path, *, fast: bool = True, admin_token: str | None = None):
@@ -404,10 +390,79 @@ def test_everything_else_needs_a_key_in_its_apis_envelope(
     assert reached[0] == path and reached[2].name == "all"  # the key rides in the scope
 
 
-def test_admin_paths_are_left_to_the_admin_token_when_one_is_set(tmp_path: Path) -> None:
-    app, *_ = gated(tmp_path, admin_token="admin-token-0123456789")
-    assert call(app, scope("POST", "/admin/reload")).status == 200  # router.py checks the token
-    assert call(app, scope("POST", "/models")).status == 401
+ADMIN_TOKEN = "admin-token-0123456789"
+
+
+def test_admin_needs_the_admin_token_or_an_unrestricted_key(tmp_path: Path) -> None:
+    app, inner, *_ = gated(tmp_path, admin_token=ADMIN_TOKEN)
+    assert call(app, scope("POST", "/admin/reload", ADMIN_TOKEN)).status == 200
+    assert call(app, scope("POST", "/admin/reload", KEY_A)).status == 200
+    sent = call(app, scope("POST", "/admin/reload", KEY_B))  # limited to some models
+    assert sent.status == 403 and "every model" in sent.body["error"]["message"]
+    assert call(app, scope("POST", "/admin/reload")).status == 401
+    assert [c[0] for c in inner.calls] == ["/admin/reload"] * 2
+    assert call(app, scope("POST", "/models")).status == 401  # the token opens /admin/ only
+
+
+def admin_scope(key: str | None, client: str, content_type: bytes | None = None) -> dict:
+    sc = scope("POST", "/admin/reload", key)
+    sc["headers"] = [h for h in sc["headers"] if h[0] != b"content-type"]
+    if content_type is not None:
+        sc["headers"].append((b"content-type", content_type))
+    sc["client"] = (client, 5000)
+    return sc
+
+
+def test_wrong_admin_tokens_are_limited_per_address(tmp_path: Path) -> None:
+    """10 failures a minute per client address; then 429 without looking at the token, even a
+    right one (else guessing goes on); another address is not affected."""
+    app, *_ = gated(tmp_path, admin_token=ADMIN_TOKEN)
+    for i in range(10):
+        assert call(app, admin_scope(f"wrong-token-{i:08d}", "10.0.0.1")).status == 401
+    sent = call(app, admin_scope(ADMIN_TOKEN, "10.0.0.1"))
+    assert sent.status == 429 and int(sent.headers["retry-after"]) >= 1
+    assert call(app, admin_scope(ADMIN_TOKEN, "10.0.0.2")).status == 200
+
+
+def test_admin_guard_alone(tmp_path: Path) -> None:
+    """Keys off, a token set: only the token; the failure budget refills with time."""
+    clock = Clock()
+    guard = auth.AdminGuard(ADMIN_TOKEN, None, failures_per_minute=2, clock=clock)
+    assert guard.check(f"Bearer {ADMIN_TOKEN}", "a", "POST", None) is None
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            guard.check("Bearer nope", "a", "POST", None)
+    with pytest.raises(RateLimited):
+        guard.check(f"Bearer {ADMIN_TOKEN}", "a", "POST", None)
+    clock.now += 30  # one failure's worth back
+    assert guard.check(f"Bearer {ADMIN_TOKEN}", "a", "POST", None) is None
+    small = auth.AdminGuard(ADMIN_TOKEN, None, failures_per_minute=1, max_addresses=2)
+    for client in ("x", "y", "z"):  # the oldest address is forgotten, memory stays bounded
+        with pytest.raises(Unauthenticated):
+            small.check(None, client, "POST", None)
+    assert list(small._failures) == ["y", "z"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        (b"application/json", 200),
+        (b"Application/JSON; charset=utf-8", 200),
+        (b"application/x-www-form-urlencoded", 415),
+        (b"text/plain", 415),
+        (None, 415),
+    ],
+)
+def test_open_admin_takes_only_json_posts(content_type: bytes | None, status: int) -> None:
+    """Neither keys nor a token: a cross-site form (urlencoded, multipart, text/plain: no CORS
+    preflight) cannot reach /admin/."""
+    s = settings()
+    inner = Recorder("bentoml")
+    app = FastPath(inner, object(), [], timeout_s=5, access_log=False, gate=http_gate(None, s))
+    sent = call(app, admin_scope(None, "127.0.0.1", content_type))
+    assert sent.status == status
+    assert len(inner.calls) == (status == 200)
+    assert call(app, scope("GET", "/models")).status == 200  # keys off: nothing else checked
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -439,21 +494,31 @@ def test_llm_requests_are_forwarded_with_their_body_intact(tmp_path: Path) -> No
 
 def test_llm_model_not_allowed_is_403_in_the_openai_envelope(tmp_path: Path) -> None:
     app, _, _, llm = gated(tmp_path)
-    for body in (b'{"model": "big", "max_tokens": 5}', b'{"max_tokens": 5}', b"[1]"):
+    for body in (b'{"model": "big", "max_tokens": 5}', b'{"max_tokens": 5}'):
         sent = call(app, scope("POST", "/v1/chat/completions", KEY_B), body)
         assert sent.status == 403
         assert sent.body["error"]["type"] == "PermissionDeniedError"
         assert sent.body["error"]["code"] == 403
+    for body in (b"[1]", b"[" * 100_000 + b"]" * 100_000, b'{"model": "tiny", "n": 1.5}'):
+        sent = call(app, scope("POST", "/v1/chat/completions", KEY_B), body)
+        assert sent.status == 400 and sent.body["error"]["type"] == "BadRequestError"
     assert llm.calls == []
 
 
 def test_llm_token_limit_is_429_with_retry_after(tmp_path: Path) -> None:
     app, _, _, llm = gated(tmp_path)  # "limited": 100 tokens a minute, 2 requests a minute
+    # charged 40 + the prompt: 32 body bytes / 4 = 8
     ok = call(app, scope("POST", "/v1/completions", KEY_C), b'{"model": "x", "max_tokens": 40}')
     assert ok.status == 200
-    sent = call(app, scope("POST", "/v1/completions", KEY_C), b'{"model": "x"}')  # 64 by default
-    assert sent.status == 429 and sent.headers["retry-after"] == "3"  # 4 tokens at 100/min
+    assert ok.headers["x-ratelimit-remaining-tokens"] == "52"
+    assert ok.headers["x-ratelimit-limit-tokens"] == "100"
+    assert ok.headers["x-ratelimit-reset-tokens"] == "28.8s"  # 48 tokens at 100/min
+    assert ok.headers["x-ratelimit-remaining-requests"] == "1"
+    chat = b'{"model": "x"}'  # a chat without max_tokens: 64 by default, + 4 for the prompt
+    sent = call(app, scope("POST", "/v1/chat/completions", KEY_C), chat)
+    assert sent.status == 429 and sent.headers["retry-after"] == "10"  # 16 tokens at 100/min
     assert sent.body["error"]["type"] == "RateLimitError" and sent.body["error"]["code"] == 429
+    assert sent.headers["x-ratelimit-remaining-tokens"] == "52"
     sent = call(app, scope("POST", "/v1/completions", KEY_C), b'{"max_tokens": 500}')
     assert sent.status == 429 and "retry-after" not in sent.headers
     assert len(llm.calls) == 1

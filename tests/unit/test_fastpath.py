@@ -187,10 +187,14 @@ def body_receive(chunks: list[bytes]):
     return receive
 
 
-def sized(path: str, length: int | None) -> dict[str, Any]:
+def sized(path: str, length: int | None, method: str = "POST") -> dict[str, Any]:
+    """A request with ``Content-Length: length``, or a chunked one (``None``)."""
     sc = scope(path=path)
+    sc["method"] = method
     if length is not None:
         sc["headers"] = [*sc["headers"], (b"content-length", str(length).encode())]
+    else:
+        sc["headers"] = [*sc["headers"], (b"transfer-encoding", b"chunked")]
     return sc
 
 
@@ -241,6 +245,12 @@ def test_chunked_body_is_read_up_to_the_limit() -> None:
     asyncio.run(app(sized("/models", 2000), body_receive([b"c" * 2000]), fits))
     assert fits.body == {"inner": True} and seen[-1] == b"c" * 2000
     assert inner.scopes == []
+    for method in ("GET", "DELETE", "OPTIONS"):  # every method: a GET's body is bounded too
+        refused = Sent()
+        chunks = [b"x" * 1000] * 3
+        asyncio.run(app(sized("/v1/models", None, method), body_receive(chunks), refused))
+        assert refused.status == 413 and refused.body["error"]["code"] == 413
+    assert len(seen) == 2
 
 
 def test_in_flight_cap_sheds_before_reading_the_body() -> None:
