@@ -325,7 +325,7 @@ def test_corrupt_version_keeps_old_serving(env: Env) -> None:
         described = env.client.get(f"/models/{NAME}").json()
         assert described["default_version"] == v1
         assert any("previous table" in w for w in described["warnings"])
-        report = env.client.post("/admin/reload").json()
+        report = env.client.post("/admin/reload", json={}).json()
         assert report["ok"] is False and f"{NAME}:{bad}" in report["failed"]
         assert f"{NAME}:{bad}" not in report.get("loaded", [])
         assert any(
@@ -419,7 +419,7 @@ def test_shadow_is_counted_never_returned(env: Env) -> None:
 def test_admin_reload_applies_at_once(env: Env) -> None:
     v0, _ = env.versions
     servery_cli(env.home, "promote", NAME, v0)
-    report = env.client.post("/admin/reload").json()
+    report = env.client.post("/admin/reload", json={}).json()
     assert report["ok"] is True, report
     assert "models reloaded" in env.server.log.read_text()
     # the worker that took the call switched already; the other follows within its poll
