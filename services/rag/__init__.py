@@ -1,0 +1,1 @@
+"""Retrieval-augmented generation: embeddings, the vector store, ingestion, retrieval, RAG apps."""
