@@ -244,3 +244,21 @@ def test_read_body_stops_past_the_limit_and_replays_a_disconnect() -> None:
 )
 def test_reset_durations_as_openai_writes_them(seconds: float, text: str) -> None:
     assert duration(seconds) == text
+
+
+def test_the_manifests_cap_tokens_per_request_alike_in_router_and_llm_service() -> None:
+    """deploy/components/llm sets SERVERY_LLM_MAX_TOKENS_LIMIT for the LLM service (the cap) and
+    the router (what a chat without max_tokens is charged): one value."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2] / "deploy/components/llm"
+    values = []
+    for name in ("llm-deployment.yaml", "router-llm-patch.yaml"):
+        for doc in yaml.safe_load_all((root / name).read_text()):
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                if "SERVERY_LLM_MODELS_FILE" in env:
+                    values.append(env.get("SERVERY_LLM_MAX_TOKENS_LIMIT"))
+    assert len(values) == 2 and values[0] == values[1] and int(values[0]) >= 1
