@@ -31,9 +31,19 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
+from services.llm.openai_api import (
+    ROUTES,
+    Route,
+    cap_tokens,
+    generation,
+    parse_object,
+    read_body,
+    replaying,
+)
 from services.llm.settings import LLMEntry, LLMSettings, engine_argv
 from services.ops.shutdown import delay_sigterm
-from services.protocols.errors import openai_response
+from services.protocols.errors import openai_error, openai_response
+from services.runtime.errors import ServeryError
 from services.settings import SETTINGS as ROUTER_SETTINGS
 
 logger = logging.getLogger("servery")
@@ -53,6 +63,9 @@ class Engine:
     """``vllm.v1.engine.async_llm.AsyncLLM``."""
     app: FastAPI
     start_s: float
+    context: int = 0
+    """The model's context length (``max_model_len``): what a chat without ``max_tokens`` may
+    generate at most."""
 
 
 async def start_engine(entry: LLMEntry, settings: LLMSettings) -> Engine:
@@ -99,7 +112,8 @@ async def start_engine(entry: LLMEntry, settings: LLMSettings) -> Engine:
         raise
     seconds = time.perf_counter() - started
     logger.info("LLM %s: serving %s (engine ready in %.1fs)", entry.name, bento_model.tag, seconds)
-    return Engine(entry, str(bento_model.tag), client, app, seconds)
+    context = config.model_config.max_model_len
+    return Engine(entry, str(bento_model.tag), client, app, seconds, context)
 
 
 def _threads(proc: Any) -> list[int]:
@@ -166,53 +180,46 @@ def pin_cpus(pid: int | None = None) -> dict[str, list[int]] | None:
 
 
 class ModelDispatch:
-    """ASGI endpoint: sends an OpenAI request to the engine serving its ``model``.
+    """ASGI endpoint of one generating route: sends an OpenAI request to the engine serving its
+    ``model``.
 
-    The body is read whole (requests are small), the ``model`` picked out, and the request
-    replayed into that engine's vLLM app; after the body, ``receive`` is the client's own, so
-    vLLM still sees a disconnect and aborts the generation. With one engine every request goes to
-    it, so its serving layer answers a missing or unknown ``model`` exactly as ``vllm serve``
-    does; with several, an unknown name is answered here in the same words (404).
+    The body is read whole (up to ``SERVERY_MAX_BODY_BYTES``, as the router), parsed once
+    (services/llm/openai_api.py: 400 for what vLLM would not parse either, or nested too deeply
+    for a parser), checked against ``SERVERY_LLM_MAX_TOKENS_LIMIT``, the ``model`` picked out,
+    and the request replayed into that engine's vLLM app; after the body, ``receive`` is the
+    client's own, so vLLM still sees a disconnect and aborts the generation. With one engine
+    every request goes to it, so its serving layer answers a missing or unknown ``model``
+    exactly as ``vllm serve`` does; with several, an unknown name is answered here in the same
+    words (404).
     """
 
-    def __init__(self, service: LLMState) -> None:
+    def __init__(self, service: LLMState, route: Route) -> None:
         self.state = service
+        self.route = route
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if (response := self.state.not_ready()) is not None:
             return await response(scope, receive, send)
-        chunks: list[bytes] = []
-        size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+        try:
+            body, left = await read_body(receive, ROUTER_SETTINGS.max_body_bytes)
+            if left is not None:  # the client went away
                 return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > ROUTER_SETTINGS.max_body_bytes:  # SERVERY_MAX_BODY_BYTES, as the router
-                response = openai_response(413, "request body too large", "BadRequestError")
-                return await response(scope, receive, send)
-        body = b"".join(chunks)
-        if (refused := self.state.over_limit(body)) is not None:
-            return await refused(scope, receive, send)
-        engine, body = self.state.route(body)
-        if isinstance(engine, str):  # vLLM's own message, listing every engine's names
-            served = ", ".join(self.state.engines)
-            message = f"The model `{engine}` does not exist. Valid aliases: {served}."
-            return await openai_response(404, message, "NotFoundError", "model")(
-                scope, receive, send
-            )
-        replayed = False
-
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await engine.app(dict(scope), replay, send)  # the app writes its own scope["app"]
+            doc = parse_object(body)
+            asked = generation(body, self.route, doc)
+            engine, renamed = self.state.route(doc)
+            if isinstance(engine, str):  # vLLM's own message, listing every engine's names
+                served = ", ".join(self.state.engines)
+                message = f"The model `{engine}` does not exist. Valid aliases: {served}."
+                return await openai_response(404, message, "NotFoundError", "model")(
+                    scope, receive, send
+                )
+            capped = cap_tokens(doc, asked, SETTINGS.max_tokens_limit, engine.context)
+        except ServeryError as e:  # 400 or 413
+            return await openai_error(e)(scope, receive, send)
+        if renamed or capped:
+            body = json.dumps(doc).encode()
+        # the app writes its own scope["app"]
+        await engine.app(dict(scope), replaying(body, receive), send)
 
 
 class LLMState:
@@ -224,48 +231,22 @@ class LLMState:
         self.ready = False
         self.failed: BaseException | None = None
 
-    def route(self, body: bytes) -> tuple[Engine | str, bytes]:
-        """The engine for the request's ``model`` (a served name or a task name), and the body to
-        send it; or the unknown name when several engines serve (with one, its own serving layer
-        answers every name, as ``vllm serve`` does). A task name is replaced by its LLM's name
-        in the body, so vLLM sees (and answers with) the model that serves it."""
-        doc: Any = None
-        with contextlib.suppress(ValueError, AttributeError):
-            doc = json.loads(body)
-        name = doc.get("model") if isinstance(doc, dict) else None
+    def route(self, doc: dict[str, Any]) -> tuple[Engine | str, bool]:
+        """The engine for the request's ``model`` (a served name or a task name), and whether
+        ``doc`` was changed; or the unknown name when several engines serve (with one, its own
+        serving layer answers every name, as ``vllm serve`` does). A task name is replaced by its
+        LLM's name in ``doc``, so vLLM sees (and answers with) the model that serves it."""
+        name = doc.get("model")
         if isinstance(name, str) and name:
             target = self.tasks.get(name)
             if target is not None and target in self.engines:
                 doc["model"] = target
-                return self.engines[target], json.dumps(doc).encode()
+                return self.engines[target], True
             if name in self.engines:
-                return self.engines[name], body
+                return self.engines[name], False
             if len(self.engines) > 1:
-                return name, body
-        return next(iter(self.engines.values())), body
-
-    def over_limit(self, body: bytes) -> Response | None:
-        """A 400 when the request asks for more than ``max_tokens_limit`` generated tokens."""
-        limit = SETTINGS.max_tokens_limit
-        if limit is None:
-            return None
-        doc: Any = None
-        with contextlib.suppress(ValueError):
-            doc = json.loads(body)
-        if not isinstance(doc, dict):
-            return None  # vLLM answers a malformed body in its own words
-        asked = doc.get("max_completion_tokens", doc.get("max_tokens"))
-        n = doc.get("n", 1)
-        if not isinstance(asked, int) or not isinstance(n, int):
-            return None
-        if asked * max(n, 1) > limit:
-            param = "max_completion_tokens" if "max_completion_tokens" in doc else "max_tokens"
-            message = (
-                f"{param} x n = {asked * max(n, 1)} is more than this server allows per request "
-                f"({limit}, SERVERY_LLM_MAX_TOKENS_LIMIT)"
-            )
-            return openai_response(400, message, "BadRequestError", param)
-        return None
+                return name, False
+        return next(iter(self.engines.values())), False
 
     def not_ready(self) -> Response | None:
         """503 while the engines start (or after they failed to)."""
@@ -292,8 +273,8 @@ class LLMState:
 STATE = LLMState()
 
 app = FastAPI(title="servery LLM", docs_url=None, redoc_url=None, openapi_url=None)
-app.router.add_route("/v1/chat/completions", ModelDispatch(STATE), methods=["POST"])
-app.router.add_route("/v1/completions", ModelDispatch(STATE), methods=["POST"])
+for _path in ("/v1/chat/completions", "/v1/completions"):
+    app.router.add_route(_path, ModelDispatch(STATE, ROUTES[_path]), methods=["POST"])
 
 
 @app.get("/v1/models")
@@ -306,7 +287,7 @@ async def list_models() -> Response:
 @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def _not_found(path: str) -> Response:
     # Unknown /v1 routes (and wrong methods) answer in the OpenAI envelope, not BentoML's text.
-    if f"/v1/{path}" in ("/v1/models", "/v1/chat/completions", "/v1/completions"):
+    if f"/v1/{path}" in ROUTES:
         return openai_response(405, "Method Not Allowed", "invalid_request_error")
     return openai_response(404, f"no route /v1/{path}", "NotFoundError")
 
