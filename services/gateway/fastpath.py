@@ -435,8 +435,9 @@ def install(
 ) -> None:
     """Wrap the app BentoML builds for services that declare ``__servery_fast_path__``, a dict
     naming what the fast path serves for them: ``{"kind": "router", "api", "gate",
-    "llm_proxy"}`` (prediction routes, and ``/v1/`` to the LLM proxy when the LLM service runs)
-    when it is the entry service, and ``{"kind": "llm", "api"}`` (``/v1/`` straight to the LLM
+    "llm_proxy", "own_routes"}`` (prediction routes, and ``/v1/`` to the LLM proxy when the LLM
+    service runs; ``own_routes(app)`` drops the BentoML routes its own handlers serve) when it is
+    the entry service, and ``{"kind": "llm", "api"}`` (``/v1/`` straight to the LLM
     service's OpenAI app). The services hand over their parts: this module imports none of them.
 
     ``fast=False`` (the fast path off) still wraps the router's app when API keys or a body
@@ -454,6 +455,7 @@ def install(
         if kind == "router" and built.is_main:
             gate, proxy = spec["gate"], spec["llm_proxy"]
             app.router.default = _not_found_default(app.router.default)
+            spec["own_routes"](app)  # the routes the router's handlers serve instead of BentoML
             if not fast and gate is None and max_body_bytes is None:
                 return app
             mounts = [("/v1/", proxy)] if proxy is not None and fast else []
