@@ -168,6 +168,10 @@ errors, metrics and speed as every other client's: :func:`serve_client_apis_from
 BentoML's copies of these routes out of the app it builds."""
 
 
+# BentoML's clients call every API with POST: the model list answers it as it answers GET.
+app.add_api_route("/models", native.list_models, methods=["POST"], include_in_schema=False)
+
+
 def serve_client_apis_from_app(built: Any) -> None:
     """Drop the routes BentoML adds for :data:`CLIENT_APIS` from the Starlette app it built for
     the Router (they come before the mounted app and would shadow its handlers); the schema
@@ -301,7 +305,7 @@ class Router:
 
     @bentoml.api(route="/models")
     async def models(self) -> dict[str, Any]:
-        """Every served model: versions, aliases, routing, readiness, schema (as ``GET /models``)."""
+        """Every served model: versions, aliases, routing, readiness, schema (``GET /models``)."""
         return {"models": self.registry.describe(), "last_reload": self.registry.last_reload}
 
     def __init__(self) -> None:

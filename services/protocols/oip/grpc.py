@@ -27,10 +27,10 @@ gRPC core sheds load by itself: calls that pile up unaccepted in one worker (a b
 concurrent calls on one channel, measured) end CANCELLED; the ``grpc.server.max_pending_requests``
 server options move that limit.
 
-With API keys configured (services/gateway/auth.py) every RPC but ``ServerLive`` and
-``ServerReady`` needs
-metadata ``authorization: Bearer <key>`` (UNAUTHENTICATED without a known key), a model the key may
-use (PERMISSION_DENIED) and room in the key's rate limit (RESOURCE_EXHAUSTED, with trailing
+With API keys configured (services/gateway/auth.py) every RPC but ``ServerLive``, ``ServerReady``,
+server reflection and the whole server's ``grpc.health.v1`` checks (grpc_health.py) needs
+metadata ``authorization: Bearer <key>`` (UNAUTHENTICATED without a known key), a model the key
+may use (PERMISSION_DENIED) and room in the key's rate limit (RESOURCE_EXHAUSTED, with trailing
 metadata ``retry-after``); the buckets are the same as the worker's HTTP requests use.
 
 Replies carry ``raw_output_contents`` (little-endian bytes, one buffer per output), as Triton does:
@@ -53,6 +53,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from models.config import Settings
 from services.ops import metrics
 from services.protocols.oip import core as oip
+from services.protocols.oip import grpc_health
 from services.runtime.errors import (
     BadRequest,
     Forbidden,
@@ -466,6 +467,8 @@ async def serve(
         registry, settings.max_rows_per_request, access_log=access_log_enabled(), keys=keys
     )
     server.add_generic_rpc_handlers((rpc_handler(servicer),))
+    # grpc.health.v1 (Kubernetes' gRPC probe) and reflection (grpcurl) beside the OIP service
+    grpc_health.add_to(server, registry, SERVICE, keys=keys, metadata=metadata, abort=abort)
     try:
         server.add_insecure_port(address(settings))
     except RuntimeError as e:
