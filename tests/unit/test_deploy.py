@@ -267,11 +267,13 @@ def test_probes(rendered: dict[str, list[Obj]]) -> None:
     for target, deployment in all_deployments(rendered):
         for c in deployment["spec"]["template"]["spec"]["containers"]:
             here = f"{target} {deployment['metadata']['name']}/{c['name']}"
-            for probe, path in (
-                ("startupProbe", "/readyz"),
-                ("readinessProbe", "/readyz"),
-                ("livenessProbe", "/livez"),
-            ):
+            probes = [("startupProbe", "/readyz"), ("livenessProbe", "/livez")]
+            if c["name"] == "router":  # Kubernetes' gRPC probe: grpc.health.v1 on the OIP port
+                assert c["readinessProbe"]["grpc"]["port"] == port_number(c, "grpc"), here
+                assert c["readinessProbe"]["grpc"].get("service", "") == "", here
+            else:
+                probes.append(("readinessProbe", "/readyz"))
+            for probe, path in probes:
                 get = c.get(probe, {}).get("httpGet")
                 assert get is not None, f"{here}: no {probe}"
                 assert get["path"] == path, f"{here}: {probe}"
@@ -557,10 +559,13 @@ def test_prometheus_adapter_rules_serve_the_autoscaler_metrics(
         }, name
         assert "<<.LabelMatchers>>" in rule["metricsQuery"], name
         assert "by (<<.GroupBy>>)" in rule["metricsQuery"], name
-    # the router's series is the histogram servery defines (services/ops/metrics.py)
+    # the router's series is the histogram every prediction path records (services/ops/metrics.py,
+    # observed by services/runtime/inference.py Call.answered), not the fast path's own
     series = rules["servery_inflight_requests"]["seriesQuery"].split("{")[0]
-    assert series.removesuffix("_sum") == "servery_request_duration_seconds"
-    assert '"servery_request_duration_seconds"' in (ROOT / "services/ops/metrics.py").read_text()
+    assert series.removesuffix("_sum") == "servery_model_request_duration_seconds"
+    assert (
+        '"servery_model_request_duration_seconds"' in (ROOT / "services/ops/metrics.py").read_text()
+    )
 
 
 def test_model_loader_pod(rendered: dict[str, list[Obj]]) -> None:
