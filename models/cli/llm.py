@@ -1,7 +1,7 @@
 """``servery llm``: put local Hugging Face models into the store and check LLM configs.
 
     servery llm import-hf DIR --name NAME [--parameters N] [--quantization Q] [--source TEXT]
-    servery llm validate CONFIG.yaml [--gpu-memory-gib G]
+    servery llm validate CONFIG.yaml [--gpu-memory-gib G] [--gpus N]
 
 ``import-hf`` copies a Hugging Face model directory (``config.json``, ``*.safetensors``, a
 tokenizer) into the store as a new version of NAME (see :mod:`models.llm_store`). Without
@@ -9,8 +9,12 @@ tokenizer) into the store as a new version of NAME (see :mod:`models.llm_store`)
 read and torch is not imported: :func:`models.llm_config.safetensors_parameters`); pass the real
 count for packed 4-bit checkpoints (AWQ/GPTQ), whose headers hold packed int32 words.
 
-``validate`` checks an LLM deployment config against the store (see :mod:`models.llm_config`):
-every tag is a stored LLM, ``max_model_len`` fits its context, each engine fits its GPU share.
+``validate`` checks an LLM config file, the one the service reads (``SERVERY_LLM_MODELS_FILE``,
+``deploy/components/llm/llm.yaml``), against the store with the service's own schema, defaults
+and ``SERVERY_LLM_*`` knobs from the environment (see :mod:`models.llm_config`): every tag is a
+stored LLM, ``max_model_len`` fits its context, the engines fit the GPUs and their shares, and
+each engine's KV cache holds one full-length sequence by vLLM's accounting
+(:mod:`models.llm_memory`), with the concurrency it gives.
 Fine: a table, exit 0. Not fine: one line per problem on stderr, exit 2. ``--json`` prints
 machine-readable output on stdout instead of text (also with problems; the exit code says which).
 """
@@ -39,7 +43,12 @@ def add_parser(subparsers: Any) -> None:
     val = sub.add_parser("validate", help="check an LLM config: tags, context lengths, memory")
     val.add_argument("config", help="LLM config YAML (see models/llm_config.py)")
     val.add_argument(
-        "--gpu-memory-gib", type=float, help="memory of one GPU (overrides gpu.memory_gib)"
+        "--gpu-memory-gib",
+        type=float,
+        help="memory of one GPU as the driver reports it (an H100: 79.6); overrides gpu.memory_gib",
+    )
+    val.add_argument(
+        "--gpus", type=int, help="GPUs of the service (overrides gpu.count, SERVERY_LLM_GPUS)"
     )
     val.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -85,33 +94,42 @@ def import_hf(
 
 
 def format_table(estimates: list[dict[str, Any]]) -> str:
-    """A plain-text table of :func:`models.llm_config.estimate` results, one row per LLM."""
-    head = ("name", "tag", "dtype", "quant", "len x seqs", "weights", "kv", "need", "avail")
+    """A plain-text table of :func:`models.llm_memory.estimate` results, one row per LLM."""
+    head = ("name", "tag", "dtype", "kv", "len", "seqs", "weights", "budget", "kv cache", "conc.")
+
+    def num(e: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
+        return fmt.format(e[key]) if key in e else "-"
+
     rows = [
         (
             e["name"],
             e["tag"],
-            e["dtype"],
-            e["quantization"],
-            f"{e['max_model_len']} x {e['max_num_seqs']}",
+            e["dtype"] if e["quantization"] == "none" else e["quantization"],
+            e["kv_cache_dtype"],
+            str(e["max_model_len"]),
+            num(e, "max_num_seqs", "{}"),
             f"{e['weights_gib']:.2f}",
-            f"{e['kv_cache_gib']:.2f}",
-            f"{e['total_gib']:.2f}",
-            f"{e['available_gib']:.2f}" if "available_gib" in e else "-",
+            num(e, "budget_gib"),
+            num(e, "kv_cache_gib"),
+            num(e, "concurrency", "{:.2f}x"),
         )
         for e in estimates
     ]
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     header = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
-    return "\n".join([f"{header}  (GiB per GPU)", *lines])
+    notes = [f"{e['name']}: {note}" for e in estimates for note in e["notes"]]
+    return "\n".join([f"{header}  (GiB per GPU)", *lines, *notes])
 
 
 def _validate(args: argparse.Namespace) -> tuple[int, Any, str]:
-    from models.llm_config import check, load_config
+    from models.llm_config import ServiceKnobs, check, load_config
 
     config = load_config(args.config)
-    problems, estimates = check(config, gpu_memory_gib=args.gpu_memory_gib)
+    service = ServiceKnobs()  # SERVERY_LLM_* as the service reads them
+    problems, estimates = check(
+        config, service=service, gpu_memory_gib=args.gpu_memory_gib, gpus=args.gpus
+    )
     out = {"ok": not problems, "problems": problems, "llms": estimates, "tasks": config.tasks}
     if problems:
         return 2, out, "\n".join(f"servery llm validate: {p}" for p in problems)

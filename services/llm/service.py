@@ -40,7 +40,7 @@ from services.llm.openai_api import (
     read_body,
     replaying,
 )
-from services.llm.settings import LLMEntry, LLMSettings, engine_argv
+from services.llm.settings import LLMEntry, LLMSettings, engine_argv, engine_devices
 from services.ops.shutdown import delay_sigterm
 from services.protocols.errors import openai_error, openai_response
 from services.runtime.errors import ServeryError
@@ -114,6 +114,26 @@ async def start_engine(entry: LLMEntry, settings: LLMSettings) -> Engine:
     logger.info("LLM %s: serving %s (engine ready in %.1fs)", entry.name, bento_model.tag, seconds)
     context = config.model_config.max_model_len
     return Engine(entry, str(bento_model.tag), client, app, seconds, context)
+
+
+@contextlib.contextmanager
+def on_devices(entry: LLMEntry, settings: LLMSettings) -> Any:
+    """While an engine starts, ``CUDA_VISIBLE_DEVICES`` shows it only its own GPUs (its
+    ``devices``, models.llm_config.placement): the engine's processes inherit it, so engines
+    sharing a service each get their GPUs. Engines start one after the other."""
+    parent = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = engine_devices(entry, settings, parent)
+    if devices is None:
+        yield
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        yield
+    finally:
+        if parent is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = parent
 
 
 def _threads(proc: Any) -> list[int]:
@@ -331,7 +351,8 @@ class LLM:
     async def _start(self) -> None:
         try:
             for entry in self.settings.models:
-                self.state.engines[entry.name] = await start_engine(entry, self.settings)
+                with on_devices(entry, self.settings):
+                    self.state.engines[entry.name] = await start_engine(entry, self.settings)
             if self.settings.pin_cpus:
                 from vllm.platforms import current_platform
 

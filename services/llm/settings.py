@@ -1,17 +1,22 @@
 """Typed settings of the LLM service (``SERVERY_LLM_*``) and the vLLM arguments built from them.
 
 Which LLMs to serve comes from ``SERVERY_LLM_MODELS`` (``served=tag`` items, comma-separated, or
-a JSON list) or from a YAML file named by ``SERVERY_LLM_MODELS_FILE``::
+a JSON list) or from the LLM config file named by ``SERVERY_LLM_MODELS_FILE``, whose schema,
+defaults and placement rules are :mod:`models.llm_config`'s, the same ``servery llm validate``
+checks::
 
     models:
       - name: chat             # the name clients send in "model"
         tag: smollm2:latest    # store tag of a Hugging Face-format LLM (models/llm_store.py)
-        max_model_len: 2048    # optional per-model overrides of the engine knobs below
+        max_model_len: 2048    # optional per-model engine knobs (models.llm_config.EngineKnobs)
+        gpu_memory_utilization: 0.45
+        devices: [0]
 
-Every served LLM gets an engine of its own. :func:`engine_argv` turns an entry plus the settings
-into the command-line flags of vLLM's OpenAI server, which the service parses with vLLM's own
-parser: one source of defaults and validation (vLLM's), and a pure function to unit-test here.
-Nothing here imports vLLM.
+Every served LLM gets an engine of its own. :func:`engine_argv` turns an entry plus the
+service-wide knobs into the command-line flags of vLLM's OpenAI server, which the service parses
+with vLLM's own parser. The settings refuse, before any engine starts, LLMs whose GPUs or memory
+shares cannot fit the service's GPUs (:func:`models.llm_config.placement`). Nothing here imports
+vLLM.
 """
 
 from __future__ import annotations
@@ -19,68 +24,25 @@ from __future__ import annotations
 import json
 import shlex
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from models.config import NAME_RE
+from models.llm_config import (
+    LLMConfigError,
+    LLMEntry,
+    ServiceKnobs,
+    check_names_and_tasks,
+    load_config,
+    placement,
+    resolve,
+    visible_devices,
+)
 
-Dtype = Literal["auto", "float32", "float", "bfloat16", "float16", "half"]
 GiB = 1 << 30
 
-
-class EngineKnobs(BaseModel):
-    """Engine settings that one served LLM may override (None: the service-wide value)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_model_len: int | None = Field(None, ge=16)
-    """Context length (prompt + completion tokens); None: the model's own."""
-
-    dtype: Dtype | None = None
-    """Weight and activation dtype; ``auto`` lets vLLM choose (bfloat16 on CPU)."""
-
-    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
-    """Share of each GPU's memory the engine may use (weights + KV cache). With several LLMs on
-    one GPU the shares must add up to less than 1."""
-
-    quantization: str | None = None
-    """vLLM quantization method (``awq``, ``gptq``, ``fp8``, ...); None: as the weights say."""
-
-    max_num_seqs: int | None = Field(None, ge=1)
-    """Most sequences the engine runs at once (vLLM's default when None)."""
-
-    cpu_kvcache_gib: float | None = Field(None, gt=0)
-    """On CPU: the KV cache size in GiB (vLLM's ``kv_cache_memory_bytes``, the same as
-    ``VLLM_CPU_KVCACHE_SPACE`` but fractional). None: vLLM sizes it. Ignored on GPU, where
-    ``gpu_memory_utilization`` decides."""
-
-
-class LLMEntry(EngineKnobs):
-    """One served LLM: the name clients use and the store tag it is loaded from."""
-
-    name: str
-    """Served name, the ``model`` of OpenAI requests."""
-
-    tag: str = ""
-    """BentoML store tag (``name[:version]``); default ``<name>:latest``."""
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"invalid served name {v!r}: use a-z, 0-9, '.', '_', '-'")
-        return v
-
-    @model_validator(mode="after")
-    def _default_tag(self) -> LLMEntry:
-        if not self.tag:
-            self.tag = f"{self.name}:latest"
-        elif ":" not in self.tag:
-            self.tag = f"{self.tag}:latest"
-        return self
+__all__ = ["GiB", "LLMEntry", "LLMSettings", "engine_argv", "engine_devices", "parse_models"]
 
 
 def parse_models(value: Any) -> Any:
@@ -100,8 +62,10 @@ def parse_models(value: Any) -> Any:
     return entries
 
 
-class LLMSettings(EngineKnobs, BaseSettings):
-    """Settings of the LLM service, from ``SERVERY_LLM_*`` environment variables."""
+class LLMSettings(ServiceKnobs):
+    """Settings of the LLM service, from ``SERVERY_LLM_*`` environment variables. The engine
+    knobs (``SERVERY_LLM_MAX_NUM_SEQS``, ...) and ``gpus`` are :class:`ServiceKnobs`'s: they apply
+    to every LLM whose entry does not set its own."""
 
     model_config = SettingsConfigDict(
         env_prefix="SERVERY_LLM_", env_file=".env", extra="ignore", env_ignore_empty=True
@@ -115,26 +79,10 @@ class LLMSettings(EngineKnobs, BaseSettings):
     models_file: Path | None = None
     """YAML file with a ``models:`` list of :class:`LLMEntry` (name, tag, per-model knobs)."""
 
-    cpu_kvcache_gib: float | None = Field(1.0, gt=0)
-    """On CPU: the KV cache size in GiB, service-wide (a model's own value wins). 1 GiB holds
-    about 5 full 8k-token SmolLM2-135M sequences. Without a size vLLM reserves 92 % of the machine's
-    memory (its ``gpu_memory_utilization`` default) and refuses to start wherever other processes
-    hold more than 8 %."""
-
     max_tokens_limit: int | None = Field(None, ge=1)
     """Most tokens one request may ask to generate (``max_tokens`` or ``max_completion_tokens``,
     times ``n``); more is refused 400 before it reaches the engine. None: only the model's
     context length bounds it (vLLM refuses a request that cannot fit, 400)."""
-
-    gpus: int = Field(0, ge=0, le=64)
-    """GPUs the service asks BentoML for (``resources={"gpu": N}``); 0 serves on CPU."""
-
-    tensor_parallel_size: int = Field(1, ge=1, le=64)
-    """GPUs one engine spreads a model over (must not exceed ``gpus``)."""
-
-    enforce_eager: bool = False
-    """Skip CUDA graphs / torch.compile: much faster start (~20 s instead of ~40 s on CPU),
-    slower decoding on GPU."""
 
     pin_cpus: bool = True
     """On CPU with 2+ cores, pin the engine process to its model worker's core and this HTTP
@@ -175,19 +123,14 @@ class LLMSettings(EngineKnobs, BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> LLMSettings:
         if self.models_file is not None:
-            self.models = load_models_file(self.models_file)
+            self.models, file_tasks = load_models_file(self.models_file)
+            self.tasks = {**file_tasks, **self.tasks}  # SERVERY_LLM_TASKS adds to the file's
         if not self.models:
             raise ValueError("no LLM configured (SERVERY_LLM_MODELS is empty)")
-        names = [m.name for m in self.models]
-        if len(set(names)) != len(names):
-            raise ValueError(f"served LLM names repeat: {names}")
-        for task, target in self.tasks.items():
-            if target not in names:
-                raise ValueError(f"task {task!r} points at {target!r}, not a served LLM {names}")
-            if task in names:
-                raise ValueError(f"task {task!r} has the name of a served LLM")
-        if self.gpus and self.tensor_parallel_size > self.gpus:
-            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} > gpus {self.gpus}")
+        check_names_and_tasks([m.name for m in self.models], self.tasks)
+        problems = placement(self.models, self.gpus, self).problems
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def resources(self) -> dict[str, Any]:
@@ -195,45 +138,55 @@ class LLMSettings(EngineKnobs, BaseSettings):
         return {"gpu": self.gpus} if self.gpus else {}
 
 
-def load_models_file(path: Path) -> list[LLMEntry]:
-    """The ``models:`` list of an LLM models file."""
+def load_models_file(path: Path) -> tuple[list[LLMEntry], dict[str, str]]:
+    """The ``models:`` list and ``tasks:`` of an LLM config file (:mod:`models.llm_config`)."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read LLM models file {path}: {e}") from e
-    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
-        raise ValueError(f"{path}: expected a mapping with a 'models:' list")
-    return [LLMEntry.model_validate(m) for m in data["models"]]
+        config = load_config(path)
+    except LLMConfigError as e:
+        raise ValueError(str(e)) from None
+    return config.models, config.tasks
+
+
+def engine_devices(entry: LLMEntry, settings: LLMSettings, parent: str | None) -> str | None:
+    """``CUDA_VISIBLE_DEVICES`` for ``entry``'s engine (None on CPU): its GPUs among this
+    process's (``parent``: the process's own ``CUDA_VISIBLE_DEVICES``, which BentoML sets)."""
+    if not settings.gpus:
+        return None
+    devices = placement([entry], settings.gpus, settings).devices[entry.name]
+    return visible_devices(devices, parent, settings.gpus)
 
 
 def engine_argv(entry: LLMEntry, settings: LLMSettings, model_path: Path | str, *, on_cpu: bool):
     """vLLM OpenAI-server flags for ``entry`` served from ``model_path``.
 
-    Per-model knobs win over the service-wide ones; the KV cache size is passed only on CPU
-    (on GPU ``kv_cache_memory_bytes`` would override ``gpu_memory_utilization``).
+    Each knob is the entry's, else the service-wide one, else the shared default
+    (:func:`models.llm_config.resolve`); the KV cache size is passed only on CPU (on GPU
+    ``kv_cache_memory_bytes`` would override ``gpu_memory_utilization``). Knobs that are None
+    after that are vLLM's to choose.
     """
-
-    def knob(field: str) -> Any:
-        value = getattr(entry, field)
-        return getattr(settings, field) if value is None else value
-
+    knobs = resolve(entry, settings)
     argv = [
         "--model", str(model_path),
         "--served-model-name", entry.name,
-        "--tensor-parallel-size", str(settings.tensor_parallel_size),
-        "--dtype", knob("dtype") or "auto",
+        "--tensor-parallel-size", str(knobs.tensor_parallel_size),
+        "--dtype", knobs.dtype or "auto",
     ]  # fmt: skip
-    if (max_len := knob("max_model_len")) is not None:
-        argv += ["--max-model-len", str(max_len)]
-    if (quantization := knob("quantization")) is not None:
-        argv += ["--quantization", quantization]
-    if (max_seqs := knob("max_num_seqs")) is not None:
-        argv += ["--max-num-seqs", str(max_seqs)]
+    flags = {
+        "max_model_len": "--max-model-len",
+        "quantization": "--quantization",
+        "max_num_seqs": "--max-num-seqs",
+        "max_num_batched_tokens": "--max-num-batched-tokens",
+    }
+    for knob, flag in flags.items():
+        if (value := getattr(knobs, knob)) is not None:
+            argv += [flag, str(value)]
+    if knobs.kv_cache_dtype and knobs.kv_cache_dtype != "auto":
+        argv += ["--kv-cache-dtype", knobs.kv_cache_dtype]
     if on_cpu:
-        if (gib := knob("cpu_kvcache_gib")) is not None:
-            argv += ["--kv-cache-memory-bytes", str(int(gib * GiB))]
-    elif (share := knob("gpu_memory_utilization")) is not None:
-        argv += ["--gpu-memory-utilization", str(share)]
-    if settings.enforce_eager:
+        if knobs.cpu_kvcache_gib is not None:
+            argv += ["--kv-cache-memory-bytes", str(int(knobs.cpu_kvcache_gib * GiB))]
+    else:
+        argv += ["--gpu-memory-utilization", str(knobs.gpu_memory_utilization)]
+    if knobs.enforce_eager:
         argv.append("--enforce-eager")
     return argv + shlex.split(settings.engine_args)

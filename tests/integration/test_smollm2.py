@@ -92,15 +92,15 @@ def test_validate_sizes_the_stored_model(smollm2: str) -> None:
     from models.llm_config import check
 
     config = {
-        "llms": [{"name": "small", "tag": smollm2, "max_model_len": 2048, "dtype": "float16"}],
-        "tasks": {"small": "small"},
+        "models": [{"name": "small", "tag": smollm2, "max_model_len": 2048, "dtype": "float16"}],
+        "tasks": {"chat": "small"},
         "gpu": {"memory_gib": 16},
     }
     problems, (est,) = check(config)
     assert problems == []
     assert est["kv_per_token"] == 2 * 30 * 3 * 64 * 2  # from the converted config.json
-    assert est["weights_bytes"] == pytest.approx(est["parameters"] * 2 * 1.2)
-    too_long = {**config, "llms": [{"name": "small", "tag": smollm2, "max_model_len": 9000}]}
+    assert est["weights_bytes"] == est["parameters"] * 2 and est["fits"]
+    too_long = {**config, "models": [{"name": "small", "tag": smollm2, "max_model_len": 9000}]}
     assert "exceeds the model's context length 8192" in check(too_long)[0][0]
 
 
