@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -243,6 +244,24 @@ def test_a_restricted_key_sees_only_its_models(server: Server) -> None:
 KEY_NEW = "rotated-in-key-0123456789"
 
 
+def test_admin_reload_needs_an_unrestricted_key_and_limits_failures(
+    servers: dict[str, Server],
+) -> None:
+    """Issue 20 item 6: any key could reload, and see every model in the report; wrong
+    credentials could be tried without limit. Now 403 for a key limited to some models, 401 for
+    a wrong one, and after 10 failures a minute the address gets 429 even with a good key."""
+    url = servers["fast"].url + "/admin/reload"
+    r = httpx.post(url, json={}, headers=bearer(KEY_IRIS), timeout=30)
+    assert r.status_code == 403 and "every model" in r.json()["error"]["message"]
+    r = httpx.post(url, json={}, headers=bearer(KEY_ALL), timeout=30)
+    assert r.status_code == 200
+    for i in range(10):
+        r = httpx.post(url, json={}, headers=bearer(f"wrong-key-{i:016d}"), timeout=30)
+        assert r.status_code == 401
+    r = httpx.post(url, json={}, headers=bearer(KEY_ALL), timeout=30)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+
+
 def test_keys_file_rotation_without_restart(servers: dict[str, Server]) -> None:
     """The ``fast`` server's keys file is rewritten while it serves (as a Secret update would):
     the new key works and the removed one is refused, without a restart; a broken file keeps the
@@ -368,9 +387,14 @@ def test_llm_api_key_model_and_token_limit(llm_front: str) -> None:
     assert r.status_code == 200 and r.text == "data: 0\n\ndata: 1\n\ndata: 2\n\n"
     ((headers, sent),) = seen_upstream  # the body as the client sent it, the key stays here
     assert json.loads(sent) == body and "authorization" not in headers
-    r = httpx.post(url, json=body, headers=bearer(KEY_IRIS))  # 40 of 100 tokens left
-    assert r.status_code == 429 and r.headers["retry-after"] == "12"
+    charged = 60 + math.ceil(len(sent) / 4)  # max_tokens + the prompt estimate (bytes / 4)
+    assert r.headers["x-ratelimit-limit-tokens"] == "100"
+    assert r.headers["x-ratelimit-remaining-tokens"] == str(100 - charged)
+    r = httpx.post(url, json=body, headers=bearer(KEY_IRIS))  # 100 - charged left
+    assert r.status_code == 429
+    assert r.headers["retry-after"] == str(math.ceil((2 * charged - 100) * 60 / 100))
     assert r.json()["error"]["type"] == "RateLimitError" and len(seen_upstream) == 1
+    assert "x-ratelimit-reset-tokens" in r.headers
 
 
 def test_llm_model_list_shows_a_restricted_key_only_its_models(llm_front: str) -> None:
@@ -382,3 +406,12 @@ def test_llm_model_list_shows_a_restricted_key_only_its_models(llm_front: str) -
     assert [m["id"] for m in r.json()["data"]] == ["tiny"]
     every = httpx.get(url, headers=bearer(KEY_ALL)).json()
     assert [m["id"] for m in every["data"]] == ["tiny", "big", "chat"]
+    # no spelling of the path skips the filter: only the canonical one is served at all
+    import http.client
+
+    for target in ("/v1/models%3F", "/v1/../v1/models", "/v1//models", "/v1/models/"):
+        conn = http.client.HTTPConnection(llm_front.removeprefix("http://"), timeout=10)
+        conn.request("GET", target, headers=bearer(KEY_IRIS))
+        answer = conn.getresponse()
+        assert answer.status == 404 and b"big" not in answer.read(), target
+        conn.close()
