@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="servery", description="servery: model serving on BentoML (command-line tools)."
     )
+    parser.add_argument(
+        "--version", action="version", version=version_line(), help="print versions and exit"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
         try:
@@ -36,6 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         found.add_parser(subparsers)
     return parser
+
+
+def version_line() -> str:
+    """``servery <version> (bentoml <version>, Python <version>)``: what a bug report needs."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"servery {of('servery')} (bentoml {of('bentoml')}, Python {platform.python_version()})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
