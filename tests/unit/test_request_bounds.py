@@ -250,3 +250,94 @@ def test_control_characters_in_access_line_arguments_are_escaped() -> None:
     other = logging.LogRecord("servery", logging.INFO, __file__, 1, "%s", ("a\nb",), None)
     RequestIdFilter().filter(other)  # only access lines quote clients this way
     assert other.args == ("a\nb",)
+
+
+# --- access lines written by hand are the lines logging writes ---
+
+
+@pytest.fixture
+def bentoml_text_logging():
+    """BentoML's server logging (its ``SERVER_LOGGING_CONFIG`` handler: traced format, its
+    filter) into a buffer, configured as a router worker is (``logs.configure``); restored after."""
+    import io
+
+    from bentoml._internal import log as bentoml_log
+
+    from services.ops import logs
+
+    stream = io.StringIO()
+    bentoml_logger = logging.getLogger("bentoml")
+    access = logging.getLogger("bentoml.access")
+    saved = (bentoml_logger.handlers[:], bentoml_logger.propagate, bentoml_logger.level)
+    was_disabled = access.disabled  # BentoML's CLI logging config disables existing loggers
+    access.disabled = False
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(bentoml_log.TRACED_LOG_FORMAT, bentoml_log.DATE_FORMAT))
+    handler.addFilter(bentoml_log.TraceRecordFilter())
+    bentoml_logger.handlers[:] = [handler]
+    bentoml_logger.propagate = False
+    bentoml_logger.setLevel(logging.INFO)
+    logs._ACCESS_PLAN[0] = None
+    try:
+        logs.configure("text", flush_interval_s=0.05)
+        yield stream
+    finally:
+        for h in bentoml_logger.handlers:
+            logs._DEFERRED.discard(h)
+        bentoml_logger.handlers[:], bentoml_logger.propagate, bentoml_logger.level = saved
+        access.disabled = was_disabled
+        logs._ACCESS_PLAN[0] = None
+
+
+def only_servery_handlers() -> None:
+    """Take off the capture handlers pytest's logging plugin puts on non-propagating loggers
+    for the test's call (it removes its own afterwards): an extra handler, rightly, sends access
+    lines the usual way."""
+    from services.ops import logs
+
+    bentoml_logger = logging.getLogger("bentoml")
+    bentoml_logger.handlers[:] = [
+        h for h in bentoml_logger.handlers if isinstance(h, logs.DeferredFlushHandler)
+    ]
+    logs._ACCESS_PLAN[0] = None
+
+
+def test_access_lines_written_by_hand_are_byte_for_byte_what_logging_writes(
+    bentoml_text_logging,
+) -> None:
+    import time
+
+    from services.ops import logs
+
+    only_servery_handlers()
+    fmt = "%s (scheme=%s,method=%s,path=%s) (status=%d,length=%s) %.3fms"
+    args = ("127.0.0.1:5000", "http", "POST", "/predict\n(status=200)", 200, "57", 0.4567)
+    access = logging.getLogger("bentoml.access")
+    for _ in range(5):  # both in one second of the clock (the time stamp's resolution)
+        second = int(time.time())
+        access.info(fmt, *args)
+        assert logs.access_line(fmt, args)
+        if int(time.time()) == second:
+            break
+    logs.flush_all()
+    lines = bentoml_text_logging.getvalue().splitlines()
+    assert len(lines) >= 2 and lines[-1] == lines[-2], lines
+    tail = "method=POST,path=/predict\\n(status=200)) (status=200,length=57) 0.457ms"
+    assert lines[-1].endswith(tail)
+    assert " [INFO] [" in lines[-1]
+
+
+def test_access_lines_take_the_usual_way_for_json_or_another_handler(
+    bentoml_text_logging,
+) -> None:
+    from services.ops import logs
+
+    only_servery_handlers()
+    args = ("-", "http", "GET", "/", 200, "-", 1.0)
+    extra = logging.StreamHandler(bentoml_text_logging)
+    logging.getLogger("bentoml").addHandler(extra)
+    logs._ACCESS_PLAN[0] = None
+    assert not logs.access_line("%s %s %s %s %d %s %.3f", args)
+    logging.getLogger("bentoml").removeHandler(extra)
+    logs._ACCESS_PLAN[0] = None
+    assert logs.access_line("%s %s %s %s %d %s %.3f", args)
