@@ -50,7 +50,10 @@ class VectorStore:
         self.dimensions = dimensions
         if url:
             self.name = f"the Qdrant server at {url}"
-            self.client = QdrantClient(url=url, api_key=api_key, timeout=int(max(timeout_s, 1)))
+            # no version check: it would call the server while the service starts
+            self.client = QdrantClient(
+                url=url, api_key=api_key, timeout=int(max(timeout_s, 1)), check_compatibility=False
+            )
         else:
             assert path is not None
             path.mkdir(parents=True, exist_ok=True)
