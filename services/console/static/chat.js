@@ -69,11 +69,13 @@ export class Chat {
     $("chat-form").hidden = !enabled;
     const select = $("chat-model");
     const keep = select.value;
+    // /v1/models also lists the embedding model (not a chat model); RAG apps are (services/rag/)
+    llms = llms.filter((c) => c.servery?.task !== "embeddings");
     const ids = llms.map((c) => c.id).join();
     if (ids !== select.dataset.ids) {
       select.dataset.ids = ids;
       select.replaceChildren(
-        ...llms.map((c) => h("option", { value: c.id }, c.parent ? `${c.id} (task → ${c.parent})` : c.id)),
+        ...llms.map((c) => h("option", { value: c.id }, label(c))),
       );
       if (llms.some((c) => c.id === keep)) select.value = keep;
     }
@@ -144,6 +146,7 @@ export class Chat {
           if (chunks % 8 === 0) $("chat-stats").textContent = `${chunks} chunks…`;
         }
         if (chunk.usage) tokens = chunk.usage.completion_tokens;
+        if (chunk.sources) content.append(sourceList(chunk.sources));
       }
     } catch (e) {
       if (e.name === "AbortError") state = "stopped";
@@ -173,4 +176,18 @@ export class Chat {
     $("chat-stats").textContent = state === "error" ? "" : parts.join(", ") + ".";
     input.focus();
   }
+}
+
+function label(card) {
+  if (card.servery?.task === "rag") return `${card.id} (RAG: ${card.servery.collection} → ${card.parent})`;
+  return card.parent ? `${card.id} (task → ${card.parent})` : card.id;
+}
+
+// The passages a RAG app's answer was built from (its last stream chunk, services/rag/chat.py).
+function sourceList(sources) {
+  return h(
+    "ol",
+    { class: "sources", "aria-label": "Sources" },
+    ...sources.map((s) => h("li", {}, `${s.source} #${s.chunk} (score ${s.score.toFixed(3)})`)),
+  );
 }
