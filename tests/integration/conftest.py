@@ -104,6 +104,7 @@ def llm_server(
         "SERVERY_LLM_MODELS_FILE": "",  # a developer's own file would replace the list
         "SERVERY_LLM_ENFORCE_EAGER": "true",  # ready in ~20 s instead of ~40
         "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
+        "SERVERY_LLM_MAX_TOKENS_LIMIT": "1024",  # as deploy/ caps it (4096 there)
         "VLLM_CPU_KVCACHE_SPACE": "1",  # vLLM's legacy variable would override the setting
         "HF_HUB_OFFLINE": "1",
         # test_sigterm_lets_the_stream_in_flight_finish (the last LLM test) stops this server

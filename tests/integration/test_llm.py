@@ -200,7 +200,7 @@ def test_streaming_errors_are_plain_json(client: Any) -> None:
     [
         ("POST", "/v1/completions", b"{not json", 400),
         ("POST", "/v1/chat/completions", b'{"model": "tiny"}', 400),  # no messages
-        ("GET", "/v1/embeddings", None, 404),
+        ("GET", "/v1/no-such-route", None, 404),
         ("GET", "/v1/chat/completions", None, 405),
     ],
 )
@@ -211,6 +211,100 @@ def test_malformed_requests_use_the_openai_envelope(
     r = httpx.request(method, llm_server.url + path, content=body, headers=headers, timeout=10)
     assert r.status_code == status
     assert r.json()["error"]["code"] == status and r.json()["error"]["message"]
+
+
+def raw_request(url: str, method: str, target: str, body: bytes | None = None) -> tuple[int, Any]:
+    """``method target`` sent as written (httpx would normalise ``..`` and ``//``)."""
+    import http.client
+    import json
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        headers = {"content-type": "application/json"}
+        conn.request(method, target, body=body, headers=headers)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+CHAT_BODY = b'{"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}'
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "body", "status"),
+    [
+        # the gate charged these 0 tokens, the proxy served them decoded (issue 20 item 4)
+        ("POST", "/v1/chat/completions%3F", CHAT_BODY, 404),
+        ("GET", "/v1/models%3F", None, 404),
+        ("GET", "/v1/../v1/models", None, 404),
+        ("GET", "/v1/../metrics", None, 404),  # the LLM service's own routes
+        ("GET", "/v1/%2E%2E/metrics", None, 404),
+        ("GET", "/v1//models", None, 404),
+        # nested JSON was a RecursionError (issue 20 item 10)
+        ("POST", "/v1/completions", b'{"model": "tiny", "prompt": ' + b"[" * 50_000, 400),
+        ("POST", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400),
+        ("POST", "/v1/completions", b'{"model": "tiny", "prompt": "a", "max_tokens": 1.5}', 400),
+    ],
+)
+def test_paths_off_the_allow_list_and_hostile_bodies_are_4xx_json(
+    llm_server: Server, method: str, target: str, body: bytes | None, status: int
+) -> None:
+    got, answer = raw_request(llm_server.url, method, target, body)
+    assert got == status and answer["error"]["code"] == status
+
+
+def test_token_fields_are_read_as_vllm_reads_them(llm_server: Server) -> None:
+    """``"3"`` and ``3.0`` are 3 (vLLM coerces them: they were charged the default before); a
+    list of prompts is one generation each; past SERVERY_LLM_MAX_TOKENS_LIMIT (1024 here) is 400
+    before the engine."""
+    url = f"{llm_server.url}/v1/completions"
+    for max_tokens in ("3", 3.0):
+        body = {"model": LLM_NAME, "prompt": PROMPT, "max_tokens": max_tokens, **LONG}
+        r = httpx.post(url, json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    body = {"model": LLM_NAME, "prompt": [PROMPT, "Hello"], "max_tokens": 2, "n": 2, **LONG}
+    r = httpx.post(url, json=body, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    body = {"model": LLM_NAME, "prompt": [PROMPT, "Hello"], "max_tokens": 600}
+    r = httpx.post(url, json=body, timeout=60)
+    assert r.status_code == 400 and "SERVERY_LLM_MAX_TOKENS_LIMIT" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "max_tokens"
+
+
+def test_an_endless_chunked_get_is_413_with_bounded_memory(llm_server: Server) -> None:
+    """``GET /v1/models`` with a chunked body that never ends: 413 once SERVERY_MAX_BODY_BYTES
+    (16 MiB) arrived, and no router worker's peak memory grows by :data:`CHUNKED_BOUND`."""
+    import select
+    import socket
+
+    from tests.integration.test_hostile_bodies import peak_growth, reset_peaks, router_workers
+
+    workers = router_workers(llm_server)
+    base = reset_peaks(workers)
+    host, port = llm_server.url.removeprefix("http://").split(":")
+    chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"x" * 64 * 1024)
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(4 * 16 * 16):  # up to 64 MiB, 4x the limit: a server reading on fails
+            if select.select([sock], [], [], 0)[0]:
+                break  # it answered
+            try:
+                sock.sendall(chunk)
+            except OSError:  # it answered and closed while we wrote
+                break
+        while b"\r\n\r\n" not in answer and (data := sock.recv(65536)):
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    growth = peak_growth(workers, base)
+    assert growth < CHUNKED_BOUND, f"a worker's peak grew by {growth / 2**20:.0f} MiB"
+
+
+CHUNKED_BOUND = 48 * 2**20
+"""What reading up to 16 MiB of a chunked body may cost a router worker at its peak: the chunks
+held (16 MiB) plus the server's buffers; growth without a bound ran into gigabytes."""
 
 
 @pytest.mark.parametrize("attempt", range(3))
