@@ -29,6 +29,7 @@ import zlib
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 TIMEOUT_S = 30
@@ -410,3 +411,57 @@ def test_ten_megabyte_bodies(
     """10 MB bodies (under the 16 MiB limit) are read and parsed, and still get a clean 4xx."""
     envelope = "platform" if path == "/predict" else "oip"
     assert_error(send(server, "POST", path, body, headers), status, envelope)
+
+
+def chunked_status(url: str, method: str, path: str, mib: int) -> bytes:
+    """Send ``method path`` with a chunked body of up to ``mib`` MiB; the status line answered."""
+    import select
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    chunk = b"%x\r\n%s\r\n" % (2**20, b"x" * 2**20)
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        sock.sendall(head.encode())
+        for _ in range(mib):
+            if select.select([sock], [], [], 0)[0]:
+                break  # answered before the body ended
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+        else:
+            sock.sendall(b"0\r\n\r\n")
+        while b"\r\n" not in answer and (data := sock.recv(4096)):
+            answer += data
+    return answer.split(b"\r\n")[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/models"), ("GET", "/models"), ("DELETE", "/models/iris"), ("GET", "/livez")],
+)
+def test_chunked_bodies_are_bounded_for_every_method(server, method: str, path: str) -> None:
+    """SERVERY_MAX_BODY_BYTES (16 MiB) holds for a chunked body whatever the method (issue 20
+    item 3: only POST/PUT/PATCH bodies were bounded)."""
+    assert chunked_status(server.url, method, path, 64) == b"HTTP/1.1 413 Request Entity Too Large"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/x-www-form-urlencoded", 415),
+        ("multipart/form-data; boundary=x", 415),
+        ("text/plain", 415),
+        ("application/json", 200),
+    ],
+)
+def test_open_admin_reload_takes_no_cross_site_form(server, content_type: str, status: int):
+    """Without keys or an admin token, a form a web page posts cross-site (no CORS preflight
+    for these types) cannot trigger a reload (issue 20 item 6)."""
+    r = httpx.post(
+        f"{server.url}/admin/reload", content=b"{}", headers={"content-type": content_type}
+    )
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/json"
