@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.config import VERSION_RE, check_model_name
+
 ALIAS_FILE = "servery-aliases.json"
 LOCK_FILE = "servery-aliases.lock"
 FORMAT = 1
@@ -67,7 +69,42 @@ class Aliases:
         aliases, history = doc.get("aliases", {}), doc.get("history", [])
         if not isinstance(aliases, dict) or not isinstance(history, list):
             raise AliasError(f"{source}: 'aliases' must be an object and 'history' a list")
-        return cls({str(k): str(v) for k, v in aliases.items()}, history)
+        for alias, version in aliases.items():
+            _check_entry(source, "aliases", {"alias": alias, "version": version}, nullable=False)
+        for i, entry in enumerate(history):
+            _check_history(source, i, entry)
+        return cls(dict(aliases), history)
+
+
+def _check_entry(source: str, where: str, entry: dict[str, Any], *, nullable: bool) -> None:
+    alias = entry.get("alias")
+    if not isinstance(alias, str) or alias in RESERVED or not ALIAS_RE.match(alias):
+        raise AliasError(f"{source}: {where}: {alias!r} is not a valid alias name")
+    for key in ("version", "previous") if nullable else ("version",):
+        value = entry.get(key)
+        if value is None and nullable:
+            continue
+        if not isinstance(value, str) or not VERSION_RE.match(value):
+            raise AliasError(f"{source}: {where}: {key} {value!r} is not a version id")
+
+
+def _check_history(source: str, i: int, entry: object) -> None:
+    """One history entry as :meth:`AliasStore.promote` and ``rollback`` write it: what
+    ``rollback`` and ``servery models show`` read from it must be there and well-formed."""
+    where = f"history[{i}]"
+    if not isinstance(entry, dict):
+        raise AliasError(f"{source}: {where} is not an object")
+    action = entry.get("action")
+    if action not in ("promote", "rollback"):
+        raise AliasError(f"{source}: {where}: action {action!r} is not promote or rollback")
+    if not isinstance(entry.get("at"), str):
+        raise AliasError(f"{source}: {where}: 'at' must be a time")
+    _check_entry(source, where, entry, nullable=True)
+    if entry["action"] == "promote" and entry.get("version") is None:
+        raise AliasError(f"{source}: {where}: a promote names a version")
+    undoes = entry.get("undoes")
+    if entry["action"] == "rollback" and (type(undoes) is not int or not 0 <= undoes < i):
+        raise AliasError(f"{source}: {where}: 'undoes' must index an earlier entry")
 
 
 def check_alias(alias: str) -> str:
@@ -93,6 +130,14 @@ class AliasStore:
             models_dir = BentoMLContainer.model_store_dir.get()
         self.models_dir = Path(models_dir)
 
+    def folder(self, name: str) -> Path:
+        """``name``'s folder in the store; AliasError for a name that is not a model name (no
+        ``..`` or ``/`` ever becomes a path here)."""
+        try:
+            return self.models_dir / check_model_name(name)
+        except ValueError as e:
+            raise AliasError(str(e)) from None
+
     # --- the store's versions ---------------------------------------------------------------
 
     def versions(self, name: str) -> list[str]:
@@ -104,7 +149,7 @@ class AliasStore:
         """
         from bentoml._internal.models.model import Model
 
-        folder = self.models_dir / name
+        folder = self.folder(name)
         if not folder.is_dir():
             return []
         found = []
@@ -124,7 +169,7 @@ class AliasStore:
         A new or deleted version changes the folder; BentoML rewrites ``latest`` when a save
         completes; promote/rollback replace the alias file (new inode).
         """
-        folder = self.models_dir / name
+        folder = self.folder(name)
         out: list[object] = []
         for path in (folder, folder / "latest", folder / ALIAS_FILE):
             try:
@@ -176,20 +221,28 @@ class AliasStore:
     # --- the alias file ---------------------------------------------------------------------
 
     def path(self, name: str) -> Path:
-        return self.models_dir / name / ALIAS_FILE
+        return self.folder(name) / ALIAS_FILE
 
     def read(self, name: str) -> Aliases:
+        """``name``'s aliases (none without a file); AliasError if the file cannot be read, is
+        not UTF-8 JSON or not a well-formed alias file."""
         path = self.path(name)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except FileNotFoundError:
             return Aliases()
+        except OSError as e:
+            raise AliasError(f"cannot read alias file {path}: {e}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise AliasError(f"alias file {path} is not UTF-8 text (byte {e.start})") from None
         return Aliases.from_json(text, str(path))
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[Aliases]:
         """Read-modify-write of ``name``'s aliases under an exclusive lock; written on success."""
-        folder = self.models_dir / name
+        folder = self.folder(name)
         if not folder.is_dir():
             raise AliasError(f"no model named {name!r} in the store ({self.models_dir})")
         with open(folder / LOCK_FILE, "a+") as lock:
@@ -309,28 +362,48 @@ def export_model(store: AliasStore, name: str, dest: Path | str) -> list[Path]:
 def import_models(store: AliasStore, src: Path | str) -> dict[str, list[str]]:
     """Import what :func:`export_model` wrote into ``src``: versions first, then the aliases.
 
-    Versions already in the store are kept as they are. An imported alias file replaces the
-    model's aliases only where the store has none yet (never silently overwrites a live
-    ``production``); otherwise its aliases are reported and left for ``promote``.
+    Each archive is extracted through :func:`models.archives.extract` (members that would leave
+    the folder, links out of it and special files are refused) and the model's own
+    ``model.yaml`` names it; a version already in the store is kept as it is. An imported alias
+    file (named ``<model>.servery-aliases.json``, the model name checked like any other)
+    replaces the model's aliases only where the store has none yet (never silently overwrites a
+    live ``production``); otherwise its aliases are reported and left for ``promote``.
+
+    Archives are trusted input: the models in them run code when loaded (docs/security.md).
     """
+    import tempfile
+
     import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    from models.archives import ArchiveError, extract
 
     src = Path(src).resolve()  # see export_model
     imported: dict[str, list[str]] = {}
     for archive in sorted(src.glob(f"*{EXPORT_SUFFIX}")):
-        # <name>-<version>.bentomodel, as export_model names them (versions have no '-')
-        name, _, version = archive.name[: -len(EXPORT_SUFFIX)].rpartition("-")
-        if name and version in store.versions(name):
-            continue  # BentoML refuses an existing version; keep the one in the store
-        model = bentoml.models.import_model(str(archive))
-        imported.setdefault(model.tag.name, []).append(model.tag.version)
+        with tempfile.TemporaryDirectory(prefix="servery-import-") as tmp:
+            folder = extract(archive, Path(tmp) / "model")
+            try:
+                model = bentoml.models.Model.from_path(folder)
+            except BentoMLException as e:
+                raise ArchiveError(f"{archive} is not a BentoML model archive: {e}") from None
+            name, version = model.tag.name, model.tag.version
+            if version in store.versions(name):
+                continue  # BentoML refuses an existing version; keep the one in the store
+            model.save()
+        imported.setdefault(name, []).append(version)
     for alias_file in sorted(src.glob(f"*.{ALIAS_FILE}")):
         name = alias_file.name[: -len(f".{ALIAS_FILE}")]
-        incoming = Aliases.from_json(alias_file.read_text(), str(alias_file))
+        folder = store.folder(name)  # AliasError for '..' and other non-names
+        try:
+            text = alias_file.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise AliasError(f"cannot read {alias_file}: {e}") from None
+        incoming = Aliases.from_json(text, str(alias_file))
         missing = set(incoming.aliases.values()) - set(store.versions(name))
         if missing:
             raise AliasError(f"{alias_file}: aliases point at versions not in the store: {missing}")
-        with store._locked(name) as current:
+        with store._locked(folder.name) as current:
             if current.aliases:
                 raise AliasError(
                     f"{name!r} already has aliases {current.aliases}; not replaced by "

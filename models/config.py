@@ -51,6 +51,22 @@ DEFAULT_MODELS_FILE = Path(__file__).with_name("models.yaml")
 # BentoML tag names: lowercase alphanumerics, "-", "_" and "."; we use the same for served names so
 # a served name can never smuggle path separators or whitespace into URLs, metrics or logs.
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?\Z")
+VERSION_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,61}[a-z0-9])?\Z")
+"""A stored version id (BentoML's rule for a tag's version: at most 63 characters)."""
+
+
+def check_model_name(name: object) -> str:
+    """``name`` if it is a valid model name (served or stored), else ValueError saying why.
+
+    The one rule for every name that becomes a path in the store or a label: the models file's
+    names and tags, and the names ``servery models import`` reads from file names (``..`` or
+    ``a/b`` never reach a path)."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ValueError(
+            f"model name {name!r} must be 1-64 lowercase letters, digits, '.', '_' or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
 
 
 class Framework(StrEnum):
@@ -380,10 +396,17 @@ class ModelEntry(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(
-                f"model name {v!r} must be 1-64 lowercase letters, digits, '.', '_' or '-'"
-            )
+        return check_model_name(v)
+
+    @field_validator("tag")
+    @classmethod
+    def _check_tag(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        name, _, version = v.partition(":")
+        check_model_name(name)  # the store name is a folder of the store
+        if ":" in v and version != "latest" and not VERSION_RE.match(version):
+            raise ValueError(f"tag {v!r}: version {version!r} is not a version id")
         return v
 
     @property
@@ -436,14 +459,68 @@ def parse_model_config(data: Any, source: str = "<config>") -> ModelConfig:
         raise ConfigError(f"invalid model config {source}: {e}") from e
 
 
-def load_model_config(path: Path | str) -> ModelConfig:
-    path = Path(path)
+def read_config_text(path: Path | str, what: str = "model config") -> str:
+    """The UTF-8 text of ``path``; ConfigError if it cannot be read or is not UTF-8 (a
+    ``UnicodeDecodeError`` is a ValueError no caller expects from a read)."""
     try:
-        text = path.read_text()
+        raw = Path(path).read_bytes()
     except OSError as e:
-        raise ConfigError(f"cannot read model config {path}: {e}") from e
+        raise ConfigError(f"cannot read {what} {path}: {e}") from e
     try:
-        data = yaml.safe_load(text)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r})"
+        ) from None
+
+
+def _load_yaml(path: Path) -> Any:
+    text = read_config_text(path)
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"model config {path} is not valid YAML: {e}") from e
-    return parse_model_config(data, str(path))
+
+
+def load_model_config(path: Path | str) -> ModelConfig:
+    """The model config in ``path``; ConfigError (a ValueError) for anything wrong with it."""
+    path = Path(path)
+    return parse_model_config(_load_yaml(path), str(path))
+
+
+def empty_model_config() -> ModelConfig:
+    """A config serving nothing (what a process starts with when its file cannot be used)."""
+    return ModelConfig.model_construct(defaults=ModelDefaults(), models=[])
+
+
+def salvage_model_config(path: Path | str) -> tuple[ModelConfig, dict[str, str]]:
+    """For a process starting with an invalid models file: the entries that are valid on their
+    own (with valid ``defaults``), and why each other one is left out, by its name (or
+    ``models[i]`` where the name itself is invalid). A name listed twice is left out both times.
+    Raises ConfigError when nothing can be salvaged (unreadable, not YAML, no ``models`` list,
+    invalid ``defaults``); a reload never salvages: it keeps the previous config instead."""
+    path = Path(path)
+    data = _load_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise ConfigError(f"model config {path} has no 'models' list")
+    try:
+        defaults = ModelDefaults.model_validate(data.get("defaults") or {})
+    except ValidationError as e:
+        raise ConfigError(f"invalid 'defaults' in model config {path}: {e}") from e
+    valid: dict[str, ModelEntry] = {}
+    errors: dict[str, str] = {}
+    for i, raw in enumerate(data["models"]):
+        name = raw.get("name") if isinstance(raw, dict) else None
+        key = name if isinstance(name, str) and NAME_RE.match(name) else f"models[{i}]"
+        try:
+            entry = ModelEntry.model_validate(raw)
+        except ValidationError as e:
+            errors[key] = f"invalid entry in model config {path}: {e}"
+            continue
+        if entry.name in valid or entry.name in errors:
+            valid.pop(entry.name, None)
+            errors[entry.name] = f"model {entry.name!r} is listed twice in {path}"
+            continue
+        valid[entry.name] = entry
+    config = ModelConfig.model_construct(defaults=defaults, models=list(valid.values()))
+    return config, errors

@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models.aliases import AliasError, AliasStore
-from models.config import ModelConfig, load_model_config
+from models.config import (
+    ConfigError,
+    ModelConfig,
+    empty_model_config,
+    load_model_config,
+    salvage_model_config,
+)
 from models.versions import ModelPlan, PlanError, plan_model
 
 
@@ -26,6 +32,9 @@ class Desired:
     config: ModelConfig
     plans: dict[str, ModelPlan]
     errors: dict[str, str] = field(default_factory=dict)
+    config_error: str | None = None
+    """Why the models file could not be used as a whole (``config`` then holds what
+    :func:`first_desired` salvaged from it)."""
 
 
 def desired(config: ModelConfig, aliases: AliasStore) -> Desired:
@@ -47,6 +56,23 @@ def desired(config: ModelConfig, aliases: AliasStore) -> Desired:
 def read_desired(models_file: Path | str, aliases: AliasStore) -> Desired:
     """:func:`desired` for the config in ``models_file`` (raises ``ConfigError`` if unreadable)."""
     return desired(load_model_config(models_file), aliases)
+
+
+def first_desired(models_file: Path | str, aliases: AliasStore) -> Desired:
+    """:func:`read_desired` for a process starting: never raises. With an invalid models file it
+    serves the entries that are valid on their own (:func:`models.config.salvage_model_config`),
+    or nothing, and says why in ``config_error``, so a pod started after a bad promote serves
+    what it can and keeps polling for a fixed file instead of crash-looping."""
+    try:
+        return read_desired(models_file, aliases)
+    except ConfigError as e:
+        error = str(e)
+    try:
+        config, invalid = salvage_model_config(models_file)
+    except ConfigError:
+        config, invalid = empty_model_config(), {}
+    state = desired(config, aliases)
+    return Desired(config, state.plans, {**invalid, **state.errors}, config_error=error)
 
 
 def fingerprint(

@@ -6,12 +6,14 @@
     servery models rollback iris [--alias production]
     servery models export iris DEST_DIR      # every version (.bentomodel) + the alias file
     servery models import SRC_DIR            # into this store: versions, then aliases
+                                             # (trusted archives only: docs/security.md)
     servery models compile iris [--version V] [--rows FILE]   # to ONNX, as a new version
 
 The store is BentoML's (``$BENTOML_HOME``, else ``~/bentoml``). Changes print one
 line each; ``--json`` prints machine-readable output instead. A mistake (unknown model, version,
-ambiguous prefix, bad alias) is one line on stderr and exit code 2; a compile that is refused
-(unsupported model, too few rows, the ONNX model disagrees) says why on stderr, exit code 1.
+ambiguous prefix, bad alias, an archive member that would leave its folder) is one line on stderr
+and exit code 2; a compile that is refused (unsupported model, too few rows, the ONNX model
+disagrees) says why on stderr, exit code 1.
 """
 
 from __future__ import annotations
@@ -63,7 +65,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _model_names(store: Any) -> list[str]:
-    return sorted(p.name for p in store.models_dir.iterdir() if p.is_dir())
+    from models.config import NAME_RE
+
+    found = store.models_dir.iterdir()
+    return sorted(p.name for p in found if p.is_dir() and NAME_RE.match(p.name))
 
 
 def describe(store: Any, name: str) -> dict[str, Any]:
@@ -105,6 +110,7 @@ def compile_version(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 def run(args: argparse.Namespace) -> int:
     from models.aliases import AliasError, AliasStore, export_model, import_models
+    from models.archives import ArchiveError
     from models.store import StoreError
 
     store = AliasStore()
@@ -151,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             text = "\n".join(f"{n}: imported {', '.join(v)}" for n, v in out.items()) or (
                 "no new versions (aliases imported where the store had none)"
             )
-    except (AliasError, StoreError) as e:
+    except (AliasError, ArchiveError, StoreError) as e:
         print(f"servery models: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=2) if args.json else text)

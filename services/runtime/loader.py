@@ -59,6 +59,7 @@ class Loader:
         self.watch = DesiredWatch(models_file or settings.models_file, self.aliases)
         self.loaded: dict[tuple[str, str], ServedModel] = {}
         self.failed: FailedLoads[LoadFailure] = FailedLoads(self.aliases)
+        self._reported: dict[str, str] = {}  # planning errors logged: once per distinct error
 
     @property
     def config(self) -> ModelConfig | None:
@@ -136,12 +137,13 @@ class Loader:
         return models, errors
 
     def initial(self, config: ModelConfig | None = None) -> Registry:
-        """Load everything synchronously (at worker start). A model that cannot be served (not
-        in the store, or its default version fails to load) is left out with the reason: the
-        others are served, and readiness says which is missing (``Registry.ready``), instead of
-        a worker that exits and is restarted in a loop. Raises only for an unreadable models
-        file."""
+        """Load everything synchronously (at worker start). A model that cannot be served (an
+        invalid entry, not in the store, or its default version fails to load) is left out with
+        the reason (``GET /models``): the others are served, instead of a worker that exits and
+        is restarted in a loop. Never raises: a models file that cannot be used at all serves
+        nothing (``/readyz`` 503, the error in ``last_reload``) until it is fixed."""
         state = self.watch.first(config)
+        self._reported = dict(state.errors)
         for name, error in state.errors.items():
             logger.error(
                 "model '%s' cannot be served: %s (the other models are served; `python -m "
@@ -166,7 +168,10 @@ class Loader:
                 plan.default_how,
             )
         models, errors = self.build(state, self.loaded)
-        return Registry(models, loader=self, errors=errors)
+        registry = Registry(models, loader=self, errors=errors)
+        if state.config_error is not None:
+            registry.last_reload = {"ok": False, "error": state.config_error, "at": "start"}
+        return registry
 
     def _record_failure(self, entry: ModelEntry, version: str, e: BaseException) -> LoadFailure:
         failure = LoadFailure(version, f"{type(e).__name__}: {e}")
@@ -186,6 +191,10 @@ class Loader:
             return Reload(dict(current), None, {"ok": False, "error": str(e)}, ok=False)
         config = state.config
         entries = {e.name: e for e in config.models}
+        for name, error in state.errors.items():
+            if self._reported.get(name) != error:
+                logger.error("model '%s' cannot be planned: %s", name, error)
+        self._reported = dict(state.errors)
         if force:
             self.failed.clear()
         loaded_now: list[str] = []

@@ -310,16 +310,19 @@ class Registry:
 
     def ready(self) -> bool:
         """The router's readiness (``/readyz``, ``/v2/health/ready``, gRPC ``ServerReady``):
-        every configured model has a serving version (Triton's strict readiness), every service
-        those models (and the LLM API) need has answered since start, and at least one of them
-        can answer now. A service that answered before and is unreachable now (circus restarts
-        it) leaves the router ready: only its models report not ready (:meth:`problem`); see the
-        docs/operations.md, "Readiness and failures"."""
-        if not self._models or self._errors:
-            return False
+        something is served (a model with a serving version, or the LLM API), every service
+        the served models (and the LLM API) need has answered since start, and at least one of
+        them can answer now. A configured model with nothing to serve (not in the store, an
+        invalid entry, its default failed to load) is listed not ready (:meth:`describe`) but
+        does not take readiness from the others: it would be the same in every replica, so the
+        whole Service would drop. A service that answered before and is unreachable now (circus
+        restarts it) leaves the router ready: only its models report not ready
+        (:meth:`problem`); see docs/operations.md, "Readiness and failures"."""
         health = self.health
         if health is None:
-            return True
+            return bool(self._models)
+        if not self._models and not self.other_services:
+            return False
         if not health.started(self.services()):
             return False
         return any(self._problem(r.default) is None for r in self._models.values()) or any(

@@ -6,10 +6,12 @@ store and the aliases) and load the versions it newly needs; they differ only in
 loaded runtimes of its own framework, ``services/frameworks/base.py``). What is the same is here:
 
 * :class:`DesiredWatch`: noticing a change (a cheap fingerprint) and reading the new desired
-  state; an unreadable models file is logged once and the previous state keeps serving;
+  state; an unusable models file is logged once per distinct error and the previous state keeps
+  serving (at start: the entries valid on their own, or nothing, and the process starts);
 * :class:`FailedLoads`: versions that failed to load are not retried on every poll, only once
   their model's store folder changed (or on a forced reload);
-* :func:`poll`: the watcher loop that survives anything one reload raises;
+* :func:`poll`: the watcher loop that survives anything one reload raises (logged once per
+  distinct error);
 * :func:`release_memory`: after unloading, let a full collection reclaim what the heap freeze at
   start-up (``services/ops/heap.py``) kept out of the collector.
 """
@@ -24,8 +26,8 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from models.aliases import AliasStore
-from models.config import ConfigError, ModelConfig, load_model_config
-from models.reload import Desired, desired, fingerprint, read_desired
+from models.config import ConfigError, ModelConfig
+from models.reload import Desired, desired, fingerprint, first_desired, read_desired
 
 logger = logging.getLogger("servery")
 
@@ -43,6 +45,8 @@ class DesiredWatch:
         self.aliases = aliases
         self.config: ModelConfig | None = None
         """The model config last read (None before the first read)."""
+        self.error: str | None = None
+        """Why the models file last read could not be used (None: it could)."""
         self._seen: tuple[object, ...] | None = None
 
     def changed(self) -> bool:
@@ -53,26 +57,45 @@ class DesiredWatch:
         return fingerprint(self.models_file, self.config, self.aliases)
 
     def first(self, config: ModelConfig | None = None) -> Desired:
-        """Read the desired state at start (blocking; raises ``ConfigError``); ``config``: one
-        already read."""
-        self.config = config or load_model_config(self.models_file)
+        """Read the desired state at start (blocking); ``config``: one already read. Never
+        raises: an unusable models file is logged and what could be salvaged from it is served
+        (``Desired.config_error``, :func:`models.reload.first_desired`), so the process starts
+        and picks up the fixed file at a later poll instead of exiting (a crash loop)."""
+        if config is not None:
+            self.config = config
+            state = desired(config, self.aliases)
+        else:
+            state = first_desired(self.models_file, self.aliases)
+            self.config = state.config
+        if state.config_error is not None:
+            now = "serving its valid entries" if state.config.models else "serving nothing"
+            self._report(state.config_error, f"{now} until it is fixed")
         self._seen = self._now()
-        return desired(self.config, self.aliases)
+        return state
 
     async def read(self) -> tuple[Desired, tuple[object, ...]]:
         """The desired state now and the fingerprint to :meth:`settle` once it is served.
 
-        An unreadable models file raises ``ConfigError`` after logging it; that change is then
-        settled (not re-read every poll) and the previous state keeps serving."""
+        An unusable models file raises ``ConfigError`` after logging it (once per distinct
+        error, not at every change of the file); that change is then settled (not re-read every
+        poll) and the previous state keeps serving."""
         seen = self._now()
         try:
             state = await asyncio.to_thread(read_desired, self.models_file, self.aliases)
         except ConfigError as e:
-            logger.error("model config not reloaded, still serving the previous one: %s", e)
+            self._report(str(e), "still serving the previous one")
             self._seen = seen
             raise
+        if self.error is not None:
+            logger.warning("model config %s is usable again", self.models_file)
+            self.error = None
         self.config = state.config
         return state, seen
+
+    def _report(self, error: str, what_now: str) -> None:
+        if error != self.error:
+            logger.error("model config not loaded, %s: %s", what_now, error)
+        self.error = error
 
     def settle(self, seen: tuple[object, ...]) -> None:
         """The state read with fingerprint ``seen`` is served now."""
@@ -109,13 +132,21 @@ class FailedLoads(Generic[T]):
 
 
 async def poll(interval_s: float, tick: Callable[[], Awaitable[None]], what: str) -> None:
-    """Run ``tick`` every ``interval_s`` forever; a tick that raises is logged, never fatal."""
+    """Run ``tick`` every ``interval_s`` forever; a tick that raises is logged, never fatal.
+
+    A tick that keeps failing the same way is logged with its traceback once, not at every
+    poll: the next distinct error (or a success, then a failure) is logged again."""
+    last: str | None = None
     while True:
         await asyncio.sleep(interval_s)
         try:
             await tick()
-        except Exception:  # the watcher must survive anything one reload throws
-            logger.exception("%s", what)
+            last = None
+        except Exception as e:  # the watcher must survive anything one reload throws
+            error = f"{type(e).__name__}: {e}"
+            if error != last:
+                logger.exception("%s (logged once until it changes)", what)
+            last = error
 
 
 def release_memory() -> None:

@@ -185,3 +185,80 @@ def test_export_and_import_take_relative_folders(store, tmp_path, monkeypatch) -
         assert sorted(import_models(AliasStore(home / "models"), "relative/out")["iris"]) == sorted(
             versions
         )
+
+
+# --- damaged or hostile alias files (issue 20 items 12, 13) -----------------------------------
+
+
+def test_an_alias_file_that_is_not_utf8_is_an_alias_error(store) -> None:
+    aliases, _ = store
+    aliases.path("iris").write_bytes(b'{"servery_aliases": 1, "aliases": {"\xff": "x"}}')
+    with pytest.raises(AliasError, match="not UTF-8"):
+        aliases.read("iris")
+
+
+def valid_doc(version: str) -> dict:
+    return {
+        "servery_aliases": 1,
+        "aliases": {"production": version},
+        "history": [
+            {
+                "at": "2026-12-07T08:00:00+00:00",
+                "action": "promote",
+                "alias": "production",
+                "version": version,
+                "previous": None,
+            }
+        ],
+    }
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["history"].append("promote"), "history\\[1\\] is not an object"),
+        (lambda d: d["history"][0].pop("alias"), "not a valid alias name"),
+        (lambda d: d["history"][0].update(alias="../x"), "not a valid alias name"),
+        (lambda d: d["history"][0].update(action="delete"), "action 'delete'"),
+        (lambda d: d["history"][0].pop("at"), "'at' must be a time"),
+        (lambda d: d["history"][0].update(version=None), "a promote names a version"),
+        (lambda d: d["history"][0].update(version="../../x"), "version '../../x'"),
+        (lambda d: d["history"][0].update(previous=7), "previous 7"),
+        (
+            lambda d: d["history"].append({**d["history"][0], "action": "rollback", "undoes": 5}),
+            "'undoes' must index an earlier entry",
+        ),
+        (lambda d: d["aliases"].update(latest="abc"), "'latest' is not a valid alias"),
+        (lambda d: d["aliases"].update(staging=["abc"]), "version \\['abc'\\]"),
+    ],
+)
+def test_alias_history_entries_are_validated_when_read(store, edit, message: str) -> None:
+    """``show`` and ``rollback`` read fields of every history entry: a damaged one was a
+    KeyError traceback (or an alias pointing at '../../x')."""
+    aliases, versions = store
+    doc = valid_doc(versions[0])
+    aliases.path("iris").write_text(json.dumps(doc))
+    assert aliases.read("iris").aliases == {"production": versions[0]}
+    edit(doc)
+    aliases.path("iris").write_text(json.dumps(doc))
+    with pytest.raises(AliasError, match=message):
+        aliases.read("iris")
+
+
+def test_damaged_history_is_one_line_from_the_cli(store, capsys) -> None:
+    aliases, versions = store
+    doc = valid_doc(versions[0])
+    del doc["history"][0]["alias"]
+    aliases.path("iris").write_text(json.dumps(doc))
+    with bentoml_store(aliases.models_dir.parent):
+        assert cli.main(["models", "show", "iris"]) == 2
+    assert "not a valid alias name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../iris", ""])
+def test_the_store_refuses_names_that_are_not_model_names(store, name: str) -> None:
+    aliases, versions = store
+    with pytest.raises(AliasError, match="lowercase letters"):
+        aliases.promote(name, versions[0])
+    with pytest.raises(AliasError, match="lowercase letters"):
+        aliases.read(name)

@@ -16,8 +16,10 @@ from models.config import (
     ModelConfig,
     Placement,
     Settings,
+    check_model_name,
     load_model_config,
     parse_model_config,
+    salvage_model_config,
 )
 
 
@@ -304,6 +306,63 @@ def test_invalid_entry_in_file_names_the_file(tmp_path: Path) -> None:
         load_model_config(path)
     assert str(path) in str(info.value)
     assert "'../etc'" in str(info.value)
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    """Issue 20 item 12: ``read_text`` raised UnicodeDecodeError, which no caller catches (every
+    reload failed with a traceback)."""
+    path = tmp_path / "models.yaml"
+    path.write_bytes(b"models:\n  - name: iris\xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8") as info:
+        load_model_config(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("tag", ["../etc", "a/b:latest", "Iris", "..:v1", "iris:../x", "iris:"])
+def test_tags_name_a_store_folder_by_the_model_name_rule(tag: str) -> None:
+    """Issue 20 item 13: the tag's name is a folder of the store; it follows the name rule."""
+    with pytest.raises(ConfigError):
+        config({"name": "iris", "tag": tag})
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "", "A", "x" * 65, 3, None])
+def test_check_model_name_is_the_one_rule(name: Any) -> None:
+    with pytest.raises(ValueError, match="lowercase letters"):
+        check_model_name(name)
+    if isinstance(name, str):
+        with pytest.raises(ConfigError, match="lowercase letters"):
+            config({"name": name})
+
+
+def test_salvage_keeps_the_valid_entries_and_names_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        "defaults:\n  placement: service\nmodels:\n"
+        "  - name: iris\n"
+        "  - name: bad\n    max_queue: 0\n"
+        "  - name: ../etc\n"
+        "  - name: twice\n  - name: twice\n"
+        "  - digits\n"
+    )
+    with pytest.raises(ConfigError):
+        load_model_config(path)
+    cfg, errors = salvage_model_config(path)
+    assert [m.name for m in cfg.models] == ["iris"]
+    assert cfg.placement_of(cfg.models[0]) is Placement.SERVICE
+    assert set(errors) == {"bad", "models[2]", "twice", "models[5]"}
+    assert "max_queue" in errors["bad"] and str(path) in errors["bad"]
+    assert "listed twice" in errors["twice"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"\xff\xfe", b"models: [\n", b"models: 3\n", b"defaults: {placement: gpu}\nmodels: []\n"],
+)
+def test_salvage_raises_when_nothing_can_be_salvaged(tmp_path: Path, raw: bytes) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_bytes(raw)
+    with pytest.raises(ConfigError):
+        salvage_model_config(path)
 
 
 def test_shipped_default_file() -> None:

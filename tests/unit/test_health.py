@@ -144,12 +144,34 @@ def test_the_llm_service_counts_for_readiness() -> None:
     assert registry.ready()
 
 
-def test_a_configured_model_with_nothing_to_serve_is_still_not_ready() -> None:
+def test_a_configured_model_with_nothing_to_serve_is_listed_but_leaves_the_router_ready() -> None:
+    """Issue 20 item 7: a model that cannot be planned or loaded (the same in every replica)
+    used to make every replica unready, dropping the models that are served."""
     registry, health, _ = setup()
     for s in ("sklearn", "pytorch"):
         health.mark_up(s)
     registry._swap(dict(registry._models), {"ghost": "no versions in the store"})
+    assert registry.ready()
+    assert listed(registry)["ghost"] == {
+        "name": "ghost",
+        "ready": False,
+        "error": "no versions in the store",
+    }
+
+
+def test_not_ready_only_when_nothing_is_served() -> None:
+    registry, health, _ = setup()
+    for s in ("sklearn", "pytorch"):
+        health.mark_up(s)
+    registry._swap({}, {"iris": "no versions in the store"})
     assert not registry.ready()
+    assert not Registry({}, errors={"iris": "invalid entry"}).ready()  # no health known
+    # the LLM API alone is something served
+    registry, health, _ = setup(llm=True)
+    registry._swap({}, {"iris": "no versions in the store"})
+    assert not registry.ready()  # the LLM service has not answered yet
+    health.mark_up("llm")
+    assert registry.ready()
 
 
 def test_watch_probes_what_the_registry_needs_and_survives_failures() -> None:
