@@ -171,7 +171,8 @@ class FrameworkService:
         errors = {
             name: error
             for name, error in state.errors.items()
-            if state.config.placement_of(entries[name]) is Placement.SERVICE
+            if name in entries  # not an invalid entry of a salvaged file (the router reports it)
+            and state.config.placement_of(entries[name]) is Placement.SERVICE
             and entries[name].framework in (None, self.framework)
         }
         for name, error in errors.items():
