@@ -55,6 +55,8 @@ class Route:
     names_model: bool = False
     """The body's ``model`` says which model serves it: an API key limited to some models is
     checked against it (services/gateway/gate.py)."""
+    batch: bool = False
+    """The Files and Batch API (services/batch/): served by the router itself, not forwarded."""
 
 
 ROUTES: dict[str, Route] = {
@@ -72,6 +74,9 @@ ROUTES: dict[str, Route] = {
         # RAG (services/rag/): embeddings, and the collections' list
         Route("/v1/embeddings", frozenset({"POST"}), names_model=True),
         Route("/v1/rag/collections", frozenset({"GET"})),
+        # Files and batches (services/batch/); one file or batch: _BATCH_OBJECT
+        Route("/v1/files", frozenset({"GET", "POST"}), batch=True),
+        Route("/v1/batches", frozenset({"GET", "POST"}), batch=True),
     )
 }
 """Every ``/v1`` path the router forwards (with :data:`COLLECTION_ROUTES`); anything else is
@@ -86,6 +91,10 @@ COLLECTION_ROUTES: dict[str, Route] = {
 }
 """The routes of one RAG collection, by what follows its name (a store name: ``a-z0-9._-``);
 :func:`route_of` answers them with the request's own path."""
+_BATCH_OBJECT = re.compile(
+    r"/v1/(?:files/[A-Za-z0-9_-]{1,80}(/content)?|batches/[A-Za-z0-9_-]{1,80}(/cancel)?)"
+)
+"""One file (``GET``/``DELETE``), its ``/content``; one batch (``GET``), its ``/cancel``."""
 _COLLECTION = re.compile(r"/v1/rag/collections/([a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?)(/[a-z]+)?")
 
 MODELS = "/v1/models"
@@ -108,6 +117,9 @@ def route_of(scope: dict[str, Any]) -> Route | None:
     decodes to a known path)."""
     path = canonical_path(scope)
     found = ROUTES.get(path)
+    if found is None and (obj := _BATCH_OBJECT.fullmatch(path)):
+        methods = {"GET"} if obj[1] else {"POST"} if obj[2] else {"GET", "DELETE"}
+        return Route(path, frozenset(methods), batch=True)
     if found is None and (rag := _COLLECTION.fullmatch(path)):
         template = COLLECTION_ROUTES.get(rag[2] or "")
         # the concrete path (the name matched a store name: nothing decodes differently)
