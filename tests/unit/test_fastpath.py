@@ -14,7 +14,8 @@ from prometheus_client import REGISTRY
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.gateway.fastpath import Deadlines, FastPath, Route, prediction_routes
+from services.gateway.deadlines import Deadlines
+from services.gateway.fastpath import FastPath, Route, prediction_routes
 from services.protocols.errors import error_response, json_response
 from tests.conftest import Sent, eventually_async, run_on_virtual_clock
 
