@@ -189,3 +189,15 @@ def test_the_shipped_rag_file() -> None:
     assert rag.embeddings == "all-minilm-l6-v2"
     (app,) = rag.apps
     assert (app.name, app.collection, app.llm) == ("servery-docs", "servery-docs", "smollm2")
+
+
+def test_the_eval_set_points_at_passages_that_exist() -> None:
+    """bench/data/rag_eval.yaml: 30+ questions, both splits, each phrase in its document (a docs
+    edit that removes one fails here, not silently in the recall)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    items = yaml.safe_load((root / "bench/data/rag_eval.yaml").read_text())["items"]
+    assert len(items) >= 30 and {i["split"] for i in items} == {"tune", "test"}
+    missing = [i for i in items if i["phrase"] not in (root / i["source"]).read_text()]
+    assert not missing, missing
