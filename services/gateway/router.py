@@ -39,6 +39,8 @@ from starlette.responses import Response
 
 from models.config import Framework
 from services import console
+from services.batch import api as batch_api
+from services.batch.settings import BatchSettings
 from services.frameworks.sklearn_service import SklearnService
 from services.frameworks.torch_service import TorchService
 from services.frameworks.xgboost_service import XGBoostService
@@ -99,6 +101,10 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> Response
 app.include_router(native.router)
 # Open Inference Protocol V2 over REST (/v2/...), same registry and batchers as /predict.
 app.include_router(oip_rest.router)
+# The OpenAI Files and Batch API (services/batch/): before the LLM proxy's /v1 route.
+BATCH = BatchSettings()
+if BATCH.enabled:
+    app.include_router(batch_api.router)
 
 if SETTINGS.llm_enabled:
     from services.llm.service import LLM
@@ -152,6 +158,8 @@ if SETTINGS.llm_enabled:
     app.add_route(
         "/v1/{path:path}", LLM_PROXY, methods=["GET", "POST", "DELETE"], include_in_schema=False
     )
+    if BATCH.enabled:  # the fast path's /v1 mount: files and batches are served here
+        LLM_PROXY = batch_api.BatchSplit(LLM_PROXY)
 else:
     LLM_PROXY = None
     RAG_ON = False
@@ -205,6 +213,21 @@ async def _in_process(handler: Any, body: dict[str, Any]) -> Any:
         error = answer.get("error", {})
         raise ServeryError.with_status(response.status_code, str(error.get("message", error)))
     return answer
+
+
+def _batches() -> Any:
+    """This worker's batch jobs (services/batch/): lines run in-process through ``app`` with
+    the batch owner's key (its name and models as they were when the batch was created)."""
+    from services.batch.worker import AsgiCaller, Batches
+
+    def key_of(owner: str, models: list[str] | None) -> auth.ApiKey | None:
+        if KEYS is None:
+            return None
+        return auth.ApiKey(owner, b"", None if models is None else frozenset(models))
+
+    batches = Batches(BATCH, AsgiCaller(app, key_of))
+    batch_api.BATCHES[:] = [batches]
+    return batches
 
 
 def _remote(dependency: Any, framework: Framework, health: ServiceHealth) -> RemotePredict:
@@ -327,6 +350,7 @@ class Router:
         self.registry.health = self.health
         self.registry.other_services = ("llm",) if SETTINGS.llm_enabled else ()
         app.state.registry = self.registry
+        self.batches = _batches() if BATCH.enabled else None
         freeze_heap()
         metrics.watch_gc()
 
@@ -351,6 +375,14 @@ class Router:
         )
 
     @bentoml.on_startup
+    async def _consume_batches(self) -> None:
+        """The batch queue's consumer, in the first router worker (``SERVERY_BATCH_WORKER``)."""
+        from bentoml._internal.context import server_context
+
+        if self.batches is not None and BATCH.worker and server_context.worker_index in (None, 1):
+            self._batch_consumer = asyncio.get_running_loop().create_task(self.batches.consume())
+
+    @bentoml.on_startup
     async def _start_grpc(self) -> None:
         """Serve OIP V2 over gRPC from this worker, on its event loop (see
         services/protocols/oip/grpc.py).
@@ -369,7 +401,7 @@ class Router:
     @bentoml.on_shutdown
     async def _stop_grpc(self) -> None:
         """Stop accepting gRPC calls (in-flight ones get a short grace period) and the watcher."""
-        for name in ("_watcher", "_health_watcher"):
+        for name in ("_watcher", "_health_watcher", "_batch_consumer"):
             watcher = getattr(self, name, None)
             if watcher is not None:
                 watcher.cancel()

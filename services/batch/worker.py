@@ -1,0 +1,303 @@
+"""The queue (huey: SQLite embedded, Redis in production), its consumer, and how one line runs.
+
+**Why huey, not Celery.** Both keep tasks in Redis; huey also has a SQLite storage in the
+library, so ``make serve`` needs no broker (Celery's SQLite broker is kombu's SQLAlchemy transport,
+marked experimental, plus SQLAlchemy). Huey is one pure-Python package with no other
+dependency, and its queue can be consumed from inside a process that is already running an
+event loop (below), which Celery's worker (its own process pool and signal handling) cannot.
+
+**Nothing accepted is lost.** Huey removes a task from the queue when a consumer takes it: a
+consumer killed while running it would lose it. So the task is only a pointer (batch id, chunk
+number); the chunk's state (queued, running with a lease, done) and every line's answer are in
+the job state (services/batch/jobs.py), and the sweeper queues a chunk again when its lease ran
+out. A line answered twice keeps its first answer.
+
+**One line** runs through the router's own ASGI app in this process (:class:`AsgiCaller`), the
+handlers online requests reach: the same validation, micro-batcher, model, LLM proxy and
+metrics, without a socket. The worker bounds the lines it runs at once
+(``SERVERY_BATCH_CONCURRENCY``): batch lines take that share of the server and no more.
+Transient answers (429, 502, 503, 504, a connection error) are retried with back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from services.batch import metrics
+from services.batch.jobs import Jobs, endpoint_matches, error_entry, new_id
+from services.batch.settings import BatchSettings
+from services.batch.state import RedisState, SqliteState, State
+
+logger = logging.getLogger("servery.batch")
+
+TRANSIENT = frozenset({408, 429, 502, 503, 504})
+"""Statuses a line is retried on (with back-off) before it is answered with them."""
+
+Caller = Callable[[str, str, bytes, str, list[str] | None], Awaitable[tuple[int, bytes]]]
+"""``(method, url, body, owner, owner's models) -> (status, body)``: one request in-process."""
+
+
+def make_queue(settings: BatchSettings) -> Any:
+    """The huey instance: Redis (priority queue) with ``SERVERY_BATCH_REDIS_URL``, else SQLite in
+    ``SERVERY_BATCH_DIR``."""
+    if settings.redis_url:
+        from huey import PriorityRedisHuey
+
+        return PriorityRedisHuey("servery-batch", url=settings.redis_url, results=False)
+    from huey import SqliteHuey
+
+    settings.dir.mkdir(parents=True, exist_ok=True)
+    return SqliteHuey("servery-batch", filename=str(settings.dir / "queue.db"), results=False)
+
+
+def make_state(settings: BatchSettings) -> State:
+    if settings.redis_url:
+        return RedisState(settings.redis_url)
+    return SqliteState(settings.dir / "state.db")
+
+
+class Batches:
+    """Queue, jobs and (when this process consumes) the consumer, for one process."""
+
+    def __init__(self, settings: BatchSettings, call: Caller | None = None) -> None:
+        self.settings = settings
+        self.huey = make_queue(settings)
+        self.call = call
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._lines = asyncio.Semaphore(settings.concurrency)
+        # the chunk task: huey retries it (2 times, 1 s then 2 s) if it raises; a chunk whose
+        # worker died is queued again by the sweeper
+        self.run_chunk = self.huey.task(retries=2, retry_delay=1, retry_backoff=2, name="chunk")(
+            self._run_chunk_blocking
+        )
+        self.jobs = Jobs(make_state(settings), settings, self._enqueue)
+
+    def _enqueue(self, batch_id: str, chunk: int) -> None:
+        self.run_chunk(batch_id, chunk)
+
+    # --- the consumer --------------------------------------------------------------------------
+
+    async def consume(self, poll_s: float = 0.1) -> None:
+        """Take chunks from the queue and run them (two at a time, so a worker never waits
+        between chunks), sweep every ``SERVERY_BATCH_SWEEP_INTERVAL_S``; until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        running: set[asyncio.Task[Any]] = set()
+        next_sweep = 0.0
+        while not self._stopping:
+            try:
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + self.settings.sweep_interval_s
+                    await asyncio.to_thread(self._sweep)
+                if len(running) >= 2:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                task = await asyncio.to_thread(self._next_task)
+                if task is None:
+                    await asyncio.sleep(poll_s)
+                    continue
+                job = asyncio.ensure_future(asyncio.to_thread(self.huey.execute, task))
+                running.add(job)
+                job.add_done_callback(running.discard)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the store is unreachable (Redis restarting): try again soon
+                logger.exception("batch consumer: the queue or the job state failed; retrying")
+                await asyncio.sleep(1.0)
+
+    def _next_task(self) -> Any:
+        for due in self.huey.read_schedule():  # chunks whose retry delay has passed
+            self.huey.enqueue(due)
+        return self.huey.dequeue()
+
+    def _sweep(self) -> None:
+        # who consumes, and when it last swept (``servery jobs workers``; the tests find the
+        # process to kill here)
+        self.jobs.state.hset(
+            "consumers", f"{socket.gethostname()}:{os.getpid()}", b"%d" % time.time()
+        )
+        by_status = self.jobs.sweep(queue_empty=self.huey.pending_count() == 0)
+        metrics.observe_queue(self, by_status)
+
+    def _run_chunk_blocking(self, batch_id: str, chunk: int) -> None:
+        """The task's body, in one of huey's threads: the chunk runs on this process's loop."""
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(self.run(batch_id, chunk), self._loop).result()
+
+    # --- one chunk -----------------------------------------------------------------------------
+
+    async def run(self, batch_id: str, chunk: int) -> None:
+        jobs = self.jobs
+        rec = jobs.record(batch_id)
+        if rec is None or rec["status"] not in ("validating", "in_progress"):
+            return  # cancelled, expired or gone: the sweeper ends it
+        jobs.lease(batch_id, chunk)
+        lines = jobs.lines_of(rec, chunk)
+        done = jobs.answered(batch_id, [n for n, _ in lines])
+        status = _StatusWatch(jobs, batch_id)
+        leased = [time.monotonic()]
+
+        async def one(number: int, line: bytes) -> None:
+            async with self._lines:
+                if not status.running():
+                    return
+                ok, entry = await self.run_line(rec, line)
+                if jobs.answer(batch_id, number, ok, entry):
+                    metrics.LINES.labels("completed" if ok else "failed").inc()
+                if time.monotonic() - leased[0] > self.settings.lease_s / 3:
+                    leased[0] = time.monotonic()
+                    jobs.lease(batch_id, chunk)
+
+        await asyncio.gather(*(one(n, line) for n, line in lines if n not in done))
+        complete = len(jobs.answered(batch_id, [n for n, _ in lines])) == len(lines)
+        jobs.chunk_state(batch_id, chunk, b"d" if complete else b"s")
+        jobs.maybe_finish(batch_id)
+
+    async def run_line(self, rec: dict[str, Any], line: bytes) -> tuple[bool, dict[str, Any]]:
+        """One input line: ``(True, output line)`` for a 2xx answer, else ``(False, error
+        line)``."""
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            return False, error_entry(None, "invalid_json", "this line is not JSON")
+        if not isinstance(doc, dict):
+            return False, error_entry(None, "invalid_json", "this line is not a JSON object")
+        cid = doc.get("custom_id")
+        cid = cid if isinstance(cid, str) else None
+        why = _line_problem(doc, rec["endpoint"])
+        if why is not None:
+            return False, error_entry(cid, "invalid_request", why)
+        body = json.dumps(doc["body"]).encode()
+        status, answer = 0, b""
+        for attempt in range(self.settings.line_retries + 1):
+            if attempt:
+                await asyncio.sleep(self.settings.retry_delay_s * 2 ** (attempt - 1))
+            try:
+                assert self.call is not None
+                status, answer = await self.call(
+                    "POST", doc["url"], body, rec["_owner"], rec["_models"]
+                )
+            except Exception as e:  # the handler or what it calls broke: retried, then answered
+                logger.warning("batch line %s: %s", cid, type(e).__name__)
+                status, answer = 0, b""
+            if status not in TRANSIENT and status != 0:
+                break
+            metrics.RETRIES.inc()
+        if status == 0:
+            return False, error_entry(cid, "server_error", "the line could not be run")
+        try:
+            parsed: Any = json.loads(answer)
+        except ValueError:
+            parsed = answer.decode("utf-8", "replace")
+        out = {
+            "id": new_id("batch_req_"),
+            "custom_id": cid,
+            "response": {"status_code": status, "request_id": new_id("req_"), "body": parsed},
+            "error": None,
+        }
+        return 200 <= status < 300, out
+
+    async def stop(self) -> None:
+        self._stopping = True
+
+
+class _StatusWatch:
+    """Whether the batch still runs, read from the store at most every 0.5 s: a cancel or
+    expiry stops the chunk's lines that have not started within about that."""
+
+    def __init__(self, jobs: Jobs, batch_id: str) -> None:
+        self.jobs, self.batch_id = jobs, batch_id
+        self._at, self._running = 0.0, True
+
+    def running(self) -> bool:
+        now = time.monotonic()
+        if now - self._at > 0.5:
+            self._at = now
+            rec = self.jobs.record(self.batch_id)
+            self._running = rec is not None and rec["status"] in ("validating", "in_progress")
+            self._running = self._running and time.time() < rec["expires_at"]  # type: ignore[index]
+        return self._running
+
+
+def _line_problem(doc: dict[str, Any], endpoint: str) -> str | None:
+    """Why a parsed line cannot run in a batch for ``endpoint`` (None: it can)."""
+    if not isinstance(doc.get("custom_id"), str):
+        return "custom_id: a string is required"
+    if doc.get("method", "POST") != "POST":
+        return "method must be POST"
+    if not endpoint_matches(endpoint, doc.get("url")):
+        return f"url {str(doc.get('url'))[:100]!r} is not this batch's endpoint {endpoint}"
+    if not isinstance(doc.get("body"), dict):
+        return "body: a JSON object is required"
+    if doc["body"].get("stream"):
+        return "body.stream: batch lines cannot stream"
+    return None
+
+
+class AsgiCaller:
+    """Runs a request through an ASGI app in this process (the router's FastAPI app): the
+    handlers online requests reach, with the batch owner's key in the scope (``key_of`` makes
+    it), so a key limited to some models is limited in its batches too."""
+
+    def __init__(self, app: Any, key_of: Callable[[str, list[str] | None], Any]) -> None:
+        self.app, self.key_of = app, key_of
+
+    async def __call__(
+        self, method: str, url: str, body: bytes, owner: str, models: list[str] | None
+    ) -> tuple[int, bytes]:
+        from services.llm.openai_api import ROUTES, model_of
+        from services.protocols.state import SCOPE_KEY
+        from services.runtime.errors import ServeryError
+
+        key = self.key_of(owner, models)
+        route = ROUTES.get(url)
+        if key is not None and route is not None and route.names_model:
+            try:  # what the gate checks on /v1 (the handlers check /predict and /v2 themselves)
+                key.check_model(model_of(body))
+            except ServeryError as e:
+                return e.status_code, json.dumps({"error": {"message": e.message}}).encode()
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": url,
+            "raw_path": url.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"content-type", b"application/json")],
+            "client": ("batch", 0),
+            "server": ("batch", 0),
+            "app": self.app,
+            SCOPE_KEY: key,
+        }
+        sent = False
+        status = [0]
+        chunks: list[bytes] = []
+        never = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await never.wait()  # the client never leaves
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, send)
+        return status[0], b"".join(chunks)
