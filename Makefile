@@ -126,6 +126,11 @@ test: $(STAMP)
 		>/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y \
 		--no-install-recommends prometheus >/dev/null 2>&1; } || \
 		{ echo "make test needs prometheus: apt-get install -y prometheus"; exit 1; }
+	@# Debian's redis-server, started on a free port by tests/integration/test_batch_server.py.
+	@command -v redis-server >/dev/null 2>&1 || apt-get install -y --no-install-recommends \
+		redis-server >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y \
+		--no-install-recommends redis-server >/dev/null 2>&1; } || \
+		{ echo "make test needs redis-server: apt-get install -y redis-server"; exit 1; }
 	@# Debian's Chromium, driven by Playwright in tests/e2e/test_console.py (no browser download).
 	@command -v chromium >/dev/null 2>&1 || apt-get install -y chromium >/dev/null 2>&1 || \
 		{ apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1; } || \
@@ -186,3 +191,19 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# --- The container image (deploy/image/, docs/images.md) ---------------------------------------
+# `make image` builds the CPU Bento and its image with podman (installed from Debian's packages if
+# missing; all of its state in podman-state/) and prints the image reference last: servery:<version>-cpu,
+# the name and tag deploy/overlays use. `make image-smoke` builds it (cached) and runs the image
+# as the pods do (tests/integration/test_image.py, also part of `make test`). `make bench-image`:
+# size and time to ready (bench/RESULTS.md, "image"). IMAGE=name:tag tags it otherwise.
+.PHONY: image image-smoke bench-image
+image: $(STAMP)
+	@$(if $(IMAGE),IMAGE=$(IMAGE)) VENV=$(VENV) deploy/image/image.sh build
+
+image-smoke: $(STAMP)
+	$(PY) -m pytest tests/integration/test_image.py -v -p no:cacheprovider
+
+bench-image: $(STAMP)
+	$(PY) -m bench.studies.image $(BENCH_ARGS)
