@@ -25,6 +25,9 @@ The same wrapper is the router's API-key gate (services/gateway/gate.py): with k
 admits or
 refuses every HTTP request before anything else runs, fast-path route or not, and it is installed
 (with no routes) when the fast path is off, so both configurations check keys in one place.
+On the router it also counts each key's LLM usage (services/llm/usage_tap.py) on every ``/v1``
+request, mounted or not; ``GET /v1/usage`` is the router's own route (services/protocols/native.py),
+never the mount's.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from starlette.responses import Response
 
 from services.gateway.deadlines import Deadlines
 from services.gateway.gate import HttpGate, check_body_size
+from services.llm import usage_tap
 from services.ops import logs, metrics
 from services.protocols.errors import refusal
 from services.runtime.errors import Overloaded, RequestTimeout, ServeryError
@@ -94,8 +98,10 @@ class FastPath:
         max_body_bytes: int | None = None,
         max_in_flight: int = 0,
         max_bytes_in_flight: int = 0,
+        count_usage: bool = False,
     ) -> None:
         self.app = app
+        self.count_usage = count_usage
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.max_bytes_in_flight = max_bytes_in_flight
@@ -121,6 +127,8 @@ class FastPath:
         return None
 
     def _mount(self, path: str) -> ASGIApp | None:
+        if path == USAGE_PATH:
+            return None  # the router's own route, not the LLM's
         for prefix, mounted in self.mounts:
             if path.startswith(prefix):
                 return mounted
@@ -211,6 +219,8 @@ class FastPath:
                 return None
         if found is None:
             send = _with_request_id(send, rid)
+            if self.count_usage and scope["path"].startswith("/v1/"):
+                return await self._counted(mounted or self.app, scope, receive, send)
             if mounted is not None:
                 return await self._mounted(mounted, scope, receive, send)
             return await self.app(scope, receive, send)
@@ -236,6 +246,17 @@ class FastPath:
         route.seconds.observe(elapsed)
         if self.access is not None:
             self._log(scope, response.status_code, response.headers.get("content-length"), elapsed)
+
+    async def _counted(self, app: ASGIApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A ``/v1`` request with its key's LLM usage counted (services/llm/usage_tap.py)."""
+        receive, send, done = await usage_tap.tap(scope, receive, send, self.max_body_bytes)
+        try:
+            if app is self.app:
+                return await app(scope, receive, send)
+            return await self._mounted(app, scope, receive, send)
+        finally:
+            if done is not None:
+                done()
 
     async def _mounted(self, app: ASGIApp, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if self.access is None:
@@ -282,6 +303,8 @@ class FastPath:
 
 
 _RID_HEADER = logs.HEADER.encode()
+USAGE_PATH = "/v1/usage"
+"""Served by the router's app (services/protocols/native.py), before the ``/v1`` mount."""
 _ACCESS_FORMAT = "%s (scheme=%s,method=%s,path=%s) (status=%d,length=%s) %.3fms"
 """BentoML's access-line message (its ``AccessLogMiddleware``), for the routes served here."""
 
@@ -404,6 +427,7 @@ def install(
             max_body_bytes=max_body_bytes,
             max_in_flight=max_in_flight if kind == "router" else 0,
             max_bytes_in_flight=max_bytes_in_flight if kind == "router" else 0,
+            count_usage=kind == "router",
         )
 
     app_factory.wrap_apps(wrap)

@@ -1,6 +1,6 @@
-"""The platform's own REST API: ``POST /predict``, ``GET /models``, ``GET /models/{name}`` and
-``POST /admin/reload`` (an ``APIRouter`` the Router's app includes, so BentoML merges these routes
-into ``/docs.json``).
+"""The platform's own REST API: ``POST /predict``, ``GET /models``, ``GET /models/{name}``,
+``POST /admin/reload`` and ``GET /v1/usage`` (an ``APIRouter`` the Router's app includes before
+the LLM proxy's ``/v1`` route, so BentoML merges these routes into ``/docs.json``).
 
 ``/predict`` decodes its JSON body and calls :func:`services.runtime.inference.infer`, the
 inference shared with OIP REST and gRPC; errors use the platform envelope
@@ -13,15 +13,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.responses import Response
 
 from models.signature import OUTPUT_LABEL, OUTPUT_PROBA, Task
-from services.protocols.errors import error_response, json_response, parse_json_model
+from services.ops import usage
+from services.protocols.errors import error_response, json_response, openai_error, parse_json_model
 from services.protocols.media import read_body
 from services.protocols.state import ADMIN_KEY, SCOPE_KEY, answer, registry_of
-from services.runtime.errors import ServeryError
+from services.runtime.errors import Forbidden, ServeryError
 from services.runtime.inference import Call, infer
 from services.runtime.registry import ROUTE_KEY_HEADER
 from services.settings import SETTINGS
@@ -238,3 +239,40 @@ def _check_admin(request: Request) -> None:
     # nothing checked it: refuse rather than serve unchecked.
     if request.scope.get(ADMIN_KEY) is not True:
         raise ServeryError.with_status(401, "admin endpoints need the admin token or an API key")
+
+
+@router.get(
+    "/v1/usage",
+    responses={
+        401: {"description": "Missing or invalid API key (when keys are configured)"},
+        403: {"description": "all=true with an API key limited to some models"},
+    },
+    summary="Usage per API key and model",
+)
+async def get_usage(
+    request: Request, every_key: Annotated[bool, Query(alias="all")] = False
+) -> Response:
+    """Requests, rows and LLM tokens (prompt: ``input_tokens``, completion: ``output_tokens``)
+    of the caller's API key, per model, since the server started, summed over every router
+    worker (OpenAI's usage API shape: one page, one bucket, results grouped by ``api_key_id``
+    and ``model``; docs/clients.md). ``all=true``: every key's, for a key that may use every
+    model (as ``/admin/reload``). Without API keys everything is counted under the key ``-``."""
+    key = request.scope.get(SCOPE_KEY)
+    if key is not None and every_key and key.models is not None:
+        return openai_error(Forbidden("all=true needs an API key that may use every model"))
+    keys = None if key is None or every_key else {key.name}
+    multiproc_dir, since = _usage_source()
+    return json_response(usage.report(keys, multiproc_dir=multiproc_dir, since=since))
+
+
+_USAGE_SOURCE: list[tuple[str | None, float]] = []
+
+
+def _usage_source() -> tuple[str | None, float]:
+    """Where the usage counters live (``bentoml serve``'s multiprocess directory, or this
+    process) and when they started; read once per worker."""
+    if not _USAGE_SOURCE:
+        import os
+
+        _USAGE_SOURCE.append((os.environ.get("PROMETHEUS_MULTIPROC_DIR"), usage.server_start()))
+    return _USAGE_SOURCE[0]

@@ -43,7 +43,11 @@ async def answer(
     """Serve one HTTP inference request: ``serving`` decodes it, runs
     :func:`services.runtime.inference.infer` with ``call`` and encodes the answer; an error
     becomes ``on_error``'s envelope. The answer is counted with its status (a request the timeout
-    cancels as 504), and the access log learns the version that answered."""
+    cancels as 504), and the access log learns the version that answered. The caller's key
+    (``SCOPE_KEY``) is named in ``call`` for its usage (services/ops/usage.py)."""
+    key = request.scope.get(SCOPE_KEY)
+    if key is not None:
+        call.key = key.name
     try:
         response = await serving
     except asyncio.CancelledError:  # the request timeout cancelled it: the client gets a 504

@@ -14,8 +14,10 @@ decode their protocol and encode the answer; :func:`infer` does the rest, once:
 5. **shadow**: a request the table routed (no pinned version) is mirrored to the model's shadow;
 6. **count**: :class:`Call` counts the answer in the version's series
    (``servery_requests_total``, ``servery_model_request_duration_seconds``) or, when it failed
-   before a version was chosen, in the ``unknown`` series. The front end reports the status it
-   answered with (its protocol's: 400 on OIP where native says 422, 499 for a gRPC client gone).
+   before a version was chosen, in the ``unknown`` series; a successful answer also counts in
+   the caller's key's usage (requests and rows: services/ops/usage.py). The front end reports
+   the status it answered with (its protocol's: 400 on OIP where native says 422, 499 for a
+   gRPC client gone).
 
 Modelled on MLServer's ``DataPlane.infer``: the protocols meet the models in one place.
 """
@@ -30,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from services.ops import metrics
+from services.ops.usage import OPEN, TALLY
+from services.runtime.batcher import n_rows
 from services.runtime.inputs import check_outputs
 
 if TYPE_CHECKING:
@@ -45,19 +49,28 @@ reads its body only once the model is known)."""
 class Call:
     """One inference call from its arrival: where it is counted and what answered it."""
 
-    __slots__ = ("served", "start")
+    __slots__ = ("key", "rows", "served", "start")
 
     def __init__(self) -> None:
         self.start = perf_counter()
         self.served: ServedModel | None = None
         """The version that answers, once routed."""
+        self.key = OPEN
+        """The caller's API key name (the front end sets it; ``-`` when keys are off)."""
+        self.rows = 0
+        """Rows of the request, once decoded."""
 
     def answered(self, status: int) -> float:
         """Count the answer (``status``, the protocol's HTTP-equivalent code); the seconds since
         arrival."""
         elapsed = perf_counter() - self.start
         served = self.served
-        (metrics.UNKNOWN_REQUESTS if served is None else served.metrics).answered(status, elapsed)
+        if served is None:
+            metrics.UNKNOWN_REQUESTS.answered(status, elapsed)
+        else:
+            served.metrics.answered(status, elapsed)
+            if status < 400:
+                TALLY.add(self.key, served.info.name, rows=self.rows)
         return elapsed
 
 
@@ -97,6 +110,7 @@ async def infer(
     x = decode(info, max_rows)
     if type(x) is not np.ndarray and inspect.isawaitable(x):
         x = await x
+    call.rows = n_rows(x)
     outputs = await served.batcher.submit(x)
     check_outputs(info, outputs)
     if version is None and routes.shadow is not None:

@@ -271,15 +271,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._registry.ready())
 
-    def _admit(self, context: grpc.aio.ServicerContext, model: str | None) -> None:
+    def _admit(self, context: grpc.aio.ServicerContext, model: str | None) -> str | None:
         """Check the call's API key (its allowed models when ``model`` is given) and charge its
-        rate limit; raises the auth errors. Nothing to do when keys are off."""
+        rate limit; the key's name (None: keys are off). Raises the auth errors."""
         if self._keys is None:
-            return
+            return None
         key = self._keys.authenticate(metadata(context, "authorization"))
         if model is not None:
             key.check_model(model)
         key.admit()
+        return key.name
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
@@ -341,7 +342,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         try:
             # Key, then model, so an unknown model is NOT_FOUND whatever its tensors look like.
-            self._admit(context, request.model_name)
+            if (key := self._admit(context, request.model_name)) is not None:
+                call.key = key  # usage per key (services/ops/usage.py)
             result = await infer(
                 self._registry,
                 call,
