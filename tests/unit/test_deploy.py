@@ -494,10 +494,12 @@ def test_model_store_and_configs(rendered: dict[str, list[Obj]], tmp_path: Path)
     from bentoml._internal.container.generate import BENTO_PATH
 
     from models.config import Settings, parse_model_config
+    from services.batch.settings import BatchSettings
     from services.llm.settings import LLMSettings
 
     router_fields = set(Settings.model_fields)
     llm_fields = set(LLMSettings.model_fields)
+    batch_fields = set(BatchSettings.model_fields)
     for target, deployment in all_deployments(rendered):
         objs = rendered[target]
         volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
@@ -519,8 +521,11 @@ def test_model_store_and_configs(rendered: dict[str, list[Obj]], tmp_path: Path)
                     continue
                 field = key.removeprefix("SERVERY_").lower()
                 llm_field = key.removeprefix("SERVERY_LLM_").lower()
-                assert field in router_fields or (
-                    key.startswith("SERVERY_LLM_") and llm_field in llm_fields
+                batch_field = key.removeprefix("SERVERY_BATCH_").lower()
+                assert (
+                    field in router_fields
+                    or (key.startswith("SERVERY_LLM_") and llm_field in llm_fields)
+                    or (key.startswith("SERVERY_BATCH_") and batch_field in batch_fields)
                 ), f"{here}: {key} is not a servery setting"
                 if key == "SERVERY_API_KEYS_FILE":  # a Secret made out of band: the example
                     value = str(DEPLOY / "api-keys.example.yaml")
