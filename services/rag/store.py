@@ -54,8 +54,10 @@ class VectorStore:
             self.client = QdrantClient(
                 url=url, api_key=api_key, timeout=int(max(timeout_s, 1)), check_compatibility=False
             )
+        elif path is None:  # in memory, for measurements: search is the same as with a path
+            self.name = "an in-memory Qdrant store"
+            self.client = QdrantClient(location=":memory:")
         else:
-            assert path is not None
             path.mkdir(parents=True, exist_ok=True)
             self.name = f"the embedded Qdrant store in {path}"
             self.client = QdrantClient(path=str(path))
