@@ -124,7 +124,7 @@ class Jobs:
             "_owner": owner,
         }
         self.state.set("file:" + file_id, _dumps(meta))
-        self.state.zadd("files:" + owner, file_id, meta["created_at"])
+        self.state.zadd("files:" + owner, file_id, self.clock())
         return public(meta)
 
     def _file_meta(self, owner: str, file_id: str) -> dict[str, Any]:
@@ -231,7 +231,7 @@ class Jobs:
         if errors:
             rec.update(status="failed", failed_at=now, errors={"object": "list", "data": errors})
         self.state.set("batch:" + rec["id"], _dumps(rec))
-        self.state.zadd("batches:" + owner, rec["id"], now)
+        self.state.zadd("batches:" + owner, rec["id"], self.clock())  # finer than created_at
         if errors:
             FINISHED.labels("failed").inc()
             return public(rec)
