@@ -35,7 +35,7 @@ def wire() -> None:
         return
     from services import compat
     from services.gateway import fastpath
-    from services.ops import logs
+    from services.ops import logs, tracing
     from services.protocols import errors
     from services.runtime.errors import RequestTimeout
     from services.settings import SETTINGS
@@ -57,6 +57,9 @@ def wire() -> None:
     # BentoML's server logging leaves the root logger at WARNING; servery's own INFO lines (models
     # loaded and reloaded, shadow answers on "servery.shadow") are part of what an operator reads.
     logging.getLogger("servery").setLevel(logging.INFO)
+    # OpenTelemetry from the OTEL_* variables (services/ops/tracing.py): read once here; BentoML's
+    # own spans are moved onto the same pipeline before BentoML builds any app.
+    tracing.configure(trace_predictions=SETTINGS.trace_predictions)
     # The fast path's wrapper is also the body-size check and the API-key gate: always installed.
     fastpath.install(
         timeout_s=SETTINGS.request_timeout_s,

@@ -17,9 +17,12 @@ What the bypassed middleware did is kept where it matters, at a fraction of the 
 count requests per model/version/status (``servery_requests_total``), this module records the
 latency per route (``servery_request_duration_seconds``) and writes one access-log line per
 request to BentoML's ``bentoml.access`` logger (when BentoML's access log is on), and a request
-not answered within ``SERVERY_REQUEST_TIMEOUT_S`` is cancelled and answered 504. Not kept: an
-OpenTelemetry span per request (``SERVERY_TRACE_PREDICTIONS=true`` turns the fast path off) and
-BentoML's own ``bentoml_service_request_*`` series for these two routes.
+not answered within ``SERVERY_REQUEST_TIMEOUT_S`` is cancelled and answered 504. OpenTelemetry
+spans are made here for the requests the ``OTEL_*`` variables' sampler picks (services/ops/
+tracing.py: a ``SERVER`` span per sampled request, a caller's ``traceparent`` honoured, the
+request id on it); with tracing off that costs one ``is None`` check per request, and with it on
+an unsampled request one random draw. Not kept: BentoML's own ``bentoml_service_request_*``
+series for these routes.
 
 The same wrapper is the router's API-key gate (services/gateway/gate.py): with keys configured it
 admits or
@@ -46,6 +49,7 @@ from services.gateway.deadlines import Deadlines
 from services.gateway.gate import HttpGate, check_body_size
 from services.llm import usage_tap
 from services.ops import logs, metrics
+from services.ops.tracing import Tracing
 from services.protocols.errors import refusal
 from services.runtime.errors import Overloaded, RequestTimeout, ServeryError
 
@@ -82,7 +86,8 @@ class FastPath:
     ASGI app bounds its own time (the LLM proxy: ``SERVERY_REQUEST_TIMEOUT_S`` without a byte from
     upstream) and is not wrapped in a timeout: a stream may last longer than any one request.
     Every HTTP request first has its body size checked against ``max_body_bytes`` (413), then
-    meets ``gate`` (API keys); refusals are access-logged here.
+    meets ``gate`` (API keys); refusals are access-logged here. ``tracing``: servery's spans
+    (services/ops/tracing.py) for admitted route and mount requests; None when tracing is off.
     """
 
     def __init__(
@@ -99,8 +104,10 @@ class FastPath:
         max_in_flight: int = 0,
         max_bytes_in_flight: int = 0,
         count_usage: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.app = app
+        self.tracing = tracing
         self.count_usage = count_usage
         self.max_in_flight = max_in_flight
         self.in_flight = 0
@@ -170,7 +177,10 @@ class FastPath:
         self.bytes_in_flight += need
         self.in_flight += counted
         try:
-            await self._admitted(scope, receive, send, rid, start, found, mounted)
+            if self.tracing is None or not counted:
+                await self._admitted(scope, receive, send, rid, start, found, mounted)
+            else:
+                await self._traced(scope, receive, send, rid, start, found, mounted)
         finally:
             self.bytes_in_flight -= need
             self.in_flight -= counted
@@ -194,6 +204,27 @@ class FastPath:
         await response(scope, receive, send)
         if self.access is not None:
             self._log(scope, response.status_code, None, time.perf_counter() - start)
+
+    async def _traced(
+        self,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        rid: str,
+        start: float,
+        found: tuple[Route, re.Match[str]] | None,
+        mounted: ASGIApp | None,
+    ) -> None:
+        """:meth:`_admitted` in a span when the request is traced (services/ops/tracing.py)."""
+        if found is not None:
+            route = found[0].name
+        else:
+            route = next((p for p, app in self.mounts if app is mounted), scope["path"])
+
+        def admitted(send: Any) -> Awaitable[None]:
+            return self._admitted(scope, receive, send, rid, start, found, mounted)
+
+        await self.tracing.http(scope, route, rid, send, admitted)  # type: ignore[union-attr]
 
     async def _admitted(
         self,
@@ -416,6 +447,8 @@ def install(
             mounts, routes, gate = [("/v1/", api)], [], None
         else:
             return app
+        from services.ops import tracing
+
         return FastPath(
             app,
             api,
@@ -428,6 +461,8 @@ def install(
             max_in_flight=max_in_flight if kind == "router" else 0,
             max_bytes_in_flight=max_bytes_in_flight if kind == "router" else 0,
             count_usage=kind == "router",
+            # the entry service starts traces; the LLM service's spans only join the router's
+            tracing=tracing.active(roots=kind == "router"),
         )
 
     app_factory.wrap_apps(wrap)

@@ -39,6 +39,7 @@ from services.llm.openai_api import (
     read_body,
     route_of,
 )
+from services.ops import tracing
 from services.protocols.errors import openai_error, openai_response
 from services.protocols.state import SCOPE_KEY
 from services.runtime.errors import PayloadTooLarge
@@ -172,6 +173,8 @@ class StreamingProxy:
             for k, v in scope.get("headers", [])
             if k.decode("latin-1").lower() not in _HOP
         ]
+        # a traced request's trace goes on to the service, under a span of this call
+        headers, span = tracing.outgoing(headers, scope["method"], path)
         started = False
         try:
             session = self._client()
@@ -216,6 +219,9 @@ class StreamingProxy:
                     "body": _timeout_body(self._read_timeout_s) if timed_out else _UNAVAILABLE,
                 }
             )
+        finally:
+            if span is not None:
+                tracing.end(span, status[0])
 
 
 def _only_models(send: Any, allows: Callable[[str | None], bool]) -> Any:

@@ -52,8 +52,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from models.config import Settings
 from services.ops import metrics
+from services.ops import tracing as otel
 from services.protocols.oip import core as oip
-from services.protocols.oip import grpc_health
+from services.protocols.oip import grpc_health, grpc_tracing
 from services.runtime.errors import (
     BadRequest,
     Forbidden,
@@ -390,15 +391,21 @@ def metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
     return None
 
 
-def rpc_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
-    """Handlers for the KServe RPCs of ``servicer`` (what ``add_...Servicer_to_server`` builds)."""
+def rpc_handler(
+    servicer: InferenceServicer, tracing: otel.Tracing | None = None
+) -> grpc.GenericRpcHandler:
+    """Handlers for the KServe RPCs of ``servicer`` (what ``add_...Servicer_to_server`` builds),
+    each in a span when ``tracing`` traces the call (grpc_tracing.py)."""
     methods = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
     handlers = {}
     for name in KSERVE_RPCS:
         method = methods[name]
         request, response = (getattr(pb, t.name) for t in (method.input_type, method.output_type))
+        handler = _guarded(getattr(servicer, name), request.DESCRIPTOR.name)
+        if tracing is not None:
+            handler = grpc_tracing.traced(handler, SERVICE, name, tracing)
         handlers[name] = grpc.unary_unary_rpc_method_handler(
-            _guarded(getattr(servicer, name), request.DESCRIPTOR.name),
+            handler,
             request_deserializer=_lenient(request.FromString),
             response_serializer=response.SerializeToString,
         )
@@ -468,7 +475,8 @@ async def serve(
     servicer = InferenceServicer(
         registry, settings.max_rows_per_request, access_log=access_log_enabled(), keys=keys
     )
-    server.add_generic_rpc_handlers((rpc_handler(servicer),))
+    # servery's spans: ModelInfer calls may start a trace (the router is the entry service)
+    server.add_generic_rpc_handlers((rpc_handler(servicer, otel.active(roots=True)),))
     # grpc.health.v1 (Kubernetes' gRPC probe) and reflection (grpcurl) beside the OIP service
     grpc_health.add_to(server, registry, SERVICE, keys=keys, metadata=metadata, abort=abort)
     try:
