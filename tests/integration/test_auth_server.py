@@ -26,7 +26,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from bench.harness.server import Server, free_port, start_server
+from bench.harness.server import Server, free_port, metric_samples, start_server
 from bench.harness.store import bentoml_store, save_iris
 from models.config import Settings
 from services.gateway import auth
@@ -260,6 +260,58 @@ def test_admin_reload_needs_an_unrestricted_key_and_limits_failures(
         assert r.status_code == 401
     r = httpx.post(url, json={}, headers=bearer(KEY_ALL), timeout=30)
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+
+
+def usage_table(srv: Server, key: str, every: bool = False) -> dict[tuple[str, str], list[int]]:
+    """``GET /v1/usage`` as ``{(key name, model): [requests, rows, input, output tokens]}``."""
+    r = httpx.get(srv.url + "/v1/usage" + ("?all=true" if every else ""), headers=bearer(key))
+    assert r.status_code == 200, r.text
+    (bucket,) = r.json()["data"]
+    assert bucket["start_time"] <= bucket["end_time"]
+    fields = ("num_model_requests", "rows", "input_tokens", "output_tokens")
+    return {(u["api_key_id"], u["model"]): [u[f] for f in fields] for u in bucket["results"]}
+
+
+def test_usage_per_key_matches_the_requests_made(server: Server) -> None:
+    """A known sequence of requests per key, over /predict, OIP REST and gRPC: answered ones
+    count with their rows under the key's name and the model; refused and failed ones do not.
+    Each key sees only its own usage; every key's needs an unrestricted key."""
+    everyone = "env-1" if server.env.get("SERVERY_API_KEYS") else "all"
+    before = usage_table(server, KEY_ALL, every=True)
+    iris = bearer(KEY_IRIS)
+    predict = server.url + "/predict"
+    assert httpx.post(predict, json={"model": "iris", "inputs": [ROW]}, headers=iris).is_success
+    rows3 = {"model": "iris", "inputs": [ROW] * 3}
+    assert httpx.post(predict, json=rows3, headers=iris).is_success
+    assert httpx.post(server.url + "/v2/models/iris/infer", json=INFER, headers=iris).is_success
+    assert httpx.post(predict, json={**rows3, "model": "other"}, headers=iris).status_code == 403
+    assert httpx.post(predict, json={**rows3, "inputs": [[1.0]]}, headers=iris).status_code == 422
+    both = {"model": "other", "inputs": [ROW, ROW]}
+    assert httpx.post(predict, json=both, headers=bearer(KEY_ALL)).is_success
+    client = tg.InferenceServerClient(url=server.grpc_url)
+    tensor = tg.InferInput("input-0", [2, 4], "FP64")
+    tensor.set_data_from_numpy(np.array([ROW, ROW]))
+    client.infer("iris", [tensor], headers={"authorization": f"Bearer {KEY_IRIS}"})
+    client.close()
+
+    def grown(key: str, model: str) -> list[int]:
+        now = usage_table(server, KEY_ALL, every=True).get((key, model), [0, 0, 0, 0])
+        was = before.get((key, model), [0, 0, 0, 0])
+        return [a - b for a, b in zip(now, was, strict=True)]
+
+    eventually(lambda: grown("iris", "iris") == [4, 7, 0, 0], "iris's usage counted")
+    assert grown(everyone, "other") == [1, 2, 0, 0]
+    assert grown("iris", "other") == [0, 0, 0, 0]
+    own = usage_table(server, KEY_IRIS)
+    assert {k for k, _ in own} == {"iris"}  # its own key only
+    r = httpx.get(server.url + "/v1/usage?all=true", headers=iris)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "PermissionDeniedError"
+    assert httpx.get(server.url + "/v1/usage").status_code == 401
+    samples = metric_samples(server.url + "/metrics")
+    assert any(
+        name == "servery_usage_rows_total" and labels == {"key": "iris", "model": "iris"}
+        for name, labels, _ in samples
+    )
 
 
 def test_keys_file_rotation_without_restart(servers: dict[str, Server]) -> None:

@@ -135,6 +135,47 @@ def test_streamed_completion_ends_with_usage_and_done(llm_server: Server) -> Non
     )  # text (a token each unless the reader lags), usage, [DONE]
 
 
+def usage_of(url: str, model: str, headers: dict[str, str] | None = None) -> dict[str, int]:
+    """``GET /v1/usage``'s counts of ``model`` for the caller's key (zeros if none)."""
+    r = httpx.get(f"{url}/v1/usage", headers=headers, timeout=10)
+    assert r.status_code == 200, r.text
+    for result in r.json()["data"][0]["results"]:
+        if result["model"] == model:
+            return {k: result[k] for k in ("num_model_requests", "input_tokens", "output_tokens")}
+    return {"num_model_requests": 0, "input_tokens": 0, "output_tokens": 0}
+
+
+def test_usage_counts_the_engines_tokens_of_whole_and_streamed_answers(
+    client: Any, llm_server: Server
+) -> None:
+    """One whole chat, one stream that asks for usage and one that does not: three requests and
+    three times the tokens (the same deterministic request) under key ``-`` (keys off); the
+    stream that did not ask gets no usage chunk (the router asked for it and took it out)."""
+    args = {"model": LLM_NAME, "messages": CHAT, "max_tokens": 6, "seed": 1, "extra_body": LONG}
+    before = usage_of(llm_server.url, LLM_NAME)
+    whole = client.chat.completions.create(**args).usage
+    asked = list(
+        client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
+    plain = list(client.chat.completions.create(**args, stream=True))
+    assert asked[-1].choices == [] and asked[-1].usage.completion_tokens == 6
+    assert all(c.choices and c.usage is None for c in plain)
+    assert plain[-1].choices[0].finish_reason == "length"
+    expected = {
+        "num_model_requests": before["num_model_requests"] + 3,
+        "input_tokens": before["input_tokens"] + 3 * whole.prompt_tokens,
+        "output_tokens": before["output_tokens"] + 3 * 6,
+    }
+    eventually(lambda: usage_of(llm_server.url, LLM_NAME) == expected, "usage counted")
+    samples = metric_samples(f"{llm_server.url}/metrics")
+    assert any(
+        name == "servery_usage_tokens_total"
+        and labels == {"key": "-", "model": LLM_NAME, "kind": "completion"}
+        and value >= 18
+        for name, labels, value in samples
+    )
+
+
 def test_stop_sequence_cuts_the_text(client: Any) -> None:
     free = complete(client, max_tokens=40, seed=11, extra_body=LONG).choices[0].text
     words = free.split()
