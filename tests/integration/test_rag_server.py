@@ -247,3 +247,33 @@ def test_metrics_count_retrievals_and_embeddings(rag_server: Server, ingested: P
     assert 'servery_rag_retrieval_seconds_count{app="-",collection="notes"}' in text
     assert 'servery_embeddings_tokens_total{model="all-minilm-l6-v2",use="ingest"}' in text
     assert 'servery_llm_requests_total{model="notes-app",status="200"}' in text
+
+
+def test_rag_app_chats_count_in_usage_like_llm_chats(rag_server: Server, ingested: Path) -> None:
+    """A RAG app's chats count under the app's name with the engine's tokens (the passages are
+    prompt tokens); the stream that did not ask for usage still ends with its sources."""
+
+    def app_usage() -> list[int]:
+        for u in httpx.get(f"{rag_server.url}/v1/usage").json()["data"][0]["results"]:
+            if u["model"] == APP:
+                return [u["num_model_requests"], u["input_tokens"], u["output_tokens"]]
+        return [0, 0, 0]
+
+    before = app_usage()
+    body = {
+        "model": APP,
+        "messages": [{"role": "user", "content": "What cools the alpha reactor?"}],
+        "max_tokens": 4,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{rag_server.url}/v1/chat/completions", json=body) as resp:
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert "sources" in json.loads(events[-2]) and json.loads(events[-3])["choices"]
+    whole = httpx.post(
+        f"{rag_server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=60
+    ).json()
+    prompt = whole["usage"]["prompt_tokens"]
+    assert prompt > 30  # the passages
+    want = [before[0] + 2, before[1] + 2 * prompt, before[2] + 8]
+    eventually(lambda: app_usage() == want, "the app's usage counted")
