@@ -14,7 +14,13 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS = ("models.cli.models", "models.cli.llm", "models.cli.rag", "bench.cli")
+SUBCOMMANDS = (
+    "models.cli.models",
+    "models.cli.llm",
+    "models.cli.rag",
+    "models.cli.jobs",
+    "bench.cli",
+)
 """Modules with an ``add_parser(subparsers)``, in the order ``servery --help`` lists them."""
 OPTIONAL = frozenset({"bench.cli"})
 """Subcommands left out where their package is not installed (``bench`` in a built Bento)."""

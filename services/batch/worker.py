@@ -85,7 +85,7 @@ class Batches:
 
     # --- the consumer --------------------------------------------------------------------------
 
-    async def consume(self, poll_s: float = 0.1) -> None:
+    async def consume(self, poll_s: float = 0.25) -> None:
         """Take chunks from the queue and run them (two at a time, so a worker never waits
         between chunks), sweep every ``SERVERY_BATCH_SWEEP_INTERVAL_S``; until cancelled."""
         self._loop = asyncio.get_running_loop()

@@ -357,3 +357,25 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_the_cli_submits_follows_and_downloads(
+    batch_server: Server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from models.cli import main
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(_jsonl([_predict_line(i) for i in range(4)]))
+    auth = ["--url", batch_server.url, "--api-key", ALICE, "--no-progress"]
+    out = tmp_path / "out.jsonl"
+    submit = ["jobs", "submit", str(rows), "--endpoint", "/predict", "--wait", "--output", str(out)]
+    assert main([*submit, *auth]) == 0
+    assert sorted(json.loads(line)["custom_id"] for line in out.read_text().splitlines()) == [
+        f"r{i}" for i in range(4)
+    ]
+    job_id = capsys.readouterr().out.split()[0]
+    assert main(["jobs", "list", *auth]) == 0
+    listed = capsys.readouterr().out
+    assert f"{job_id}  completed" in listed and "4/4" in listed
+    assert main(["jobs", "status", "batch_nope", *auth]) == 2
+    assert "404" in capsys.readouterr().err
