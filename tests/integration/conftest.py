@@ -39,12 +39,32 @@ def dataset(store_name: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def server(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def otlp_collector() -> Iterator[OtlpCollector]:
+    """The OTLP/HTTP receiver the session's :func:`server` exports its spans to."""
+    collector = OtlpCollector()
+    try:
+        yield collector
+    finally:
+        collector.server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(
+    demo_store: Path, tmp_path_factory: pytest.TempPathFactory, otlp_collector: OtlpCollector
+) -> Iterator[Server]:
+    """OpenTelemetry is on the standard way (services/ops/tracing.py), sampling only requests
+    whose caller's ``traceparent`` is sampled: no other request makes a span
+    (tests/integration/test_otel_server.py)."""
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_collector.port}",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_off",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: spans reach the receiver sooner
+    }
     srv = start_server(
         demo_store,
         MIXED_CONFIG,
         tmp_path_factory.mktemp("serve"),
-        env={"SERVERY_GRPC_PORT": str(free_port())},
+        env={"SERVERY_GRPC_PORT": str(free_port()), **otel},
     )
     try:
         yield srv
@@ -135,3 +155,62 @@ class Background:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+class OtlpCollector:
+    """An OTLP/HTTP trace receiver on 127.0.0.1 (``/v1/traces``): a Starlette app decoding
+    OpenTelemetry's own protobuf messages; ``bodies`` holds what it received."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceResponse,
+        )
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import Response
+        from starlette.routing import Route
+
+        self.bodies: list[bytes] = []
+
+        async def traces(request: Request) -> Response:
+            self.bodies.append(await request.body())
+            return Response(
+                ExportTraceServiceResponse().SerializeToString(),
+                media_type="application/x-protobuf",
+            )
+
+        self.port = free_port()
+        app = Starlette(routes=[Route("/v1/traces", traces, methods=["POST"])])
+        self.server = Background(app, host="127.0.0.1", port=self.port)
+
+    def spans(self) -> list[tuple[str, str, str]]:
+        """Every span received, as (service, span name, trace id)."""
+        return [(s["service"], s["name"], s["trace"]) for s in self.details()]
+
+    def details(self) -> list[dict[str, Any]]:
+        """Every span received: service, name, kind, trace, parent and span ids, attributes."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        out = []
+        for body in list(self.bodies):
+            for rs in ExportTraceServiceRequest.FromString(body).resource_spans:
+                res = {a.key: a.value.string_value for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    for s in ss.spans:
+                        attrs = {
+                            a.key: a.value.string_value or a.value.int_value for a in s.attributes
+                        }
+                        out.append(
+                            {
+                                "service": res.get("service.name", ""),
+                                "name": s.name,
+                                "kind": s.kind,
+                                "trace": s.trace_id.hex(),
+                                "parent": s.parent_span_id.hex(),
+                                "span": s.span_id.hex(),
+                                "attrs": attrs,
+                            }
+                        )
+        return out

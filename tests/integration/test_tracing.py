@@ -13,50 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
 
-from bench.harness.server import Server, free_port, start_server
+from bench.harness.server import Server, start_server
 from tests.conftest import eventually
-from tests.integration.conftest import Background
+from tests.integration.conftest import OtlpCollector as Collector
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
-
-
-class Collector:
-    """An OTLP/HTTP trace receiver on 127.0.0.1: ``spans`` as (service, span name, trace id)."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-
-        async def traces(request: Request) -> Response:
-            self.bodies.append(await request.body())
-            return Response(
-                ExportTraceServiceResponse().SerializeToString(),
-                media_type="application/x-protobuf",
-            )
-
-        self.port = free_port()
-        app = Starlette(routes=[Route("/v1/traces", traces, methods=["POST"])])
-        self.server = Background(app, host="127.0.0.1", port=self.port)
-
-    def spans(self) -> list[tuple[str, str, str]]:
-        out = []
-        for body in list(self.bodies):
-            for rs in ExportTraceServiceRequest.FromString(body).resource_spans:
-                attrs = {a.key: a.value.string_value for a in rs.resource.attributes}
-                for ss in rs.scope_spans:
-                    out += [
-                        (attrs.get("service.name", ""), s.name, s.trace_id.hex()) for s in ss.spans
-                    ]
-        return out
 
 
 @pytest.fixture(scope="module")
