@@ -38,6 +38,10 @@ def bodies(model: str, endpoint: str) -> list[str]:
     return predict_bodies(subject) if endpoint == "predict" else oip_bodies(subject)
 
 
+def _env(pairs: list[str]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.studies.before_after", description=__doc__)
     p.add_argument("--rev", required=True, help="git revision to compare against")
@@ -46,6 +50,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-c", "--concurrency", type=int, default=64)
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--seconds", type=int, default=5)
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of this tree's server (repeatable), e.g. OTEL_TRACES_SAMPLER_ARG=1",
+    )
+    p.add_argument(
+        "--before-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment of the earlier commit's server (repeatable)",
+    )
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     home = use_model_store()
     config = f"models:\n  - {{name: {args.model}, tag: {args.model}, placement: inline}}\n"
@@ -57,8 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = Path(tmp_name)
         with worktree(args.rev, tmp) as before_tree:
             servers = {
-                "this": start_server(home, config, tmp / "this"),
-                "before": start_server(home, config, tmp / "before", root=before_tree),
+                "this": start_server(home, config, tmp / "this", env=_env(args.env)),
+                "before": start_server(
+                    home, config, tmp / "before", root=before_tree, env=_env(args.before_env)
+                ),
             }
             try:
                 workers = {k: router_workers(srv) for k, srv in servers.items()}
