@@ -35,8 +35,8 @@ carries none, one random draw compared with the sampler's bound (:meth:`Tracing.
 for the SDK's own samplers the root decision is taken here, before the SDK is called, with the
 same rule as ``TraceIdRatioBased`` (the trace id's low 64 bits below the bound), and the trace id
 it drew is handed to the SDK (:class:`_PresampledIds`) so that the SDK's decision, and every
-downstream ratio sampler's, agrees. The SDK's own ``start_span`` costs about 3.8 us for a request
-it then drops and about 15 us for one it records (tests/unit/test_otel.py; this VM). A sampler
+downstream ratio sampler's, agrees. The SDK's own ``start_span`` costs about 4 us for a request it
+then drops (``python -m bench.studies.tracing_cost``, which compares both); a sampler
 from elsewhere is asked through the SDK for every request.
 
 Nothing here reads the environment per request: :func:`configure` (at wiring) reads it once.
