@@ -231,6 +231,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
     import shlex
     import sys
 
@@ -284,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "runs": runs,
                 "ratio": statistics.median(r["ratio"] for r in runs),
             }
+    result["load_average_1m"] = os.getloadavg()[0]  # latency here means little on a busy machine
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     OUT_JSON.write_text(json.dumps(result, indent=2))
     write_section(RESULTS_MD, "rag", markdown(result, meta))
@@ -293,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def markdown(result: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = ["## RAG (issue 22)", "", run_line(meta), ""]
+    if "load_average_1m" in result:
+        lines += [f"Load average (1 min) at the end: {result['load_average_1m']:.1f}.", ""]
     if "recall" in result:
         r = result["recall"]
         lines += [
