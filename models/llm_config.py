@@ -81,6 +81,34 @@ class EngineKnobs(BaseModel):
     """``fp8`` halves the KV cache of a 16-bit model; ``auto``: the activation dtype."""
     cpu_kvcache_gib: float | None = Field(None, gt=0)
     """On CPU: the KV cache in GiB (vLLM's ``kv_cache_memory_bytes``). Ignored on GPU."""
+    # engine features (models/llm_features.py checks the names against vLLM's own lists)
+    enable_auto_tool_choice: bool | None = None
+    """``tool_choice: auto``: the model decides to call tools (needs ``tool_call_parser``).
+    Named and ``required`` tool choices work without it (guided decoding)."""
+    tool_call_parser: str | None = None
+    """vLLM tool parser for the model's output format (``hermes``, ``llama3_json``, ...)."""
+    tool_strict_level: str | None = None
+    """How far guided decoding pins tool calls: ``function`` (the call envelope), ``parameter``
+    (the arguments' JSON schema too, as if every tool were ``strict``); default ``auto``."""
+    tool_parser_plugin: str | None = None
+    """A Python file registering more tool parsers (vLLM's ``--tool-parser-plugin``)."""
+    reasoning_parser: str | None = None
+    """vLLM reasoning parser (``deepseek_r1``, ``qwen3``, ...): ``reasoning_content`` apart."""
+    chat_template: str | None = None
+    """Jinja text (has ``{`` or a newline), or a file in the stored version's folder."""
+    structured_outputs_backend: str | None = None
+    """Guided decoding backend (``auto``, ``xgrammar``, ``guidance``, ``outlines``, ...)."""
+    structured_outputs_compact: bool | None = None
+    """Guided JSON without free whitespace (vLLM's ``disable_any_whitespace``; xgrammar and
+    guidance): small models otherwise may pad JSON with spaces until ``max_tokens``."""
+    enable_prefix_caching: bool | None = None
+    """Reuse the KV cache of shared prompt prefixes; default: vLLM's (on)."""
+    max_loras: int | None = Field(None, ge=1)
+    """LoRA adapters in one batch (vLLM's ``max_loras``); with ``adapters`` only."""
+    max_lora_rank: int | None = Field(None, ge=1)
+    """Highest adapter rank the engine reserves room for (vLLM's choices: 8, 16, 32, ...)."""
+    max_cpu_loras: int | None = Field(None, ge=1)
+    """Adapters kept loaded in memory (vLLM's LRU cache; default ``max_loras``)."""
 
 
 DEFAULTS = EngineKnobs(
@@ -108,6 +136,12 @@ class LLMEntry(EngineKnobs):
     devices: list[int] | None = None
     """Indexes into the service's GPUs (``SERVERY_LLM_GPUS``), one per tensor-parallel rank;
     default: the first ``tensor_parallel_size`` GPUs."""
+    adapters: list[str] | Literal["all"] | None = None
+    """LoRA adapters from the store (models/llm_lora.py) served on this LLM: their names, or
+    ``all`` (every stored adapter of this base, added ones loaded while serving). Set: vLLM's
+    LoRA support is on."""
+    max_adapters: int = Field(16, ge=1)
+    """Most adapter names this LLM serves; more are refused (validate) or not loaded (service)."""
 
     @field_validator("name")
     @classmethod
@@ -122,6 +156,20 @@ class LLMEntry(EngineKnobs):
         if v is not None and (not v or len(set(v)) != len(v) or min(v) < 0):
             raise ValueError(f"devices must be distinct GPU indexes >= 0, not {v}")
         return v
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, v: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(v, list):
+            bad = [a for a in v if not NAME_RE.match(a.split("@", 1)[0])]
+            if bad or len(set(v)) != len(v):
+                raise ValueError(f"adapters must be distinct store names, not {v}")
+        return v
+
+    @property
+    def lora(self) -> bool:
+        """Whether this LLM serves adapters (vLLM's LoRA support on)."""
+        return self.adapters is not None
 
     @model_validator(mode="after")
     def _default_tag(self) -> LLMEntry:
@@ -338,6 +386,13 @@ def store_lookup(tag: str) -> ModelInfo:
     return dict(bento_model.info.metadata), config
 
 
+def store_directory(tag: str) -> Path:
+    """The stored LLM ``tag``'s Hugging Face directory."""
+    from models.llm_store import hf_dir
+
+    return hf_dir(tag)[0]
+
+
 def _gib(x: float) -> str:
     return f"{x:.1f} GiB" if x >= 10 else f"{x:.2f} GiB"  # small models stay readable
 
@@ -349,13 +404,20 @@ def check(
     gpu_memory_gib: float | None = None,
     gpus: int | None = None,
     lookup: Callable[[str], ModelInfo] = store_lookup,
+    directory: Callable[[str], Path | None] | None = None,
+    adapters: Mapping[str, Callable[..., Any]] | None = None,
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """Every problem that stops ``config`` from running, and each LLM's memory estimate.
 
     ``service``: the service-wide knobs (validate passes ``SERVERY_LLM_*`` from its environment).
     ``gpu_memory_gib`` / ``gpus`` override the file's ``gpu:``; memory without a count means one
     GPU. Without either the config is checked for CPU (only ``cpu_kvcache_gib``).
+    The engine features (parsers, chat template, adapters) are checked by
+    :mod:`models.llm_features`: ``directory`` finds a version's folder for a chat template file,
+    ``adapters`` (``resolve``, ``listing``) finds adapters (default: the store).
     """
+    from models.llm_features import adapter_problems, feature_problems
+
     if not isinstance(config, LLMFile):
         try:
             config = parse_config(config)
@@ -373,12 +435,19 @@ def check(
         who = f"LLM {llm.name!r} ({llm.tag})"
         knobs = resolve(llm, service)
         try:
+            folder = (directory or store_directory)(llm.tag)
+        except (LookupError, OSError):
+            folder = None  # reported below, by lookup
+        problems += [f"{who}: {p}" for p in feature_problems(knobs, folder)]
+        found, adapted = adapter_problems(llm, knobs, **(adapters or {}))
+        problems += [f"{who}: {p}" for p in found]
+        try:
             metadata, hf_config = lookup(llm.tag)
             est = estimate(knobs, metadata, hf_config, gpu_memory_gib=memory if count else None)
         except (LookupError, LLMConfigError, OSError, ValueError) as e:
             problems.append(f"{who}: {e}")
             continue
-        est = {"name": llm.name, "tag": llm.tag, **est}
+        est = {"name": llm.name, "tag": llm.tag, **est, "adapters": [a.tag for a in adapted]}
         estimates.append(est)
         ctx = est["context_length"]
         if ctx and est["max_model_len"] > ctx:

@@ -2,6 +2,7 @@
 
     servery llm import-hf DIR --name NAME [--parameters N] [--quantization Q] [--source TEXT]
     servery llm validate CONFIG.yaml [--gpu-memory-gib G] [--gpus N]
+    servery llm lora add NAME --base BASE PATH | lora list | lora remove NAME[:VERSION]
 
 ``import-hf`` copies a Hugging Face model directory (``config.json``, ``*.safetensors``, a
 tokenizer) into the store as a new version of NAME (see :mod:`models.llm_store`). Without
@@ -17,6 +18,11 @@ each engine's KV cache holds one full-length sequence by vLLM's accounting
 (:mod:`models.llm_memory`), with the concurrency it gives.
 Fine: a table, exit 0. Not fine: one line per problem on stderr, exit 2. ``--json`` prints
 machine-readable output on stdout instead of text (also with problems; the exit code says which).
+It also checks the engine features against vLLM's own lists (:mod:`models.llm_features`) and
+each LLM's LoRA adapters (stored, of that base, within ``max_lora_rank`` and ``max_adapters``).
+
+``lora add`` stores a PEFT adapter folder as a new version of NAME, an adapter of BASE
+(:mod:`models.llm_lora`); ``servery models promote/rollback`` move its aliases as for any model.
 """
 
 from __future__ import annotations
@@ -51,7 +57,61 @@ def add_parser(subparsers: Any) -> None:
         "--gpus", type=int, help="GPUs of the service (overrides gpu.count, SERVERY_LLM_GPUS)"
     )
     val.add_argument("--json", action="store_true")
+    lora = sub.add_parser("lora", help="LoRA adapters in the store (models/llm_lora.py)")
+    lsub = lora.add_subparsers(dest="lora_command", required=True, metavar="ACTION")
+    add = lsub.add_parser("add", help="a PEFT adapter folder, as a new version of NAME")
+    add.add_argument("name", help="the adapter's store name (what clients send as model)")
+    add.add_argument("--base", required=True, help="store tag of the LLM it adapts")
+    add.add_argument("path", help="folder with adapter_config.json and adapter weights")
+    add.add_argument("--source", help="where the adapter came from (default: the folder)")
+    add.add_argument("--json", action="store_true")
+    lst = lsub.add_parser("list", help="stored adapters: base, rank, versions")
+    lst.add_argument("--json", action="store_true")
+    rm = lsub.add_parser("remove", help="delete an adapter version (NAME:VERSION) or all (NAME)")
+    rm.add_argument("tag")
+    rm.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
+
+
+def lora_command(args: argparse.Namespace) -> tuple[Any, str]:
+    """``servery llm lora add|list|remove``: the summary (for --json) and its text."""
+    import bentoml
+
+    from models.llm_lora import TASK, check_peft_dir, save_adapter, stored
+    from models.store import StoreError
+
+    if args.lora_command == "add":
+        check_peft_dir(args.path)
+        saved = save_adapter(args.name, args.base, args.path, source=args.source)
+        meta = dict(saved.info.metadata)
+        out = {"tag": str(saved.tag), **meta}
+        text = (
+            f"{saved.tag}: LoRA rank {meta['rank']} on {meta['base']}:{meta['base_version']} "
+            f"({', '.join(meta['target_modules'])})"
+        )
+        return out, text
+    if args.lora_command == "list":
+        rows: dict[str, dict[str, Any]] = {}
+        for m in bentoml.models.list():
+            if m.info.labels.get("task") != TASK:
+                continue
+            row = rows.setdefault(m.tag.name, {"name": m.tag.name, "versions": []})
+            row["versions"].append(m.tag.version)
+            row.update(base=m.info.metadata.get("base"), rank=m.info.metadata.get("rank"))
+        out = sorted(rows.values(), key=lambda r: r["name"])
+        text = "\n".join(
+            f"{r['name']}  base {r['base']}  rank {r['rank']}  versions {len(r['versions'])}"
+            for r in out
+        )
+        return out, text or "no LoRA adapters in the store"
+    name = args.tag.split(":", 1)[0]
+    found = stored(name)
+    if found is None or found.info.labels.get("task") != TASK:
+        raise StoreError(f"no LoRA adapter named {name!r} in the store")
+    tags = [args.tag] if ":" in args.tag else [str(m.tag) for m in bentoml.models.list(name)]
+    for tag in tags:
+        bentoml.models.delete(tag)
+    return {"removed": tags}, f"removed {', '.join(tags)}"
 
 
 def import_hf(
@@ -158,6 +218,9 @@ def run(args: argparse.Namespace) -> int:
                 f"({out['parameters_from']}), context {out['context_length']}, "
                 f"quantization {out['quantization']}"
             )
+            code = 0
+        elif args.llm_command == "lora":
+            out, text = lora_command(args)
             code = 0
         else:
             code, out, text = _validate(args)

@@ -39,6 +39,7 @@ from models.llm_config import (
     resolve,
     visible_devices,
 )
+from models.llm_features import feature_problems, is_inline_template, template_path
 
 GiB = 1 << 30
 
@@ -129,6 +130,8 @@ class LLMSettings(ServiceKnobs):
             raise ValueError("no LLM configured (SERVERY_LLM_MODELS is empty)")
         check_names_and_tasks([m.name for m in self.models], self.tasks)
         problems = placement(self.models, self.gpus, self).problems
+        for entry in self.models:  # vLLM's parser names etc., read from its source: no import
+            problems += [f"LLM {entry.name!r}: {p}" for p in feature_problems(resolve(entry, self))]
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -189,4 +192,40 @@ def engine_argv(entry: LLMEntry, settings: LLMSettings, model_path: Path | str, 
         argv += ["--gpu-memory-utilization", str(knobs.gpu_memory_utilization)]
     if knobs.enforce_eager:
         argv.append("--enforce-eager")
-    return argv + shlex.split(settings.engine_args)
+    return argv + feature_argv(entry, knobs, Path(model_path)) + shlex.split(settings.engine_args)
+
+
+def feature_argv(entry: LLMEntry, knobs: Any, model_path: Path) -> list[str]:
+    """vLLM flags of the engine features (models/llm_features.py): tool calling, reasoning, chat
+    template, structured outputs, prefix caching and LoRA."""
+    argv: list[str] = []
+    if knobs.enable_auto_tool_choice:
+        argv.append("--enable-auto-tool-choice")
+    for knob in ("tool_call_parser", "tool_strict_level", "tool_parser_plugin", "reasoning_parser"):
+        if value := getattr(knobs, knob):
+            argv += [f"--{knob.replace('_', '-')}", value]
+    if template := knobs.chat_template:
+        inline = is_inline_template(template)
+        argv += [
+            "--chat-template",
+            template if inline else str(template_path(template, model_path)),
+        ]
+    outputs: dict[str, Any] = {}
+    if knobs.structured_outputs_backend:
+        outputs["backend"] = knobs.structured_outputs_backend
+    if knobs.structured_outputs_compact:
+        outputs["disable_any_whitespace"] = True
+    if outputs:
+        argv += ["--structured-outputs-config", json.dumps(outputs)]
+    if knobs.enable_prefix_caching is not None:
+        argv.append(
+            "--enable-prefix-caching"
+            if knobs.enable_prefix_caching
+            else "--no-enable-prefix-caching"
+        )
+    if entry.lora:
+        argv.append("--enable-lora")
+        for knob in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            if (value := getattr(knobs, knob)) is not None:
+                argv += [f"--{knob.replace('_', '-')}", str(value)]
+    return argv

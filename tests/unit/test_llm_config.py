@@ -257,10 +257,11 @@ def test_llm_names_are_unique_and_required() -> None:
 
 
 def test_unsizable_quantization_is_a_validate_problem() -> None:
-    (problem,) = validate(
+    unknown, unsized = validate(
         deployment({"name": "s", "tag": "smollm2:v1", "quantization": "bitnet"}), lookup=lookup
     )
-    assert "cannot size quantization 'bitnet'" in problem
+    assert "quantization 'bitnet' is not one of vLLM's: auto_awq," in unknown
+    assert "cannot size quantization 'bitnet'" in unsized
 
 
 def test_load_config_errors(tmp_path: Path) -> None:
