@@ -281,6 +281,11 @@ def test_live_view_charts_the_traffic(console: Console, server: Server) -> None:
     assert value("batch").endswith("rows"), value("batch")
     assert value("p50").endswith("ms") and value("p99").endswith("ms"), (value("p50"), value("p99"))
     assert value("errorRate") == "0 %"
+    # the batcher's decisions: batches released per second, and why
+    eventually(lambda: value("flushes") not in ("0", "\N{EN DASH}"), "iris batches/s")
+    reasons = card.locator("[data-metric='flushReasons'] [data-reason]")
+    assert reasons.count() == 4
+    assert value("shed") == "0"
     assert card.locator("svg.spark polyline").count() >= 1
     console.screenshot("live")
 
@@ -375,6 +380,8 @@ def test_live_numbers_match_prometheus(console: Console) -> None:
         """async () => {
         const m = await import('./static/metrics.js');
         const h = 'servery_model_request_duration_seconds_bucket';
+        const f = 'servery_batch_flushes_total';
+        const hs = 'servery_batch_hold_seconds';
         const text = (n, b1, b2, inf, sum) => [
           '# HELP servery_requests_total x',
           `servery_requests_total{model="iris",version="a",status="200"} ${n}`,
@@ -385,6 +392,11 @@ def test_live_numbers_match_prometheus(console: Console) -> None:
           `servery_batch_size_sum{model="iris",version="a",placement="inline"} ${sum}`,
           `servery_batch_size_count{model="iris",version="a",placement="inline"} ${n / 2}`,
           `servery_requests_total{model="_unknown",version="",status="404"} 7`,
+          `${f}{model="iris",version="a",placement="inline",reason="tick"} ${n / 4}`,
+          `${f}{model="iris",version="a",placement="inline",reason="hold_alone"} ${n / 20}`,
+          `servery_batch_shed_total{model="iris",version="a",placement="inline"} ${n / 50}`,
+          `${hs}_sum{model="iris",version="a",placement="inline"} ${sum / 1e5}`,
+          `${hs}_count{model="iris",version="a",placement="inline"} ${n / 20}`,
         ].join('\\n');
         const a = m.snapshot(m.parse(text(100, 50, 100, 100, 200)), 0);
         const b = m.snapshot(m.parse(text(300, 100, 280, 300, 800)), 2000);
@@ -405,9 +417,44 @@ def test_live_numbers_match_prometheus(console: Console) -> None:
     assert p["p50"] == pytest.approx(0.001 + 0.009 * (100 - 50) / 130)
     assert p["p99"] == pytest.approx(0.01)
     assert p["batch"] == pytest.approx(600 / 100)
+    # flushes by reason per second; the mean hold; requests shed per second
+    assert p["flushRates"] == {"tick": 25, "full": 0, "hold_ended": 0, "hold_alone": 5}
+    assert p["flushes"] == pytest.approx(30)
+    assert p["hold"] == pytest.approx((800 - 200) / 1e5 / 10)
+    assert p["shed"] == pytest.approx(2)
     assert result["q"] == pytest.approx(0.15)
     assert result["top"] == pytest.approx(0.1)
     assert result["empty"] is None
+
+
+def test_usage_view_lists_every_keys_usage(console: Console, server: Server) -> None:
+    """The Usage tab, for the server's one (unrestricted) key: every key's requests and rows per
+    model from GET /v1/usage?all=true, as the API answers them."""
+    headers = {"authorization": f"Bearer {KEY}"}
+
+    def api() -> dict[str, Any]:
+        page = httpx.get(f"{server.url}/v1/usage?all=true", headers=headers).json()
+        found = [r for r in page["data"][0]["results"] if r["model"] == "breast_cancer"]
+        return found[0] if found else {"num_model_requests": 0, "rows": 0}
+
+    before = api()
+    for rows in (1, 2):
+        body = {"model": "breast_cancer", "inputs": [[0.1] * 30] * rows}
+        assert httpx.post(f"{server.url}/predict", json=body, headers=headers).status_code == 200
+    want = eventually(
+        lambda: (now := api())["rows"] == before["rows"] + 3 and now, "the usage counted"
+    )
+    assert want["num_model_requests"] == before["num_model_requests"] + 2
+    page = console.open("#/usage")
+    enter_key(page)
+    row = page.locator("#usage-table tr[data-key='env-1'][data-model='breast_cancer']")
+    row.wait_for()
+    assert row.locator("[data-field='num_model_requests']").inner_text() == str(
+        want["num_model_requests"]
+    )
+    assert row.locator("[data-field='rows']").inner_text() == str(want["rows"])
+    assert page.locator("#usage-scope").inner_text().startswith("Every API key")
+    console.screenshot("usage")
 
 
 def test_api_key_is_sent_only_where_it_belongs(console: Console, server: Server) -> None:

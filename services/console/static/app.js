@@ -7,13 +7,15 @@ import { Chat } from "./chat.js";
 import { $ } from "./dom.js";
 import { Live } from "./live.js";
 import { Try } from "./try.js";
+import { Usage } from "./usage.js";
 
-const VIEWS = ["catalog", "live", "try", "chat"];
+const VIEWS = ["catalog", "live", "try", "chat", "usage"];
 const REFRESH_MS = 10000;
 
 const live = new Live();
 const tryIt = new Try();
 const chat = new Chat();
+const usage = new Usage();
 let catalog = null;
 let refreshTimer = null;
 let rendered = null;
@@ -40,6 +42,7 @@ function show() {
   $("key-state").hidden = !(server.auth && apiKey());
   document.title = `${shown === "key" ? "API key" : $(`view-${shown}`).querySelector("h1").textContent} · servery console`;
   live.show(shown === "live");
+  usage.show(shown === "usage");
   if (shown === "key") {
     $("key-input").focus();
     return;

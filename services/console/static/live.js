@@ -4,7 +4,7 @@
 import { call, errorOf } from "./api.js";
 import { sparkline } from "./charts.js";
 import { $, h, ms, num, pct } from "./dom.js";
-import { parse, points, snapshot } from "./metrics.js";
+import { FLUSH_REASONS, parse, points, snapshot } from "./metrics.js";
 
 const WINDOW_MS = 5 * 60 * 1000;
 
@@ -15,6 +15,9 @@ const ROWS = {
     ["p50", "Latency p50", ms],
     ["p99", "Latency p99", ms],
     ["batch", "Mean batch size", (v) => (v === null ? "–" : `${num(v)} rows`)],
+    ["flushes", "Batches/s", (v) => num(v)],
+    ["hold", "Mean hold", ms],
+    ["shed", "Shed/s (queue full)", (v) => num(v)],
   ],
   llm: [
     ["rps", "Requests/s", (v) => num(v)],
@@ -107,14 +110,38 @@ export class Live {
           );
         });
         const noLatency = kind === "classifier" && now && !now.hasLatency;
+        const reasons = kind === "classifier" && now ? flushReasons(now.flushRates) : null;
         return h(
           "article",
           { class: "card", "data-model": name, "aria-label": `${name} live metrics` },
           h("div", { class: "card-head" }, h("h2", {}, name), h("span", { class: "badge" }, kind === "llm" ? "LLM" : "classifier")),
           h("div", { class: "metrics" }, rows),
+          reasons,
           noLatency ? h("p", { class: "hint" }, "No per-model latency histogram on this server.") : null,
         );
       }),
     );
   }
+}
+
+const REASON_LABELS = {
+  tick: "next tick",
+  full: "full",
+  hold_ended: "hold ended",
+  hold_alone: "held alone",
+};
+
+/** Why the batcher flushed, per second by reason (services/runtime/batcher.py): `next tick` no
+ *  hold, `full` a hold cut short by max_batch_size, `hold ended` a hold with company, `held
+ *  alone` a hold that gathered nobody. */
+function flushReasons(rates) {
+  return h(
+    "p",
+    { class: "hint flush-reasons", "data-metric": "flushReasons" },
+    "Batches by why they were released, per second: ",
+    FLUSH_REASONS.flatMap((r, i) => [
+      i ? " · " : "",
+      h("span", { "data-reason": r }, `${REASON_LABELS[r]} ${num(rates[r])}`),
+    ]),
+  );
 }

@@ -9,6 +9,8 @@ const LABEL = /([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"/g;
 // (services/metrics.py); LLMs: the router's proxy counters and vLLM's token counter.
 const WANTED = /^(servery_|vllm:generation_tokens_total)/;
 export const UNKNOWN_MODEL = "_unknown";
+// Why the micro-batcher flushed (services/ops/metrics.py FLUSH_REASONS).
+export const FLUSH_REASONS = ["tick", "full", "hold_ended", "hold_alone"];
 
 function number(text) {
   if (text === "+Inf" || text === "Inf") return Infinity;
@@ -37,7 +39,19 @@ export function parse(text, keep = WANTED) {
 function entry(models, name, kind) {
   let e = models.get(name);
   if (!e) {
-    e = { kind, requests: 0, errors: 0, buckets: new Map(), batchSum: 0, batchCount: 0, tokens: 0 };
+    e = {
+      kind,
+      requests: 0,
+      errors: 0,
+      buckets: new Map(),
+      batchSum: 0,
+      batchCount: 0,
+      tokens: 0,
+      flushes: Object.fromEntries(FLUSH_REASONS.map((r) => [r, 0])),
+      shed: 0,
+      holdSum: 0,
+      holdCount: 0,
+    };
     models.set(name, e);
   }
   if (kind === "llm") e.kind = "llm";
@@ -70,6 +84,20 @@ export function snapshot(samples, t) {
         break;
       case "servery_batch_size_count":
         entry(models, model, "classifier").batchCount += value;
+        break;
+      case "servery_batch_flushes_total": {
+        const e = entry(models, model, "classifier");
+        if (labels.reason in e.flushes) e.flushes[labels.reason] += value;
+        break;
+      }
+      case "servery_batch_shed_total":
+        entry(models, model, "classifier").shed += value;
+        break;
+      case "servery_batch_hold_seconds_sum":
+        entry(models, model, "classifier").holdSum += value;
+        break;
+      case "servery_batch_hold_seconds_count":
+        entry(models, model, "classifier").holdCount += value;
         break;
       case "servery_llm_requests_total": {
         const e = entry(models, model, "llm");
@@ -113,7 +141,8 @@ export function quantile(q, buckets) {
   return lower;
 }
 
-/** Per model, what happened between two snapshots: {rps, errorRate, p50, p99, batch, tps};
+/** Per model, what happened between two snapshots: {rps, errorRate, p50, p99, batch, tps,
+ *  flushes (per second, in all), flushRates ({reason: per second}), hold (mean s), shed (per s)};
  *  a value is null where nothing happened (no requests: no latency). A counter that went down
  *  (the server restarted) gives no point for that model. */
 export function points(prev, cur) {
@@ -129,6 +158,10 @@ export function points(prev, cur) {
       .map(([le, count]) => [le, count - (before.buckets.get(le) || 0)]);
     if (buckets.some(([, c]) => c < 0)) continue;
     const batches = now.batchCount - before.batchCount;
+    const flushRates = Object.fromEntries(
+      FLUSH_REASONS.map((r) => [r, Math.max(0, now.flushes[r] - before.flushes[r]) / dt]),
+    );
+    const holds = now.holdCount - before.holdCount;
     out.set(name, {
       kind: now.kind,
       rps: requests / dt,
@@ -138,6 +171,10 @@ export function points(prev, cur) {
       batch: batches > 0 ? (now.batchSum - before.batchSum) / batches : null,
       tps: now.kind === "llm" ? Math.max(0, now.tokens - before.tokens) / dt : null,
       hasLatency: now.buckets.size > 0,
+      flushes: Object.values(flushRates).reduce((a, b) => a + b, 0),
+      flushRates,
+      hold: holds > 0 ? (now.holdSum - before.holdSum) / holds : null,
+      shed: Math.max(0, now.shed - before.shed) / dt,
     });
   }
   return out;
