@@ -334,11 +334,26 @@ class AliasStore:
 EXPORT_SUFFIX = ".bentomodel"
 
 
-def export_model(store: AliasStore, name: str, dest: Path | str) -> list[Path]:
+def _counted(items: list[Any], progress: Any | None) -> Iterator[Any]:
+    """``items``, each counted in ``progress`` (a tqdm bar, or None) once its turn is done."""
+    if progress is not None:
+        progress.reset(total=len(items))
+    for item in items:
+        if progress is not None:
+            progress.set_postfix_str(str(getattr(item, "name", item)), refresh=False)
+        yield item
+        if progress is not None:
+            progress.update(1)
+
+
+def export_model(
+    store: AliasStore, name: str, dest: Path | str, progress: Any | None = None
+) -> list[Path]:
     """Write every version of ``name`` (``bentoml models export``) and its aliases to ``dest``.
 
     ``bentoml models export`` carries one version and no aliases; this is its servery equivalent:
     ``dest/<name>-<version>.bentomodel`` per version plus ``dest/<name>.servery-aliases.json``.
+    ``progress``: a tqdm bar (models/progress.py) counting the versions written.
     """
     import bentoml
 
@@ -349,7 +364,7 @@ def export_model(store: AliasStore, name: str, dest: Path | str) -> list[Path]:
     dest = Path(dest).resolve()
     dest.mkdir(parents=True, exist_ok=True)
     written = []
-    for version in versions:
+    for version in _counted(versions, progress):
         path = dest / f"{name}-{version}{EXPORT_SUFFIX}"
         bentoml.models.export_model(f"{name}:{version}", str(path))
         written.append(path)
@@ -359,7 +374,9 @@ def export_model(store: AliasStore, name: str, dest: Path | str) -> list[Path]:
     return written
 
 
-def import_models(store: AliasStore, src: Path | str) -> dict[str, list[str]]:
+def import_models(
+    store: AliasStore, src: Path | str, progress: Any | None = None
+) -> dict[str, list[str]]:
     """Import what :func:`export_model` wrote into ``src``: versions first, then the aliases.
 
     Each archive is extracted through :func:`models.archives.extract` (members that would leave
@@ -370,6 +387,7 @@ def import_models(store: AliasStore, src: Path | str) -> dict[str, list[str]]:
     live ``production``); otherwise its aliases are reported and left for ``promote``.
 
     Archives are trusted input: the models in them run code when loaded (docs/security.md).
+    ``progress``: a tqdm bar (models/progress.py) counting the archives read.
     """
     import tempfile
 
@@ -380,7 +398,7 @@ def import_models(store: AliasStore, src: Path | str) -> dict[str, list[str]]:
 
     src = Path(src).resolve()  # see export_model
     imported: dict[str, list[str]] = {}
-    for archive in sorted(src.glob(f"*{EXPORT_SUFFIX}")):
+    for archive in _counted(sorted(src.glob(f"*{EXPORT_SUFFIX}")), progress):
         with tempfile.TemporaryDirectory(prefix="servery-import-") as tmp:
             folder = extract(archive, Path(tmp) / "model")
             try:

@@ -13,11 +13,11 @@ model) and ``servery models import-hf`` (any local Hugging Face directory).
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from models.progress import copy_tree
 from models.store import StoreError, get_model
 
 TASK = "text-generation"
@@ -70,11 +70,13 @@ def save_hf_dir(
     quantization: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     labels: Mapping[str, str] | None = None,
+    progress: Any | None = None,
 ) -> Any:
     """Copy the Hugging Face directory ``path`` into the store as a new version of ``name``.
 
     ``parameters``: the parameter count (recorded for memory estimates); ``quantization``: the
-    quantization of the stored weights (None: unquantized). Returns the stored ``bentoml.Model``.
+    quantization of the stored weights (None: unquantized); ``progress``: a bar counting the
+    bytes copied (models/progress.py). Returns the stored ``bentoml.Model``.
     """
     path = Path(path)
     config = check_hf_dir(path)
@@ -86,7 +88,9 @@ def save_hf_dir(
         **(metadata or {}),
     }
     all_labels = {"task": TASK, "format": FORMAT, **(labels or {})}
-    return save_folder(name, path, SUBDIR, labels=all_labels, metadata=all_metadata)
+    return save_folder(
+        name, path, SUBDIR, labels=all_labels, metadata=all_metadata, progress=progress
+    )
 
 
 def save_folder(
@@ -96,9 +100,11 @@ def save_folder(
     *,
     labels: Mapping[str, str],
     metadata: Mapping[str, Any],
+    progress: Any | None = None,
 ) -> Any:
     """Copy the folder ``path`` into a new version of ``name`` (as ``<model path>/<subdir>``),
     labelled ``servery: "1"`` plus ``labels``; returns the stored ``bentoml.Model``.
+    ``progress``: a bar counting the bytes copied (:func:`models.progress.copy_tree`).
 
     The one store step of every packaged model folder: LLMs (:func:`save_hf_dir`) and embedding
     models (``models/embeddings.py``).
@@ -107,7 +113,7 @@ def save_folder(
 
     all_labels = {"servery": "1", **labels}
     with bentoml.models.create(name, labels=all_labels, metadata=dict(metadata)) as bento_model:
-        shutil.copytree(path, bento_model.path_of(subdir))
+        copy_tree(path, bento_model.path_of(subdir), progress)
     return bentoml.models.get(bento_model.tag)
 
 

@@ -1,6 +1,7 @@
 """``servery llm``: put local Hugging Face models into the store and check LLM configs.
 
     servery llm import-hf DIR --name NAME [--parameters N] [--quantization Q] [--source TEXT]
+                          [--no-progress]
     servery llm validate CONFIG.yaml [--gpu-memory-gib G] [--gpus N]
     servery llm lora add NAME --base BASE PATH | lora list | lora remove NAME[:VERSION]
 
@@ -8,7 +9,8 @@
 tokenizer) into the store as a new version of NAME (see :mod:`models.llm_store`). Without
 ``--parameters`` it counts them from the safetensors headers (tensor shapes only, no weights are
 read and torch is not imported: :func:`models.llm_config.safetensors_parameters`); pass the real
-count for packed 4-bit checkpoints (AWQ/GPTQ), whose headers hold packed int32 words.
+count for packed 4-bit checkpoints (AWQ/GPTQ), whose headers hold packed int32 words. The copy
+shows a progress bar in bytes on a terminal's stderr (:mod:`models.progress`).
 
 ``validate`` checks an LLM config file, the one the service reads (``SERVERY_LLM_MODELS_FILE``,
 ``deploy/components/llm/llm.yaml``), against the store with the service's own schema, defaults
@@ -46,6 +48,7 @@ def add_parser(subparsers: Any) -> None:
     imp.add_argument("--quantization", help="quantization of the weights (default: none)")
     imp.add_argument("--source", help="where the model came from (default: the directory)")
     imp.add_argument("--json", action="store_true")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     val = sub.add_parser("validate", help="check an LLM config: tags, context lengths, memory")
     val.add_argument("config", help="LLM config YAML (see models/llm_config.py)")
     val.add_argument(
@@ -121,10 +124,13 @@ def import_hf(
     parameters: int | None = None,
     quantization: str | None = None,
     source: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Save the Hugging Face directory ``path`` as a new version of ``name``; returns a summary."""
+    """Save the Hugging Face directory ``path`` as a new version of ``name``; returns a summary.
+    ``progress``: a bar of the bytes copied on stderr (where it is a terminal)."""
     from models.llm_config import safetensors_parameters
     from models.llm_store import check_hf_dir, save_hf_dir
+    from models.progress import bar, tree_bytes
 
     path = Path(path).resolve()
     check_hf_dir(path)
@@ -133,14 +139,18 @@ def import_hf(
         parameters = safetensors_parameters(path)
     if parameters <= 0:
         raise ValueError(f"--parameters must be positive, not {parameters}")
-    bento_model = save_hf_dir(
-        name,
-        path,
-        source=source or f"local directory {path}",
-        parameters=parameters,
-        quantization=quantization,
-        metadata={"parameters_from": "safetensors headers" if counted else "--parameters"},
-    )
+    with bar(
+        total=tree_bytes(path), unit="B", desc=f"copying {path.name}", off=not progress, scale=True
+    ) as copied:
+        bento_model = save_hf_dir(
+            name,
+            path,
+            source=source or f"local directory {path}",
+            parameters=parameters,
+            quantization=quantization,
+            metadata={"parameters_from": "safetensors headers" if counted else "--parameters"},
+            progress=copied,
+        )
     meta = bento_model.info.metadata
     return {
         "tag": str(bento_model.tag),
@@ -212,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
                 parameters=args.parameters,
                 quantization=args.quantization,
                 source=args.source,
+                progress=not args.no_progress,
             )
             text = (
                 f"{out['tag']}: {out['architecture']}, {out['parameters']:,} parameters "

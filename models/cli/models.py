@@ -12,8 +12,9 @@
 The store is BentoML's (``$BENTOML_HOME``, else ``~/bentoml``). Changes print one
 line each; ``--json`` prints machine-readable output instead. A mistake (unknown model, version,
 ambiguous prefix, bad alias, an archive member that would leave its folder) is one line on stderr
-and exit code 2; a compile that is refused (unsupported model, too few rows, the ONNX model
-disagrees) says why on stderr, exit code 1.
+and exit code 2; ``export`` and ``import`` show a progress bar per version on a terminal's stderr
+(``--no-progress``: none); a compile that is refused (unsupported model, too few rows, the ONNX
+model disagrees) says why on stderr, exit code 1.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ def add_parser(subparsers: Any) -> None:
     export.add_argument("name")
     export.add_argument("dest")
     export.add_argument("--json", action="store_true")
+    export.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     imp = sub.add_parser("import", help="what 'servery models export' wrote: versions, aliases")
     imp.add_argument("src")
     imp.add_argument("--json", action="store_true")
+    imp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     comp = sub.add_parser(
         "compile", help="convert a scikit-learn/XGBoost version to ONNX, check it, save it"
     )
@@ -111,6 +114,7 @@ def compile_version(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def run(args: argparse.Namespace) -> int:
     from models.aliases import AliasError, AliasStore, export_model, import_models
     from models.archives import ArchiveError
+    from models.progress import bar
     from models.store import StoreError
 
     store = AliasStore()
@@ -150,10 +154,12 @@ def run(args: argparse.Namespace) -> int:
             out = store.rollback(args.name, args.alias)
             text = f"{args.name}: {out['alias']} rolled back {out['previous']} -> {out['version']}"
         elif args.models_command == "export":
-            out = [str(p) for p in export_model(store, args.name, args.dest)]
+            with bar(total=None, unit="version", desc="exporting", off=args.no_progress) as done:
+                out = [str(p) for p in export_model(store, args.name, args.dest, done)]
             text = "\n".join(out)
         else:
-            out = import_models(store, args.src)
+            with bar(total=None, unit="archive", desc="importing", off=args.no_progress) as done:
+                out = import_models(store, args.src, done)
             text = "\n".join(f"{n}: imported {', '.join(v)}" for n, v in out.items()) or (
                 "no new versions (aliases imported where the store had none)"
             )
