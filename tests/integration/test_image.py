@@ -38,6 +38,10 @@ from bench.harness.server import ROOT, free_port
 from tests import locks
 from tests.integration.conftest import DEMOS, dataset
 
+# The first test's budget includes the module's fixtures: a cold build (base image and the whole
+# install, ~6 min on 2 quiet cores, far more on a loaded machine) and the container's start.
+pytestmark = pytest.mark.timeout(2400)
+
 SCRIPT = ROOT / "deploy" / "image" / "image.sh"
 CANNOT_RUN = 77  # image.sh: podman cannot run here
 STORE = "/srv/bentoml"  # BENTOML_HOME in the pods (deploy/base/router-deployment.yaml)
