@@ -8,7 +8,9 @@ and one result per row sent, or a complete SSE stream); failures are counted by 
 
 Request bodies are random rows (fixed seed) of the width and dtype the model's metadata names, or
 the bodies of ``--body FILE``. The table shows successful req/s and latency per level; ``--json``
-adds where the run happened, and ``--plot-dir`` writes ``latency.png`` and ``throughput.png``.
+adds where the run happened (``--json -``: on stdout instead of the table), and ``--plot-dir``
+writes ``latency.png`` and ``throughput.png``. Each level shows a progress bar (answers so far) on
+a terminal's stderr; ``--no-progress`` turns them off.
 
 OpenAI mode measures, per request, TTFT (first content chunk), the gaps between content chunks
 (inter-token latency; chunks that arrive in one network read share a timestamp) and the output
@@ -92,7 +94,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--body", type=Path, metavar="FILE", help="JSON: one request body or a list of bodies"
     )
-    p.add_argument("--json", type=Path, metavar="PATH", help="write the results here")
+    p.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="write the results here ('-': print them on stdout instead of the table)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.add_argument("--plot-dir", type=Path, metavar="DIR", help="write latency/throughput PNGs")
     p.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
     p.add_argument("--max-tokens", type=_positive(int), default=128, metavar="N")
@@ -145,8 +153,11 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     report = build_report(args, target, levels)
-    print(format_table(report))
-    if args.json:
+    if args.json is not None and str(args.json) == "-":
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+    if args.json is not None and str(args.json) != "-":
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot_dir:

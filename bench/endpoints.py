@@ -317,9 +317,15 @@ async def grpc_sender(target: Target, concurrency: int, timeout_s: float) -> Asy
 
 
 async def drive(
-    send: Send, *, concurrency: int, requests: int | None = None, seconds: float | None = None
+    send: Send,
+    *,
+    concurrency: int,
+    requests: int | None = None,
+    seconds: float | None = None,
+    progress: Any | None = None,
 ) -> tuple[Any, list[Any]]:
-    """A closed loop of ``concurrency`` clients for ``requests`` calls or ``seconds``.
+    """A closed loop of ``concurrency`` clients for ``requests`` calls or ``seconds``;
+    ``progress`` (a tqdm bar, models/progress.py) counts the answers.
 
     Returns a :class:`bench.loadgen.LoadResult` and the extras of the good answers. In duration
     mode a call counts when it starts inside the window, and the window ends when the last such
@@ -345,6 +351,8 @@ async def drive(
             status[code] += 1
             if good:
                 extras.append(extra)
+            if progress is not None:
+                progress.update(1)
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
     elapsed = time.perf_counter() - t_start
@@ -355,15 +363,28 @@ async def drive(
 
 
 async def run_levels(target: Target, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """One record per concurrency level, each in a fresh client (connections, warm-up)."""
+    """One record per concurrency level, each in a fresh client (connections, warm-up); a
+    progress bar per level on a terminal's stderr (unless ``--no-progress``)."""
+    from models.progress import bar
+
     sender = grpc_sender if target.endpoint == "oip-grpc" else http_sender
     records = []
     for c in args.concurrency:
         async with sender(target, c, args.timeout) as send:
             if args.warmup > 0:
                 await drive(send, concurrency=min(c, args.warmup), requests=args.warmup)
-            load = drive(send, concurrency=c, requests=args.requests, seconds=args.duration)
-            (result, extras), gpu = await sample_gpu(load)
+            total = args.requests if args.duration is None else None
+            desc = f"c={c}" if total else f"c={c}, {args.duration:g} s"
+            off = getattr(args, "no_progress", False)
+            with bar(total=total, unit="req", desc=desc, off=off) as answered:
+                load = drive(
+                    send,
+                    concurrency=c,
+                    requests=args.requests,
+                    seconds=args.duration,
+                    progress=answered,
+                )
+                (result, extras), gpu = await sample_gpu(load)
         record = {**result.as_dict(), "gpu_memory_mib": gpu}
         if target.endpoint == "openai":
             record["llm"] = llm_summary(extras, result.seconds)

@@ -52,10 +52,12 @@ def test_bench_endpoint(server, tmp_path: Path, endpoint: str, model: str, rows:
 def test_bench_duration_mode(server) -> None:
     proc = servery(
         "bench", "--endpoint", "rest", "--url", server.url, "--model", "iris", "-c", "2", "-d",
-        "0.5", "--warmup", "0",
+        "0.5", "--warmup", "0", "--json", "-",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "c=2" in proc.stderr and "errors 0" in proc.stderr
+    (only,) = json.loads(proc.stdout)["levels"]  # --json -: the report on stdout, no table
+    assert only["concurrency"] == 2 and only["requests"] > 0
 
 
 @pytest.mark.parametrize("endpoint", ["rest", "oip-rest", "oip-grpc"])

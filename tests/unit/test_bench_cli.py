@@ -272,6 +272,22 @@ def test_drive_counts_requests_and_errors_by_status() -> None:
     assert timed.seconds >= 0.1 and timed.requests == sum(timed.status.values()) > 0
 
 
+def test_drive_counts_every_answer_in_its_progress_bar() -> None:
+    class Bar:
+        n = 0
+
+        def update(self, k: int) -> None:
+            self.n += k
+
+    async def send(i: int):
+        await asyncio.sleep(0)
+        return (True, "200", i) if i % 3 else (False, "503", None)
+
+    counted = Bar()
+    asyncio.run(drive(send, concurrency=4, requests=30, progress=counted))
+    assert counted.n == 30  # failed answers too
+
+
 # --- the report: JSON, table, plots -----------------------------------------------------------
 
 
@@ -341,6 +357,20 @@ def test_run_writes_json_and_plots(tmp_path, monkeypatch, capsys) -> None:
     assert doc["meta"]["command"].startswith("servery bench --endpoint rest")
     assert len(doc["levels"]) == 2 and (out / "latency.png").exists()
     assert "http://h:1/predict" in capsys.readouterr().out
+
+
+def test_json_dash_prints_the_report_instead_of_the_table(monkeypatch, capsys) -> None:
+    async def fake_levels(target: Target, args) -> list[dict]:
+        return [level(c, 50.0 * c) for c in args.concurrency]
+
+    target = Target("rest", "http://h:1/predict", [b"{}"], [1])
+    monkeypatch.setattr(endpoints, "prepare", lambda args: target)
+    monkeypatch.setattr(endpoints, "run_levels", fake_levels)
+    argv = ["bench", "--endpoint", "rest", "--url", "http://h:1", "--model", "m", "-c", "1,4"]
+    assert main([*argv, "--json", "-", "--no-progress"]) == 0
+    doc = json.loads(capsys.readouterr().out)  # the whole of stdout: no table around it
+    assert [lv["concurrency"] for lv in doc["levels"]] == [1, 4]
+    assert not Path("-").exists()
 
 
 # --- error paths: one line, exit code 2 -------------------------------------------------------
