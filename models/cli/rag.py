@@ -2,7 +2,7 @@
 
     servery rag ingest PATH... --collection NAME [--url http://127.0.0.1:3000] [--api-key K]
                        [--chunk-chars N] [--chunk-overlap N] [--keep-missing] [--no-progress]
-    servery rag list [--url ...] [--api-key K]
+    servery rag list [--url ...] [--api-key K] [--json]
     servery rag drop NAME [--url ...] [--api-key K]
 
 It talks to the server's ``/v1/rag`` API (so an embedded store keeps one owner: the RAG
@@ -16,6 +16,7 @@ rest go on (exit 1 at the end). Sources are the files' paths relative to the cur
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 from html.parser import HTMLParser
@@ -40,6 +41,7 @@ def add_parser(subparsers: Any) -> None:
     ing.add_argument("--keep-missing", action="store_true", help="keep documents of gone files")
     ing.add_argument("--no-progress", action="store_true")
     lst = sub.add_parser("list", help="collections and their chunk counts")
+    lst.add_argument("--json", action="store_true", help="the list as JSON on stdout")
     drop = sub.add_parser("drop", help="delete a collection")
     drop.add_argument("name")
     for q in (ing, lst, drop):
@@ -238,7 +240,11 @@ def run(args: Any) -> int:
         if args.rag_command == "ingest":
             return ingest(args, client)
         if args.rag_command == "list":
-            for c in client.call("GET", "/v1/rag/collections")["collections"]:
+            collections = client.call("GET", "/v1/rag/collections")["collections"]
+            if args.json:
+                print(json.dumps(collections, indent=2))
+                return 0
+            for c in collections:
                 print(f"{c['name']}\t{c['chunks']} chunks")
             return 0
         client.call("DELETE", f"/v1/rag/collections/{args.name}")

@@ -164,6 +164,8 @@ def test_ingest_is_idempotent_and_follows_changes(rag_server: Server, ingested: 
     assert "1 added (1 chunks), 2 unchanged, 1 removed, 0 failed" in changed.stdout
     listed = cli("list", "--url", url, cwd=ingested)
     assert "notes\t3 chunks" in listed.stdout
+    as_json = json.loads(cli("list", "--json", "--url", url, cwd=ingested).stdout)
+    assert ("notes", 3) in [(c["name"], c["chunks"]) for c in as_json]
 
 
 def test_query_finds_the_passage_and_filters(rag_server: Server, ingested: Path) -> None:
