@@ -135,7 +135,10 @@ def test_the_install_step_trims_exactly_the_bentofiles_list(
     assert " " not in value and f"ARG SERVERY_IMAGE_TRIM={value}" in text.splitlines(), text
     run = text[text.index('RUN if [ -n "$SERVERY_TORCH_FIND_LINKS" ]') :].split("\nCOPY", 1)[0]
     assert "env/python/install.sh" in run and "${SERVERY_IMAGE_TRIM:-}" in run, run
-    assert run.index("install.sh &&") < run.index("SERVERY_IMAGE_TRIM"), run
+    # distributions leave the install's requirements first, paths go after the install
+    before, after = run.split("install.sh &&", 1)
+    assert 'sed -i "/^$p==/d" env/python/requirements.txt' in before, run
+    assert 'rm -rf "$p" "$p"-*.dist-info' in after, run
     pins = locks.pins(locks.RUNTIME[variant], locks.linux("3.11"))
     dists = {p for p in trim if "/" not in p}
     assert dists <= set(pins), dists - set(pins)
