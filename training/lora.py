@@ -1,6 +1,6 @@
 """LoRA adapters in PEFT's folder format, made here with torch alone.
 
-    python -m training.lora [--base smollm2] [--name smollm2-demo-lora] [--steps 30] [--force]
+    python -m training.lora [--base smollm2] [--name smollm2-demo-lora] [--steps 12] [--force]
 
 :func:`train` fine-tunes a low-rank update of the attention projections (``q_proj``, ``v_proj``)
 of a stored Hugging Face LLM for a few dozen steps on CPU, teaching it a style: every answer
@@ -103,13 +103,18 @@ def train(
     base_dir: Path | str,
     out: Path | str,
     *,
-    steps: int = 30,
+    steps: int = 12,
     rank: int = 8,
     alpha: float = 16.0,
     lr: float = 3e-3,
     seed: int = 0,
+    layers: int = 6,
 ) -> dict[str, Any]:
-    """Fine-tune a LoRA of ``base_dir``'s attention on :data:`STYLE`; write it to ``out``."""
+    """Fine-tune a LoRA of ``base_dir``'s attention on :data:`STYLE`; write it to ``out``.
+
+    Only the last ``layers`` blocks are adapted: backpropagation then stops there, which makes a
+    step several times cheaper than adapting all 30 of SmolLM2's and still moves its greedy
+    answers to the style within a dozen steps."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,7 +131,8 @@ def train(
         params[tensor_name(layer, target, "A")], params[tensor_name(layer, target, "B")] = a, b
         linear.register_forward_hook(lambda _m, args, y: y + (args[0] @ a.T @ b.T) * scale)
 
-    for i, block in enumerate(model.model.layers):
+    blocks = list(model.model.layers)
+    for i, block in list(enumerate(blocks))[-layers:]:
         for target in TARGETS:
             adapt(i, target, getattr(block.self_attn, target))
     batch, labels = _examples(tokenizer)
@@ -139,7 +145,8 @@ def train(
         optimizer.zero_grad()
         losses.append(float(loss))
     save_peft(out, {k: v.detach() for k, v in params.items()}, rank, alpha, str(base_dir))
-    return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1], "seed": seed}
+    return {"steps": steps, "layers": layers, "first_loss": losses[0], "last_loss": losses[-1],
+            "seed": seed}  # fmt: skip
 
 
 def _examples(tokenizer: Any) -> tuple[dict[str, Any], Any]:
@@ -163,7 +170,7 @@ def _examples(tokenizer: Any) -> tuple[dict[str, Any], Any]:
     return {"input_ids": ids, "attention_mask": attention}, labels
 
 
-def save(name: str = NAME, base: str = BASE, steps: int = 30, seed: int = 0) -> Any:
+def save(name: str = NAME, base: str = BASE, steps: int = 12, seed: int = 0) -> Any:
     """Train the style adapter of the stored LLM ``base``; store it as a new version of ``name``."""
     from models.llm_lora import save_adapter
     from models.llm_store import hf_dir
@@ -184,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default=NAME)
     parser.add_argument("--base", default=BASE)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="save a new version even if present")
     args = parser.parse_args(argv)

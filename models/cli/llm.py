@@ -204,6 +204,9 @@ def _validate(args: argparse.Namespace) -> tuple[int, Any, str]:
     if problems:
         return 2, out, "\n".join(f"servery llm validate: {p}" for p in problems)
     lines = [format_table(estimates)]
+    lines += [
+        f"{e['name']}: adapters {', '.join(e['adapters'])}" for e in estimates if e["adapters"]
+    ]
     if config.tasks:
         lines.append("tasks: " + ", ".join(f"{t} -> {m}" for t, m in config.tasks.items()))
     lines.append(f"{args.config}: OK, {len(estimates)} LLM(s) fit")

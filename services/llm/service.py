@@ -31,6 +31,9 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
+from models.llm_config import LLMConfigError, resolve
+from models.llm_features import feature_problems
+from services.llm.adapters import Adapters
 from services.llm.openai_api import (
     ROUTES,
     Route,
@@ -66,6 +69,8 @@ class Engine:
     context: int = 0
     """The model's context length (``max_model_len``): what a chat without ``max_tokens`` may
     generate at most."""
+    adapters: Adapters | None = None
+    """Its LoRA adapters from the store (``services/llm/adapters.py``), when it serves any."""
 
 
 async def start_engine(entry: LLMEntry, settings: LLMSettings) -> Engine:
@@ -85,6 +90,9 @@ async def start_engine(entry: LLMEntry, settings: LLMSettings) -> Engine:
 
     started = time.perf_counter()
     path, bento_model = hf_dir(entry.tag)
+    knobs = resolve(entry, settings)
+    if problems := feature_problems(knobs, path):  # a chat template file missing, say
+        raise LLMConfigError(f"LLM {entry.name!r} ({bento_model.tag}): {'; '.join(problems)}")
     argv = engine_argv(entry, settings, path, on_cpu=current_platform.is_cpu())
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)
     validate_parsed_serve_args(args)
@@ -107,13 +115,17 @@ async def start_engine(entry: LLMEntry, settings: LLMSettings) -> Engine:
         app.include_router(completion_router)
         init_exception_handler(app)
         await init_app_state(client, app.state, args, await client.get_supported_tasks())
+        adapters = None
+        if entry.lora:
+            adapters = Adapters(entry, knobs, app.state.openai_serving_models)
+            await adapters.sync()
     except BaseException:
         client.shutdown()
         raise
     seconds = time.perf_counter() - started
     logger.info("LLM %s: serving %s (engine ready in %.1fs)", entry.name, bento_model.tag, seconds)
     context = config.model_config.max_model_len
-    return Engine(entry, str(bento_model.tag), client, app, seconds, context)
+    return Engine(entry, str(bento_model.tag), client, app, seconds, context, adapters)
 
 
 @contextlib.contextmanager
@@ -226,6 +238,7 @@ class ModelDispatch:
                 return
             doc = parse_object(body)
             asked = generation(body, self.route, doc)
+            await self.state.load_on_demand(doc.get("model"))
             engine, renamed = self.state.route(doc)
             if isinstance(engine, str):  # vLLM's own message, listing every engine's names
                 served = ", ".join(self.state.engines)
@@ -238,6 +251,8 @@ class ModelDispatch:
             return await openai_error(e)(scope, receive, send)
         if renamed or capped:
             body = json.dumps(doc).encode()
+        if engine.adapters is not None:
+            engine.adapters.count(doc.get("model"))
         # the app writes its own scope["app"]
         await engine.app(dict(scope), replaying(body, receive), send)
 
@@ -264,9 +279,31 @@ class LLMState:
                 return self.engines[target], True
             if name in self.engines:
                 return self.engines[name], False
+            for engine in self.engines.values():
+                if engine.adapters is not None and engine.adapters.serves(name):
+                    return engine, False
             if len(self.engines) > 1:
                 return name, False
         return next(iter(self.engines.values())), False
+
+    async def load_on_demand(self, name: Any) -> None:
+        """``NAME@REF`` of a served adapter: loaded into its engine the first time it is asked."""
+        if isinstance(name, str) and "@" in name:
+            for engine in self.engines.values():
+                if engine.adapters is not None and engine.adapters.serves(name):
+                    await engine.adapters.ensure(name)
+                    return
+
+    async def follow_store(self, interval_s: float) -> None:
+        """Keep every engine's adapters as the store says (hot reload), every ``interval_s``."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for engine in list(self.engines.values()):
+                if engine.adapters is not None:
+                    try:
+                        await engine.adapters.sync()
+                    except Exception:
+                        logger.exception("LLM %s: adapter reload failed", engine.entry.name)
 
     def not_ready(self) -> Response | None:
         """503 while the engines start (or after they failed to)."""
@@ -282,7 +319,8 @@ class LLMState:
         for engine in self.engines.values():
             listing = await engine.app.state.openai_serving_models.show_available_models()
             for card in listing.data:
-                data.append({**card.model_dump(), "root": engine.tag, "owned_by": "servery"})
+                card = {**card.model_dump(), "root": engine.tag, "owned_by": "servery"}
+                data.append(engine.adapters.card(card) if engine.adapters else card)
         by_name = {card["id"]: card for card in data}
         for task, target in self.tasks.items():  # tasks are names a client may send as well
             if target in by_name:
@@ -338,6 +376,7 @@ class LLM:
         self.settings = SETTINGS
         self.state = STATE
         self._starting: asyncio.Task[None] | None = None
+        self._following: asyncio.Task[None] | None = None
 
     @bentoml.on_startup
     async def start_engines(self) -> None:
@@ -359,6 +398,9 @@ class LLM:
                 if current_platform.is_cpu() and (cores := pin_cpus()):
                     logger.info("LLM: pinned engine cores to %s, HTTP to %s", *cores.values())
             self.state.ready = True
+            if any(e.adapters is not None for e in self.state.engines.values()):
+                interval = ROUTER_SETTINGS.reload_interval_s
+                self._following = asyncio.create_task(self.state.follow_store(interval))
         except Exception as e:
             self.state.failed = e
             logger.exception("LLM: engine start failed; the service reports itself dead")
@@ -368,6 +410,8 @@ class LLM:
     async def stop_engines(self) -> None:
         if self._starting is not None and self._starting is not asyncio.current_task():
             self._starting.cancel()
+        if self._following is not None:
+            self._following.cancel()
         for engine in self.state.engines.values():
             with contextlib.suppress(Exception):
                 engine.client.shutdown(timeout=2)

@@ -73,9 +73,10 @@ class LLMSettings(ServiceKnobs):
     )
 
     models: Annotated[list[LLMEntry], NoDecode] = Field(
-        default_factory=lambda: [LLMEntry(name="smollm2")]
+        default_factory=lambda: [LLMEntry(name="smollm2", adapters=["smollm2-demo-lora"])]
     )
-    """The served LLMs (see :func:`parse_models`); ``models_file`` replaces this list."""
+    """The served LLMs (see :func:`parse_models`); ``models_file`` replaces this list. Default:
+    SmolLM2 with its demo LoRA adapter (``make models-llm``; not loaded if not in the store)."""
 
     models_file: Path | None = None
     """YAML file with a ``models:`` list of :class:`LLMEntry` (name, tag, per-model knobs)."""
