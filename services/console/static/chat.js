@@ -180,6 +180,10 @@ export class Chat {
 
 function label(card) {
   if (card.servery?.task === "rag") return `${card.id} (RAG: ${card.servery.collection} → ${card.parent})`;
+  // a LoRA adapter's root is its own store tag (services/llm/adapters.py); a task's is its LLM's
+  if (card.parent && card.root?.startsWith(`${card.id.split("@")[0]}:`)) {
+    return `${card.id} (LoRA adapter of ${card.parent})`;
+  }
   return card.parent ? `${card.id} (task → ${card.parent})` : card.id;
 }
 
