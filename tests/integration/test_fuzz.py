@@ -61,6 +61,7 @@ OPERATIONS = [
     ("GET", "/models"),
     ("GET", "/models/{name}"),
     ("POST", "/admin/reload"),
+    ("GET", "/v1/usage"),
     ("GET", "/v2"),
     ("GET", "/v2/health/live"),
     ("GET", "/v2/health/ready"),
