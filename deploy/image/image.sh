@@ -109,10 +109,10 @@ check_space() {
 }
 
 check() {
-	install_tools
 	write_conf
 	export_env
 	check_space
+	install_tools
 	podman info >/dev/null 2>"$P/tmp/info.err" || cannot "podman info fails: $(tail -3 "$P/tmp/info.err")"
 }
 

@@ -153,3 +153,21 @@ def test_the_install_step_trims_exactly_the_bentofiles_list(
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 imported.add(node.module.split(".")[0])
     assert not dists & imported, dists & imported
+
+
+def test_too_little_disk_is_cannot_run_here_with_both_numbers(tmp_path: Path) -> None:
+    """image.sh checks the free space of its state folder's filesystem before anything else:
+    short of IMAGE_DISK_GB it exits 77 (test_image.py skips on it) saying need and free."""
+    env = dict(os.environ) | {"IMAGE_STATE": str(tmp_path / "state"), "IMAGE_DISK_GB": "1000000"}
+    done = subprocess.run(
+        ["bash", str(ROOT / "deploy/image/image.sh"), "build"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 77, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("image: podman cannot run here: a build needs 1000000 GB free"), line
+    assert line.endswith(" GB are free") and str(tmp_path / "state") in line, line
+    assert not done.stdout
