@@ -111,10 +111,10 @@ def batch_server(
         srv.stop()
 
 
-def _openai(server: Server, key: str = ALICE) -> Any:
+def _openai(server: Server, key: str = ALICE, retries: int = 0) -> Any:
     import openai
 
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=retries, timeout=30)
 
 
 def _jsonl(lines: list[Any]) -> bytes:
@@ -343,6 +343,10 @@ def test_a_consumer_killed_mid_job_loses_nothing_and_answers_each_line_once(
     before = progress()
     os.kill(victim, signal.SIGKILL)
     assert before < 1500, "the job ended before the kill: make it longer"
+    # The consumer runs in a router worker: its kept-alive connections died with it. A new
+    # client (new connections, to the worker still serving) that retries while circus restarts
+    # the killed one, as any client of a restarting server would.
+    client = _openai(batch_server, retries=5)
     done = _wait_end(client, batch.id, timeout=90)
     assert done.status == "completed"
     _, err = _each_once(client, done, 1500)
