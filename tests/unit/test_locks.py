@@ -10,6 +10,7 @@ development sets differ, when tooling leaks into the Bento, and when the venv is
 from __future__ import annotations
 
 import importlib.metadata
+import sysconfig
 
 import pytest
 from packaging.requirements import Requirement
@@ -110,15 +111,23 @@ def test_gpu_lock_has_exactly_one_nccl(path, python: str) -> None:
     assert len(nccl) == 1, nccl
 
 
+def venv_distributions() -> list[importlib.metadata.Distribution]:
+    """The distributions installed in this venv's site-packages. Not every folder on
+    ``sys.path``: importing setuptools (>= 71; vLLM's and torch's imports may do it in the same
+    test process) appends its own ``_vendor`` folder, whose copies (an older typing-extensions,
+    jaraco.*) are setuptools' business, not the venv's."""
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return list(importlib.metadata.distributions(path=paths))
+
+
 def test_every_requirement_of_the_venv_is_met() -> None:
     """`pip check`, less the dependencies `make lock` excludes on purpose: a package whose wheels
     disagree on their requirements (uv's universal resolution reads one wheel's) shows up here."""
     installed = {
-        canonicalize_name(d.metadata["Name"]): Version(d.version)
-        for d in importlib.metadata.distributions()
+        canonicalize_name(d.metadata["Name"]): Version(d.version) for d in venv_distributions()
     }
     unmet = []
-    for dist in importlib.metadata.distributions():
+    for dist in venv_distributions():
         for req in map(Requirement, dist.requires or []):
             if req.marker is not None and not req.marker.evaluate({"extra": ""}):
                 continue
@@ -133,9 +142,7 @@ def test_every_requirement_of_the_venv_is_met() -> None:
 def test_this_venv_is_exactly_a_dev_lock() -> None:
     """The environment the tests run in holds exactly the dev lock's packages at its versions
     (plus pip and servery itself): `make` installed the lock and nothing else."""
-    installed = {
-        canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()
-    }
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in venv_distributions()}
     build = "gpu" if "vllm" in installed else "cpu"
     expected = {n: str(v) for n, v in pins(DEV[build]).items()}
     extra = set(installed) - set(expected) - {"pip", "servery"}
