@@ -3,7 +3,8 @@
 # container registry is reachable (deploy/image/image.sh decides; docs/images.md says why).
 #
 # What BentoML's python:3.11-slim base gives its Dockerfile, from Debian 12 (bookworm) and the
-# apt sources this machine uses: Python 3.11 at /usr/bin, bash, the packages BentoML's Dockerfile
+# apt sources this machine uses: Python 3.11 at /usr/bin with its headers (torch.compile's C++
+# code includes Python.h: vLLM's engine on CPU dies without them), bash, the packages BentoML's Dockerfile
 # apt-installs (ca-certificates gnupg2 build-essential curl: installed here, so its apt-get step
 # is a no-op; git), libnuma1 (the CPU bentofile's system package), and uv (the BentoML Dockerfile
 # needs >= 0.13.4 on the PATH; this copies the venv's, the lock's version). The machine's extra CA
@@ -23,7 +24,7 @@ echo "base: mmdebstrap bookworm ($sources) -> $ref" >&2
 # In a mount namespace of its own: the chroot's /proc and /dev mounts stay invisible to the host
 # (a `bentoml build` walking the project meanwhile would trip over them)
 unshare --mount --propagation private mmdebstrap --variant=minbase --quiet \
-	--include=python3.11,python3.11-venv,python3-pip,ca-certificates,bash,gnupg2,build-essential,git,curl,libnuma1 \
+	--include=python3.11,python3.11-dev,python3.11-venv,python3-pip,ca-certificates,bash,gnupg2,build-essential,git,curl,libnuma1 \
 	--customize-hook="copy-in $work/ca/. /usr/local/share/ca-certificates/" \
 	--customize-hook="copy-in $work/bin/uv /usr/local/bin/" \
 	--customize-hook='chroot "$1" update-ca-certificates >/dev/null' \
