@@ -65,6 +65,10 @@ def podman(*args: str, env: dict[str, str]) -> str:
     ).stdout
 
 
+def podman_version() -> str:
+    return subprocess.run(["podman", "--version"], capture_output=True, text=True).stdout.strip()
+
+
 def build(state: Path | None = None) -> tuple[str, float]:
     env = dict(os.environ) | {"IMAGE": IMAGE}
     if state is not None:
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     store = home / "models"
     llm = args.llm or ("smollm2" if (store / "smollm2").is_dir() else None)
     result: dict[str, Any] = {
-        "meta": machine("make bench-image " + " ".join(argv or sys.argv[1:]), None)
+        "meta": machine("make bench-image " + " ".join(argv or sys.argv[1:]), podman_version())
     }
     if args.cold:
         result["cold"] = cold_build()
@@ -233,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     md = (
         "## Image (issue 21)\n\n"
         + run_line(result["meta"])
+        + f" Times from `podman run` are medians of {args.repeats}; the LLM starts with"
+        + " torch.compile (the default), the classifiers in the Bento's default model config."
         + "\n\n| | |\n|---|---|\n"
         + "\n".join(rows)
         + "\n"
