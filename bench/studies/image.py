@@ -211,7 +211,6 @@ def main(argv: list[str] | None = None) -> None:
             times = [time_to_ready(ref, env, model, copy) for _ in range(args.repeats)]
             result[key] = statistics.median(times)
             print(f"{key}: {[round(t, 1) for t in times]}")
-    podman("rmi", ref, env=env)
     OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
     OUT_JSON.write_text(json.dumps(result, indent=2))
     rows = [
