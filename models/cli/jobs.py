@@ -44,6 +44,7 @@ def add_parser(subparsers: Any) -> None:
     status.add_argument("--wait", action="store_true", help="follow it until it ends")
     lst = sub.add_parser("list", help="your jobs, newest first, with progress")
     lst.add_argument("--limit", type=int, default=20)
+    lst.add_argument("--json", action="store_true", help="the jobs as JSON on stdout")
     cancel = sub.add_parser("cancel", help="cancel a job (its answered lines are kept)")
     cancel.add_argument("id")
     down = sub.add_parser("download", help="write a job's output (and error) file")
@@ -169,6 +170,9 @@ def _run(args: Any, client: Any) -> int:
         return 0 if job["status"] not in ENDED or job["status"] == "completed" else 1
     if cmd == "list":
         page = _call(client, "GET", "/v1/batches", params={"limit": args.limit})
+        if args.json:  # the Batch API's own objects, as GET /v1/batches lists them
+            print(json.dumps(page["data"], indent=2))
+            return 0
         for job in page["data"]:
             print(_line(job))
         return 0

@@ -382,5 +382,9 @@ def test_the_cli_submits_follows_and_downloads(
     assert main(["jobs", "list", *auth]) == 0
     listed = capsys.readouterr().out
     assert f"{job_id}  completed" in listed and "4/4" in listed
+    assert main(["jobs", "list", "--json", *auth]) == 0
+    jobs = json.loads(capsys.readouterr().out)
+    mine = next(j for j in jobs if j["id"] == job_id)
+    assert mine["status"] == "completed" and mine["request_counts"]["completed"] == 4
     assert main(["jobs", "status", "batch_nope", *auth]) == 2
     assert "404" in capsys.readouterr().err
