@@ -142,6 +142,21 @@ def eventually(
         time.sleep(every)
 
 
+def settled(read: Callable[[], T], what: str, quiet_s: float = 1.5) -> T:
+    """``read()`` once two reads ``quiet_s`` apart agree: for counts written out on a timer
+    (usage per key: each router worker writes its counts up to a second after a request), so a
+    baseline taken right after earlier requests does not miss some of theirs."""
+    last = [read()]
+
+    def steady() -> tuple[T] | None:
+        time.sleep(quiet_s)
+        now = read()
+        agree, last[0] = now == last[0], now
+        return (now,) if agree else None
+
+    return eventually(steady, what)[0]
+
+
 async def eventually_async(
     check: Callable[[], T], what: str, timeout: float = WAIT_S, every: float = 0.05
 ) -> T:

@@ -28,7 +28,7 @@ from bench.harness.server import (
     metric_samples,
 )
 from tests.conftest import engine_metric as shared_engine_metric
-from tests.conftest import eventually
+from tests.conftest import eventually, settled
 from tests.integration.conftest import LLM_NAME
 
 openai = pytest.importorskip("openai")
@@ -145,24 +145,6 @@ def usage_of(url: str, model: str, headers: dict[str, str] | None = None) -> dic
     return {"num_model_requests": 0, "input_tokens": 0, "output_tokens": 0}
 
 
-def settled_usage_of(url: str, model: str) -> dict[str, int]:
-    """:func:`usage_of` once it stopped moving: each worker writes its counts out up to a second
-    after a request (services/ops/usage.py FLUSH_INTERVAL_S), so right after earlier tests a read
-    may still miss some of theirs, which would then count as this test's."""
-    import time
-
-    last = usage_of(url, model)
-
-    def steady() -> dict[str, int] | None:
-        nonlocal last
-        time.sleep(1.5)  # longer than the flush interval
-        now = usage_of(url, model)
-        settled, last = now == last, now
-        return now if settled else None
-
-    return eventually(steady, "usage counts settled")
-
-
 def test_usage_counts_the_engines_tokens_of_whole_and_streamed_answers(
     client: Any, llm_server: Server
 ) -> None:
@@ -170,7 +152,7 @@ def test_usage_counts_the_engines_tokens_of_whole_and_streamed_answers(
     three times the tokens (the same deterministic request) under key ``-`` (keys off); the
     stream that did not ask gets no usage chunk (the router asked for it and took it out)."""
     args = {"model": LLM_NAME, "messages": CHAT, "max_tokens": 6, "seed": 1, "extra_body": LONG}
-    before = settled_usage_of(llm_server.url, LLM_NAME)
+    before = settled(lambda: usage_of(llm_server.url, LLM_NAME), "usage counts settled")
     whole = client.chat.completions.create(**args).usage
     asked = list(
         client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True})

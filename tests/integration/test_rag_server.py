@@ -18,7 +18,7 @@ import pytest
 
 from bench.harness.server import Server, start_server
 from bench.harness.store import bentoml_store
-from tests.conftest import eventually
+from tests.conftest import eventually, settled
 from tests.integration.conftest import LLM_NAME
 
 EMBED = "all-minilm-l6-v2"
@@ -261,7 +261,7 @@ def test_rag_app_chats_count_in_usage_like_llm_chats(rag_server: Server, ingeste
                 return [u["num_model_requests"], u["input_tokens"], u["output_tokens"]]
         return [0, 0, 0]
 
-    before = app_usage()
+    before = settled(app_usage, "the app's usage settled")
     body = {
         "model": APP,
         "messages": [{"role": "user", "content": "What cools the alpha reactor?"}],
