@@ -33,7 +33,7 @@ from services.gateway import auth
 from services.gateway.fastpath import FastPath
 from services.gateway.gate import http_gate
 from services.llm.proxy import StreamingProxy
-from tests.conftest import eventually
+from tests.conftest import eventually, settled
 from tests.integration.conftest import Background
 
 KEY_ALL = "all-models-key-0123456789"
@@ -277,7 +277,7 @@ def test_usage_per_key_matches_the_requests_made(server: Server) -> None:
     count with their rows under the key's name and the model; refused and failed ones do not.
     Each key sees only its own usage; every key's needs an unrestricted key."""
     everyone = "env-1" if server.env.get("SERVERY_API_KEYS") else "all"
-    before = usage_table(server, KEY_ALL, every=True)
+    before = settled(lambda: usage_table(server, KEY_ALL, every=True), "usage settled")
     iris = bearer(KEY_IRIS)
     predict = server.url + "/predict"
     assert httpx.post(predict, json={"model": "iris", "inputs": [ROW]}, headers=iris).is_success
@@ -299,9 +299,14 @@ def test_usage_per_key_matches_the_requests_made(server: Server) -> None:
         was = before.get((key, model), [0, 0, 0, 0])
         return [a - b for a, b in zip(now, was, strict=True)]
 
-    eventually(lambda: grown("iris", "iris") == [4, 7, 0, 0], "iris's usage counted")
-    assert grown(everyone, "other") == [1, 2, 0, 0]
-    assert grown("iris", "other") == [0, 0, 0, 0]
+    # each worker writes its counts on its own timer: wait for all of them
+    eventually(
+        lambda: (
+            (grown("iris", "iris"), grown(everyone, "other"), grown("iris", "other"))
+            == ([4, 7, 0, 0], [1, 2, 0, 0], [0, 0, 0, 0])
+        ),
+        "the usage counted",
+    )
     own = usage_table(server, KEY_IRIS)
     assert {k for k, _ in own} == {"iris"}  # its own key only
     r = httpx.get(server.url + "/v1/usage?all=true", headers=iris)
