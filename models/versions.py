@@ -8,8 +8,9 @@ The rules:
 
 * **Served versions** are the model's ``version_policy`` (``latest: N``, ``all`` or ``specific``)
   plus every version an alias points at plus every target of its routing table.
-* **Default** (a request without ``version`` and no routing table): the ``production`` alias, or
-  the newest version the policy selects where ``production`` is not set (``routed_by`` says which).
+* **Default** (a request without ``version`` and no routing table): the version a versioned
+  ``tag: name:<version>`` pins, else the ``production`` alias, else the newest version the policy
+  selects (``routed_by`` says which: ``tag``, ``alias:production``, ``latest``).
 * **Split**: a weighted table over targets (aliases, versions, prefixes, ``latest``). A target
   that does not resolve (an alias not set yet) is left out and the rest keep their relative
   weights; the plan carries a warning. **Shadow**: one target that receives a copy of traffic.
@@ -23,6 +24,8 @@ from models.aliases import DEFAULT_ALIAS
 from models.config import ModelEntry
 
 LATEST = "latest"
+PINNED = "tag"
+"""``routed_by`` of a default chosen by the entry's versioned tag."""
 
 
 class PlanError(ValueError):
@@ -132,7 +135,12 @@ def plan_model(entry: ModelEntry, store_versions: list[str], aliases: dict[str, 
         chosen.add(shadow[1])
 
     versions = tuple(v for v in stored if v in chosen)
-    if DEFAULT_ALIAS in live_aliases:
+    if entry.pinned_version is not None:
+        # "tag: iris:<version>" pins the default: the entry says which version answers, and an
+        # alias moved by promote (compile points production at its source) must not override it
+        (default,) = by_policy
+        how = PINNED
+    elif DEFAULT_ALIAS in live_aliases:
         default, how = live_aliases[DEFAULT_ALIAS], f"alias:{DEFAULT_ALIAS}"
     else:
         # newest by the policy: a version served only as an alias, split or shadow target (a

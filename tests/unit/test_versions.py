@@ -174,6 +174,15 @@ def test_production_alias_outside_the_policy_is_served_and_default() -> None:
     assert (p.default, p.default_how) == (V1, "alias:production")
 
 
+def test_a_versioned_tag_pins_the_default_over_production() -> None:
+    # compile points production at its source; an entry pinned to the compiled version must
+    # still answer with it (the formats benchmark served the source under the compiled name)
+    p = plan({"production": V1}, tag=f"iris:{V3[:5]}")
+    assert (p.default, p.default_how) == (V3, "tag")
+    assert p.versions == (V1, V3)  # the alias's version is still served by name
+    assert plan({"production": V1}, version_policy={"specific": [V3]}).default == V1
+
+
 def test_without_production_the_newest_served_version_is_default() -> None:
     p = plan({"staging": V1}, version_policy={"latest": 2})
     assert (p.default, p.default_how) == (V4, "latest")
@@ -535,4 +544,4 @@ def test_default_without_production_is_the_policys_newest_not_a_side_version() -
     # a pinned V1 with a newer staging alias and a newer shadow: V1 still answers by default
     p = plan({"staging": V4, "candidate": V3}, tag=f"iris:{V1}", routing={"shadow": "candidate"})
     assert set(p.versions) == {V1, V3, V4}
-    assert (p.default, p.default_how) == (V1, LATEST)
+    assert (p.default, p.default_how) == (V1, "tag")
