@@ -21,6 +21,20 @@ from packaging.version import Version
 
 from bench.harness.server import ROOT
 
+_NOWHERE = "http://127.0.0.1:9"
+OFFLINE = {
+    **{k: _NOWHERE for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")},
+    **{k.lower(): _NOWHERE for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")},
+    "NO_PROXY": "",
+    "no_proxy": "",
+    "UV_OFFLINE": "1",
+    "PIP_NO_INDEX": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+"""Environment for a ``bentoml build`` that must not reach a network (test_image_build,
+test_bento_build): every proxy variable points at a closed port, and uv, pip and the Hugging Face
+hub are told to stay offline."""
+
 RUNTIME = {"cpu": ROOT / "requirements-cpu.txt", "gpu": ROOT / "requirements-gpu.txt"}
 """The Bento's locks (bentofile.yaml, bentofile.gpu.yaml)."""
 DEV = {"cpu": ROOT / "requirements-dev-cpu.txt", "gpu": ROOT / "requirements-dev-gpu.txt"}

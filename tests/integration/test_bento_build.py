@@ -62,15 +62,6 @@ def cli(*args: str, home: Path, cwd: Path = ROOT, env: dict[str, str] | None = N
 
 # `bentoml build` must not reach any index or hub: every proxy points at a closed port, so a
 # fetch fails the build instead of silently succeeding.
-OFFLINE = {
-    **{k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")},
-    **{k.lower(): "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")},
-    "NO_PROXY": "",
-    "no_proxy": "",
-    "UV_OFFLINE": "1",
-    "PIP_NO_INDEX": "1",
-    "HF_HUB_OFFLINE": "1",
-}
 
 
 @dataclass
@@ -90,7 +81,7 @@ def built(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Built:
     shutil.copytree(demo_store / "models", home / "models")
     tags = {}
     for variant, path in BENTOFILES.items():
-        out = cli("build", "-f", str(path), "--output", "tag", home=home, env=OFFLINE)
+        out = cli("build", "-f", str(path), "--output", "tag", home=home, env=locks.OFFLINE)
         (line,) = [ln for ln in out.splitlines() if ln.startswith("__tag__:")]
         tags[variant] = line.removeprefix("__tag__:")
     return Built(home, tags)

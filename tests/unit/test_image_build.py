@@ -23,14 +23,6 @@ from tests import locks
 
 BENTOFILES = {"cpu": "bentofile.yaml", "gpu": "bentofile.gpu.yaml"}
 # nothing may be fetched: every proxy points at a closed port
-OFFLINE = {
-    **{k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
-    "NO_PROXY": "",
-    "no_proxy": "",
-    "UV_OFFLINE": "1",
-    "PIP_NO_INDEX": "1",
-    "HF_HUB_OFFLINE": "1",
-}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ def bentos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """variant -> the built Bento's folder (a scratch store, no models in it)."""
     home = tmp_path_factory.mktemp("image-dockerfiles") / "bentoml"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SERVERY_")}
-    env |= OFFLINE | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    env |= locks.OFFLINE | {"BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
     out = {}
     for variant, bentofile in BENTOFILES.items():
         done = subprocess.run(
