@@ -239,7 +239,15 @@ class ApiKey:
         return self.models is not None or self.tokens is not None
 
     def allows(self, model: str | None) -> bool:
-        return self.models is None or model in self.models
+        """Whether the key may use ``model``. A key listing ``NAME`` may also use ``NAME@REF``
+        (a LoRA adapter at an alias or version: the same model, services/llm/adapters.py); a
+        key listing ``NAME@REF`` may use that reference only, not ``NAME`` nor other aliases."""
+        if self.models is None or model in self.models:
+            return True
+        if model is None:
+            return False
+        name, sep, _ = model.partition("@")
+        return bool(sep) and name in self.models
 
     def check_model(self, model: str | None) -> None:
         if not self.allows(model):

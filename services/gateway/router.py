@@ -117,14 +117,15 @@ if SETTINGS.llm_enabled:
     # A raw ASGI app (not a FastAPI endpoint): the proxy streams the LLM service's answer as it is
     # written, and answers 504 when the service sends nothing for SERVERY_REQUEST_TIMEOUT_S.
     def _llm_done(model: str, status: int, seconds: float) -> None:
-        # label values are client input: only served names/tasks keep their own series
-        label = model if model in _LLM_NAMES else metrics.UNKNOWN_MODEL
+        # label values are client input: bounded by services/llm/labels.py
+        label = _LLM_LABELS.label(model, status)
         metrics.LLM_REQUESTS.labels(label, str(status)).inc()
         metrics.LLM_SECONDS.labels(label).observe(seconds)
 
+    from services.llm.labels import ModelLabels, configured_names
     from services.llm.service import SETTINGS as _LLM_SETTINGS
 
-    _LLM_NAMES = frozenset([m.name for m in _LLM_SETTINGS.models] + list(_LLM_SETTINGS.tasks))
+    _LLM_LABELS = ModelLabels(configured_names(_LLM_SETTINGS))
     LLM_PROXY = StreamingProxy(
         _llm_address,
         connect_timeout_s=5.0,
@@ -143,7 +144,7 @@ if SETTINGS.llm_enabled:
 
             return BentoMLContainer.remote_runner_mapping.get()[RAG.name]
 
-        _LLM_NAMES |= frozenset(_RAG_STATE.apps)
+        _LLM_LABELS.add(_RAG_STATE.apps)
         RAG_PROXY = StreamingProxy(
             _rag_address,
             connect_timeout_s=5.0,

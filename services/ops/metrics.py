@@ -213,8 +213,9 @@ LOAD_FAILURES = Counter(
 
 LLM_REQUESTS = Counter(
     "servery_llm_requests",
-    "OpenAI API requests proxied by the router to the LLM service, by model (or task) as sent "
-    "and HTTP status (499: the client went away before the answer started)",
+    "OpenAI API requests proxied by the router to the LLM service, by model as sent (an LLM, "
+    "task, RAG app or LoRA adapter, NAME@ALIAS included; _unknown: a name never served) and "
+    "HTTP status (499: the client went away before the answer started)",
     ["model", "status"],
 )
 LLM_SECONDS = Histogram(

@@ -27,6 +27,7 @@ openai = pytest.importorskip("openai")
 
 KEY_ALL = "features-key-for-everything-0001"
 KEY_BASE = "features-key-for-the-base-only-1"
+KEY_ADAPTER = "features-key-for-one-adapter-01"
 TEMPLATE = "servery-test.jinja"
 TEMPLATE_TEXT = (
     "{{ '<|im_start|>system\\nservery test template<|im_end|>\\n' }}"
@@ -110,6 +111,7 @@ def features_server(
         "keys": [
             {"name": "all", "key": KEY_ALL},
             {"name": "base", "key": KEY_BASE, "models": ["tiny"]},
+            {"name": "adapter", "key": KEY_ADAPTER, "models": ["tiny-private"]},
         ]
     }
     (work / "keys.yaml").write_text(json.dumps(keys))
@@ -260,6 +262,13 @@ def test_adapter_lifecycle(client: Any, features_server: Server, adapters_dir: A
         and value >= 3
         for name, labels, value in samples
     )
+    # the router's request series name the adapter (and NAME@ALIAS), not _unknown
+    routed = {
+        labels["model"]
+        for name, labels, _ in samples
+        if name == "servery_llm_requests_total" and labels["status"] == "200"
+    }
+    assert {"tiny", "tiny-style", "tiny-style@latest"} <= routed
 
     # too high a rank for max_lora_rank 8: not loaded, so not listed
     wide = servery(home, "llm", "lora", "add", "tiny-wide", "--base", "tiny-llm",
@@ -291,6 +300,11 @@ def test_a_restricted_key_cannot_use_an_adapter_it_is_not_given(
         with pytest.raises(openai.PermissionDeniedError):
             greedy(limited, "tiny-private")
         assert greedy(limited, "tiny")
+    # a key given the adapter may name it at an alias or version too, not its base
+    with openai.OpenAI(base_url=url, api_key=KEY_ADAPTER, max_retries=0) as given:
+        assert greedy(given, "tiny-private@latest") == greedy(given, "tiny-private")
+        with pytest.raises(openai.PermissionDeniedError):
+            greedy(given, "tiny")
 
 
 def test_an_unknown_parser_fails_at_start_naming_the_valid_ones(

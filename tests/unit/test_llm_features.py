@@ -279,3 +279,39 @@ def test_random_adapters_have_pefts_names_and_shapes(tmp_path: Path) -> None:
         prefix = "base_model.model.model.layers.1.self_attn"
         assert list(f.get_tensor(f"{prefix}.v_proj.lora_B.weight").shape) == [8, 2]
         assert list(f.get_tensor(f"{prefix}.q_proj.lora_A.weight").shape) == [2, 16]
+
+
+# --- the router's LLM request metrics: the model label (services/llm/labels.py) -----------------
+
+
+def test_metric_labels_name_adapters_and_their_aliases() -> None:
+    from services.llm.labels import UNKNOWN_MODEL, ModelLabels, configured_names
+
+    settings = LLMSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        models=[
+            LLMEntry(name="chat", tag="smollm2", adapters=["support-style"]),
+            LLMEntry(name="tiny", tag="tiny-llm", adapters="all"),
+        ],
+        tasks={"small": "tiny"},
+    )
+    assert configured_names(settings) == {"chat", "tiny", "small", "support-style"}
+    labels = ModelLabels(configured_names(settings), max_learned=2)
+    # configured names keep their series whatever the answer
+    assert labels.label("support-style", 200) == "support-style"
+    assert labels.label("support-style", 400) == "support-style"
+    assert labels.label("small", 499) == "small"
+    # a name the service refused, or never answered, is client input: _unknown
+    assert labels.label("random-name", 404) == UNKNOWN_MODEL
+    assert labels.label("support-style@nope", 404) == UNKNOWN_MODEL
+    assert labels.label("random-name", 499) == UNKNOWN_MODEL
+    assert labels.label("-", 200) == UNKNOWN_MODEL  # no model in the body
+    # an adapter served under `adapters: all`, and NAME@ALIAS: counted under their name once the
+    # service answered them, errors after that too
+    assert labels.label("store-style", 200) == "store-style"
+    assert labels.label("store-style", 400) == "store-style"
+    assert labels.label("support-style@production", 200) == "support-style@production"
+    # bounded: past max_learned, even served names count as _unknown
+    assert labels.label("third-style", 200) == UNKNOWN_MODEL
+    labels.add(["rag-app"])
+    assert labels.label("rag-app", 503) == "rag-app"
