@@ -1,6 +1,8 @@
 // Chat playground: streams POST /v1/chat/completions (server-sent events) into the page token
 // by token. Stop aborts the fetch; the router's proxy sees the client go away and vLLM aborts
-// the generation (docs/llm.md).
+// the generation (docs/llm.md). Tools (OpenAI function definitions, in the settings) are sent with
+// the chat; the calls an answer makes are shown as they stream (`delta.tool_calls` pieces: the
+// name first, then the arguments' text), assembled by `addToolCalls`.
 
 import { call, errorOf } from "./api.js";
 import { $, h, num } from "./dom.js";
@@ -31,10 +33,77 @@ export async function* events(body) {
   }
 }
 
+/**
+ * Add one stream chunk's `delta.tool_calls` to `calls` (by `index`): the first piece of a call
+ * carries its id and function name, later ones append to its arguments' text. Returns `calls`.
+ */
+export function addToolCalls(calls, deltas) {
+  for (const d of deltas || []) {
+    const i = Number.isInteger(d.index) ? d.index : calls.length;
+    const call = (calls[i] ??= { id: "", type: "function", function: { name: "", arguments: "" } });
+    if (d.id) call.id = d.id;
+    if (d.function?.name) call.function.name += d.function.name;
+    if (d.function?.arguments) call.function.arguments += d.function.arguments;
+  }
+  return calls;
+}
+
+/** One tool call as text: `name(arguments)`, the arguments pretty once they parse as JSON. */
+export function toolCallText(call) {
+  let args = call.function.arguments;
+  try {
+    args = JSON.stringify(JSON.parse(args));
+  } catch {
+    // still streaming (or not JSON): as received
+  }
+  return `${call.function.name || "…"}(${args})`;
+}
+
+/** The tools the settings name: null when none, else the parsed list (an Error if invalid). */
+export function parseTools(text) {
+  text = text.trim();
+  if (!text) return null;
+  let tools;
+  try {
+    tools = JSON.parse(text);
+  } catch (e) {
+    throw new Error(`Tools: not JSON (${e.message})`);
+  }
+  if (!Array.isArray(tools)) tools = [tools];
+  for (const t of tools) {
+    if (t?.type !== "function" || typeof t.function?.name !== "string") {
+      throw new Error('Tools: each one is {"type": "function", "function": {"name": ..., "parameters": {...}}}');
+    }
+  }
+  return tools;
+}
+
+// The tools fields, added to the settings by script (index.html belongs to the page as a whole).
+function toolFields() {
+  const choice = h(
+    "select",
+    { id: "chat-tool-choice" },
+    ...["auto", "required", "none"].map((c) => h("option", { value: c }, c)),
+  );
+  return h(
+    "div",
+    { class: "stack" },
+    h("label", { for: "chat-tools" }, "Tools (optional: OpenAI function definitions, a JSON list)"),
+    h("textarea", { id: "chat-tools", rows: 4, spellcheck: "false", placeholder: '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]' }),
+    h(
+      "div",
+      { class: "row" },
+      h("div", { class: "field" }, h("label", { for: "chat-tool-choice" }, "Tool choice"), choice),
+    ),
+    h("p", { class: "hint" }, '"auto" needs a tool call parser in the LLM config; "required" always calls one (docs/llm.md).'),
+  );
+}
+
 export class Chat {
   constructor() {
     this.messages = []; // the conversation sent with each request
     this.controller = null;
+    $("chat-system").closest(".stack")?.append(toolFields());
     $("chat-form").addEventListener("submit", (e) => {
       e.preventDefault();
       this.send();
@@ -102,6 +171,13 @@ export class Chat {
     const text = input.value.trim();
     if (!text) return;
     $("chat-error").textContent = "";
+    let tools;
+    try {
+      tools = parseTools($("chat-tools")?.value ?? "");
+    } catch (e) {
+      $("chat-error").textContent = e.message;
+      return;
+    }
     const system = $("chat-system").value.trim();
     this.messages.push({ role: "user", content: text });
     this.bubble("user", text);
@@ -115,6 +191,10 @@ export class Chat {
       temperature: Number($("chat-temperature").value),
     };
     if ($("chat-ignore-eos").checked) body.ignore_eos = true;
+    if (tools) {
+      body.tools = tools;
+      body.tool_choice = $("chat-tool-choice").value;
+    }
 
     const { li, content } = this.bubble("assistant", "");
     li.setAttribute("aria-live", "polite");
@@ -131,6 +211,8 @@ export class Chat {
     let chunks = 0;
     let tokens = null;
     let state = "done";
+    const calls = [];
+    let callList = null;
     try {
       const resp = await call("/v1/chat/completions", { method: "POST", body, signal: this.controller.signal });
       if (!resp.ok) throw await errorOf(resp);
@@ -144,6 +226,19 @@ export class Chat {
           answer.appendData(delta);
           chunks += 1;
           if (chunks % 8 === 0) $("chat-stats").textContent = `${chunks} chunks…`;
+        }
+        const toolDeltas = chunk.choices?.[0]?.delta?.tool_calls;
+        if (toolDeltas?.length) {
+          if (first === null) first = performance.now();
+          addToolCalls(calls, toolDeltas);
+          callList ??= content.appendChild(h("ol", { class: "tool-calls", "aria-label": "Tool calls" }));
+          while (callList.children.length < calls.length) callList.append(h("li", {}, h("code")));
+          calls.forEach((c, i) => {
+            const li = callList.children[i];
+            li.dataset.name = c.function.name;
+            li.firstChild.textContent = toolCallText(c);
+          });
+          chunks += 1;
         }
         if (chunk.usage) tokens = chunk.usage.completion_tokens;
         if (chunk.sources) content.append(sourceList(chunk.sources));
@@ -161,7 +256,10 @@ export class Chat {
       li.setAttribute("aria-busy", "false");
       li.dataset.state = state;
     }
-    if (answer.data) this.messages.push({ role: "assistant", content: answer.data });
+    if (calls.length) {
+      // content "" rather than null: chat templates concatenate it
+      this.messages.push({ role: "assistant", content: answer.data, tool_calls: calls });
+    } else if (answer.data) this.messages.push({ role: "assistant", content: answer.data });
     else if (state === "error") {
       li.remove();
       this.messages.pop(); // the user's message: send it again after fixing the problem
@@ -170,6 +268,7 @@ export class Chat {
     const took = (performance.now() - start) / 1000;
     const count = tokens ?? chunks;
     const parts = [state === "stopped" ? `Stopped after ${count} tokens` : `${count} tokens`];
+    if (calls.length) parts.push(`${calls.length} tool call${calls.length > 1 ? "s" : ""}`);
     if (first !== null) parts.push(`first token after ${num(first - start)} ms`);
     if (first !== null && count > 1) parts.push(`${num(count / ((performance.now() - first) / 1000))} tokens/s`);
     parts.push(`${num(took)} s in all`);
