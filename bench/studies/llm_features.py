@@ -4,7 +4,8 @@
 One ``bentoml serve services:Router`` with the tiny test LLM (``training/tiny_llm.py``, vLLM on
 CPU) as ``tiny``, three random rank-8 LoRA adapters of it from the store (``training/lora.py``'s
 ``random_adapter``, saved with ``servery llm lora add``'s function) served with ``max_loras: 3``
-(all three fit in one batch), tool calling (``pythonic`` parser) and xgrammar guided decoding.
+(all three fit in one batch), tool calling (``pythonic`` parser) and xgrammar guided
+decoding; ``--model smollm2`` serves SmolLM2 (converted into the run's store) instead.
 Cells, each a closed loop of ``c`` streaming clients, interleaved round by round so the busy
 machine's drift hits every cell alike:
 
@@ -43,14 +44,13 @@ from bench.llm_stream import SSEParser, StreamStats, distribution_ms
 from bench.report import machine
 
 OUT_JSON = OUT_DIR / "llm_features.json"
-SERVED = "tiny"
 ADAPTERS = ("style-a", "style-b", "style-c")
 TOK_S_TARGET = 0.8
 TTFT_P99_TARGET = 1.2
 TARGET_C = 8
 CONFIG = """models:
-  - name: tiny
-    tag: tiny-llm
+  - name: {served}
+    tag: {store}
     enable_auto_tool_choice: true
     tool_call_parser: pythonic
     structured_outputs_backend: xgrammar
@@ -92,6 +92,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-tokens", type=int, default=64, help="tokens of a plain answer")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--quick", action="store_true", help="c=8 only, 1 round of 16 streams")
+    p.add_argument(
+        "--model",
+        choices=("tiny", "smollm2"),
+        default="tiny",
+        help="tiny (the test LLM, default) or smollm2 (converted into the run's store)",
+    )
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.quick:
@@ -102,7 +108,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # --- requests -----------------------------------------------------------------------------------
 
 
-def bodies(cell: str, prompt: str, output_tokens: int) -> list[bytes]:
+def bodies(cell: str, served: str, prompt: str, output_tokens: int) -> list[bytes]:
     """The request bodies of a cell (cycled over by the clients)."""
     chat: dict[str, Any] = {
         "messages": [{"role": "user", "content": prompt}],
@@ -113,18 +119,18 @@ def bodies(cell: str, prompt: str, output_tokens: int) -> list[bytes]:
     }
     plain = {**chat, "ignore_eos": True}
     if cell == "base":
-        docs = [{**plain, "model": SERVED}]
+        docs = [{**plain, "model": served}]
     elif cell == "adapter":
         docs = [{**plain, "model": ADAPTERS[0]}]
     elif cell == "switch":
         docs = [{**plain, "model": a} for a in ADAPTERS]
     elif cell == "tools":
         choice = {"type": "function", "function": {"name": "get_weather"}}
-        docs = [{**chat, "model": SERVED, "tools": [TOOL], "tool_choice": choice,
+        docs = [{**chat, "model": served, "tools": [TOOL], "tool_choice": choice,
                  "parallel_tool_calls": False}]  # fmt: skip
     elif cell == "json":
         fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
-        docs = [{**chat, "model": SERVED, "response_format": fmt}]
+        docs = [{**chat, "model": served, "response_format": fmt}]
     else:
         raise ValueError(cell)
     return [json.dumps(d).encode() for d in docs]
@@ -232,27 +238,26 @@ def _parses(text: str) -> bool:
 # --- the server ---------------------------------------------------------------------------------
 
 
-def build_store(home: Path, tmp: Path) -> Path:
-    """tiny-llm, iris (the router serves a classifier) and three adapters: the HF directory."""
-    from bench.harness.store import bentoml_store, save_iris
+def build_store(model: str, home: Path, tmp: Path) -> Path:
+    """The LLM, iris (the router serves a classifier) and three adapters: the HF directory."""
+    from bench.harness.store import bentoml_store
+    from bench.studies.llm_peer import MODELS
+    from bench.studies.llm_peer import build_store as build_llm
     from models.llm_lora import save_adapter
-    from models.llm_store import hf_dir
     from training.lora import random_adapter
-    from training.tiny_llm import save
 
+    path = build_llm(model, home)[1]
     with bentoml_store(home):
-        tag = str(save("tiny-llm").tag)
-        save_iris()
-        path = hf_dir(tag)[0]
         for seed, name in enumerate(ADAPTERS, start=1):
-            save_adapter(name, "tiny-llm", random_adapter(path, tmp / name, seed=seed))
-        return path
+            save_adapter(name, MODELS[model], random_adapter(path, tmp / name, seed=seed))
+    return path
 
 
-def start(home: Path, tmp: Path) -> Any:
+def start(model: str, home: Path, tmp: Path) -> Any:
     from bench.harness.server import start_server
+    from bench.studies.llm_peer import MODELS
 
-    (tmp / "llm.yaml").write_text(CONFIG)
+    (tmp / "llm.yaml").write_text(CONFIG.format(served=model, store=MODELS[model]))
     env = {
         "SERVERY_LLM_ENABLED": "true",
         "SERVERY_LLM_MODELS_FILE": str(tmp / "llm.yaml"),
@@ -333,13 +338,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="servery-llm-features-") as tmp_name:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
-        hf = build_store(tmp / "bentoml", tmp)
+        hf = build_store(args.model, tmp / "bentoml", tmp)
         from bench.studies.llm_peer import fit_prompt, others_busy
 
         prompt, prompt_tokens = fit_prompt(hf, 64)
         print(f"store built in {time.perf_counter() - t0:.1f}s; starting the server", flush=True)
         t0 = time.perf_counter()
-        server = start(tmp / "bentoml", tmp)
+        server = start(args.model, tmp / "bentoml", tmp)
         ready_s = time.perf_counter() - t0
         print(f"ready in {ready_s:.1f}s", flush=True)
         busy: list[str] = []
@@ -347,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for rnd in range(args.rounds):
                 for c in args.concurrency:
                     for name in CELLS:
-                        cell = bodies(name, prompt, args.output_tokens)
+                        cell = bodies(name, args.model, prompt, args.output_tokens)
                         coro = run_cell(server.url, cell, c, args.requests, args.timeout)
                         run = asyncio.run(coro)
                         runs[str(c)][name].append(run)
@@ -373,18 +378,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "requests": args.requests,
         "rounds": args.rounds,
         "ready_s": ready_s,
-        "config": CONFIG,
+        "model": args.model,
+        "config": CONFIG.format(served=args.model, store=args.model),
         "cells": cells,
         "summary": lines,
         "examples": {c: {n: rs[0]["texts"] for n, rs in by.items()} for c, by in runs.items()},
     }
-    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
-    OUT_JSON.write_text(json.dumps(entry, indent=2))
+    suffix = "" if args.model == "tiny" else f"-{args.model}"  # each model its own numbers
+    out = OUT_JSON.with_name(f"llm_features{suffix.replace('-', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(entry, indent=2))
     md = [
-        "## LLM features: adapters, switching, tool calls, json_schema (issue 26)",
+        f"## LLM features ({args.model}): adapters, switching, tool calls, json_schema (issue 26)",
         "",
         run_line(meta),
-        f"One server, the tiny test LLM (vLLM CPU, eager) with 3 rank-8 LoRA adapters "
+        f"One server, LLM `{args.model}` (vLLM CPU, eager) with 3 random rank-8 LoRA adapters "
         f"(`max_loras: 3`); prompt {prompt_tokens} tokens, plain answers {args.output_tokens} "
         f"tokens (greedy, `ignore_eos`), tools/json as long as their grammar; {args.rounds} "
         f"round(s) of {args.requests} streams per cell, cells interleaved; tok/s: median of "
@@ -394,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         *[f"- {line}" for line in lines],
     ]
-    write_section(RESULTS_MD, "llm-features", "\n".join(md))
+    write_section(RESULTS_MD, f"llm-features{suffix}", "\n".join(md))
     return 0 if all(not line.startswith("FAIL") for line in lines) else 1
 
 
