@@ -98,7 +98,7 @@ class RagState:
         started = time.perf_counter()
         await asyncio.to_thread(store.require, collection)
         vectors, _ = await self.embed([query], "query")
-        matches = await asyncio.to_thread(store.search, collection, vectors[0], k, where)
+        matches = await asyncio.to_thread(store.search, collection, vectors[0], k, where, query)
         metrics.RETRIEVAL_SECONDS.labels(collection, app).observe(time.perf_counter() - started)
         metrics.MATCHES.labels(collection, app).observe(len(matches))
         return matches

@@ -10,8 +10,11 @@ service runs them in a thread; a lock serialises them in local mode, which is no
 
 from __future__ import annotations
 
+import re
 import threading
 import uuid
+import zlib
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,11 +22,51 @@ from typing import Any
 import numpy as np
 
 from services.rag.chunking import Chunk
+from services.rag.index import ExactIndex
 from services.runtime.errors import BadRequest, ModelNotFound, ServeryError
 
 FILTER_FIELDS = ("source", "chunk")
 """Payload fields a query may filter on."""
 _NAMESPACE = uuid.UUID("5e1f0c2a-6b1d-4c55-9a57-7a0f3b9e6d21")
+SPARSE = "bm25"
+"""The sparse vector of each chunk: BM25 term weights; Qdrant applies the IDF (``Modifier.IDF``)."""
+RRF_K = 60
+"""Reciprocal rank fusion's constant (the usual 60; Qdrant's default is 2)."""
+PREFETCH = 50
+"""Candidates each of the dense and the keyword search hands to the fusion."""
+_WORD = re.compile(r"[a-z0-9_]+")
+_STOP = frozenset(
+    "a an the of to in on for and or is are be do does i my how what which when where can with "
+    "it its by at as from that this there".split()
+)
+_BM25_K1, _BM25_B, _BM25_AVG = 1.2, 0.75, 150.0
+"""BM25's term-frequency saturation and length normalisation; the average chunk length is fixed
+(tokens) so that a chunk's weights never change when others are added."""
+
+
+def terms(text: str) -> list[str]:
+    """The words BM25 counts: lower-case letters, digits and ``_``, without stop words."""
+    return [w for w in _WORD.findall(text.lower()) if w not in _STOP]
+
+
+def _term_id(word: str) -> int:
+    return zlib.crc32(word.encode())
+
+
+def sparse_document(text: str) -> tuple[list[int], list[float]]:
+    """A chunk's BM25 term weights (tf saturated, length-normalised) by term id."""
+    counts = Counter(_term_id(w) for w in terms(text))
+    length = sum(counts.values())
+    norm = _BM25_K1 * (1 - _BM25_B + _BM25_B * length / _BM25_AVG)
+    ids = sorted(counts)
+    return ids, [counts[i] * (_BM25_K1 + 1) / (counts[i] + norm) for i in ids]
+
+
+def sparse_query(text: str) -> tuple[list[int], list[float]]:
+    """A query's terms, each once (weight 1): the score is the sum of the matched terms'
+    weights times their IDF."""
+    ids = sorted({_term_id(w) for w in terms(text)})
+    return ids, [1.0] * len(ids)
 
 
 class StoreDown(ServeryError):
@@ -62,6 +105,9 @@ class VectorStore:
             self.name = f"the embedded Qdrant store in {path}"
             self.client = QdrantClient(path=str(path))
         self._lock = threading.Lock() if not url else None
+        self._hybrid: dict[str, bool] = {}
+        self._indexes: dict[str, ExactIndex] | None = {} if not url else None
+        """The embedded store's in-process copy of each searched collection (index.py)."""
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
@@ -101,6 +147,7 @@ class VectorStore:
             self.client.create_collection,
             collection,
             vectors_config=qm.VectorParams(size=self.dimensions, distance=qm.Distance.COSINE),
+            sparse_vectors_config={SPARSE: qm.SparseVectorParams(modifier=qm.Modifier.IDF)},
         )
         if self._lock is None:  # payload indexes only exist on a server
             for field, schema in (("source", qm.PayloadSchemaType.KEYWORD),):
@@ -109,6 +156,8 @@ class VectorStore:
     def drop(self, collection: str) -> None:
         self.require(collection)
         self._call(self.client.delete_collection, collection)
+        self._hybrid.pop(collection, None)
+        self._forget(collection)
 
     def count(self, collection: str) -> int:
         return int(self._call(self.client.count, collection, exact=True).count)
@@ -144,31 +193,144 @@ class VectorStore:
             return
         selector = qm.FilterSelector(filter=_filter({"source": list(sources)}))
         self._call(self.client.delete, collection, points_selector=selector, wait=True)
+        self._forget(collection)
+
+    def _forget(self, collection: str) -> None:
+        if self._indexes is not None:
+            with self._lock or threading.Lock():
+                self._indexes.pop(collection, None)
 
     def upsert(self, collection: str, chunks: Sequence[Chunk], vectors: np.ndarray) -> None:
         from qdrant_client import models as qm
 
+        hybrid = self.hybrid(collection)
+        sparse = [sparse_document(c.text) for c in chunks] if hybrid else None
         points = [
             qm.PointStruct(
                 id=str(uuid.uuid5(_NAMESPACE, f"{c.source}\0{c.index}\0{c.doc_hash}")),
-                vector=v.tolist(),
+                vector=({"": v.tolist(), SPARSE: _sparse(sparse[i])} if sparse else v.tolist()),
                 payload={"source": c.source, "chunk": c.index, "text": c.text, "hash": c.doc_hash},
             )
-            for c, v in zip(chunks, vectors, strict=True)
+            for i, (c, v) in enumerate(zip(chunks, vectors, strict=True))
         ]
         for start in range(0, len(points), 512):
             self._call(self.client.upsert, collection, points[start : start + 512], wait=True)
+        if self._indexes is None or self._lock is None:
+            return
+        with self._lock:
+            index = self._indexes.get(collection)
+            ids = [str(p.id) for p in points]
+            if index is None:
+                return
+            if index.has_any(ids):  # a point replaced: rebuilt on the next search
+                self._indexes.pop(collection, None)
+                return
+            index.add(ids, np.asarray(vectors, np.float32), [p.payload for p in points], sparse)
+
+    def _index(self, collection: str) -> ExactIndex:
+        """The embedded store's in-process copy of ``collection``, read from it the first
+        time (call with the lock held)."""
+        assert self._indexes is not None
+        index = self._indexes.get(collection)
+        if index is not None:
+            return index
+        index = ExactIndex(self.dimensions)
+        offset = None
+        while True:
+            points, offset = self.client.scroll(
+                collection, limit=4096, offset=offset, with_payload=True, with_vectors=True
+            )
+            ids, rows, payloads, sparse = [], [], [], []
+            for p in points:
+                vector = p.vector
+                named = vector if isinstance(vector, dict) else {"": vector}
+                ids.append(str(p.id))
+                rows.append(named[""])
+                payloads.append(p.payload or {})
+                terms = named.get(SPARSE)
+                sparse.append((terms.indices, terms.values) if terms is not None else ([], []))
+            if ids:
+                index.add(ids, np.asarray(rows, np.float32), payloads, sparse)
+            if offset is None:
+                break
+        self._indexes[collection] = index
+        return index
+
+    def hybrid(self, collection: str) -> bool:
+        """Whether ``collection`` has BM25 sparse vectors (collections made before them do not:
+        they are searched by the dense vector alone)."""
+        known = self._hybrid.get(collection)
+        if known is None:
+            info = self._call(self.client.get_collection, collection)
+            known = SPARSE in (info.config.params.sparse_vectors or {})
+            self._hybrid[collection] = known
+        return known
 
     def search(
-        self, collection: str, vector: np.ndarray, k: int, where: dict[str, Any] | None = None
+        self,
+        collection: str,
+        vector: np.ndarray,
+        k: int,
+        where: dict[str, Any] | None = None,
+        text: str | None = None,
     ) -> list[dict[str, Any]]:
-        """The ``k`` chunks nearest ``vector``: ``{"text", "source", "chunk", "score"}``."""
+        """The ``k`` best chunks for a query: ``{"text", "source", "chunk", "score"}``.
+
+        With the query's ``text`` (and a collection with sparse vectors), hybrid: the dense
+        search and a BM25 keyword search each propose ``PREFETCH`` chunks, fused by reciprocal
+        rank (``score`` is the fused score); without it, the cosine similarity of ``vector``.
+        """
+
+        terms_of = sparse_query(text) if text else ([], [])
+        if self._indexes is not None and self._lock is not None:
+            hybrid = bool(terms_of[0]) and self.hybrid(collection)
+            self.require(collection)
+            try:
+                with self._lock:
+                    return self._index(collection).search(
+                        vector,
+                        k,
+                        where,
+                        terms_of[0] if hybrid else None,
+                        prefetch=PREFETCH,
+                        rrf_k=RRF_K,
+                    )
+            except (ValueError, KeyError) as e:  # the collection went between the two calls
+                raise ModelNotFound("no such collection") from e
+        return self.qdrant_search(collection, vector, k, where, text)
+
+    def qdrant_search(
+        self,
+        collection: str,
+        vector: np.ndarray,
+        k: int,
+        where: dict[str, Any] | None = None,
+        text: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """:meth:`search` by Qdrant's own query (a server's; in the embedded store, the local
+        mode's brute force, which the in-process index matches)."""
+        from qdrant_client import models as qm
+
+        terms_of = sparse_query(text) if text else ([], [])
+        query_filter = _filter(where) if where else None
+        if terms_of[0] and self.hybrid(collection):
+            limit = max(PREFETCH, k)
+            query: Any = qm.RrfQuery(rrf=qm.Rrf(k=RRF_K))
+            prefetch: Any = [
+                qm.Prefetch(query=vector.tolist(), limit=limit, filter=query_filter),
+                qm.Prefetch(
+                    query=_sparse(terms_of), using=SPARSE, limit=limit, filter=query_filter
+                ),
+            ]
+        else:
+            query, prefetch = vector.tolist(), None
         found = self._call(
             self.client.query_points,
             collection,
-            query=vector.tolist(),
+            query=query,
+            prefetch=prefetch,
             limit=k,
-            query_filter=_filter(where) if where else None,
+            query_filter=query_filter,
             with_payload=["text", "source", "chunk"],
         )
         return [
@@ -203,6 +365,12 @@ def check_filter(where: Any) -> dict[str, Any]:
         if not values or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
             raise BadRequest(f"filter '{field}' takes a {kind.__name__} or a list of them")
     return where
+
+
+def _sparse(pair: tuple[list[int], list[float]]) -> Any:
+    from qdrant_client import models as qm
+
+    return qm.SparseVector(indices=pair[0], values=pair[1])
 
 
 def _filter(where: dict[str, Any]) -> Any:
