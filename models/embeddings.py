@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from models.llm_store import save_folder
-from models.store import StoreError, get_model
+from models.llm_store import save_folder, stored_dir
+from models.store import StoreError
 
 TASK = "feature-extraction"
 FORMAT = "sentence-transformers"
@@ -76,10 +76,4 @@ def save_st_dir(
 
 def st_dir(tag: str) -> tuple[Path, Any]:
     """The sentence-transformers folder of the stored embedding model ``tag`` and its model."""
-    bento_model = get_model(tag if ":" in tag else f"{tag}:latest")
-    if bento_model.info.labels.get("task") != TASK:
-        raise StoreError(f"model {bento_model.tag} is not an embedding model (label task={TASK!r})")
-    path = Path(bento_model.path_of(SUBDIR))
-    if not path.is_dir():
-        raise StoreError(f"model {bento_model.tag} has no {SUBDIR}/ directory")
-    return path, bento_model
+    return stored_dir(tag, TASK, SUBDIR, "an embedding model")

@@ -117,12 +117,19 @@ def save_folder(
     return bentoml.models.get(bento_model.tag)
 
 
+def stored_dir(tag: str, task: str, subdir: str, what: str) -> tuple[Path, Any]:
+    """The folder ``subdir`` of the stored model ``tag`` (``name[:version]``) and its model;
+    StoreError unless the model is labelled ``task`` (``what`` names that kind: "an LLM") and
+    has the folder. The one lookup of every packaged model folder (:func:`save_folder`)."""
+    bento_model = get_model(tag if ":" in tag else f"{tag}:latest")
+    if bento_model.info.labels.get("task") != task:
+        raise StoreError(f"model {bento_model.tag} is not {what} (label task={task!r} missing)")
+    path = Path(bento_model.path_of(subdir))
+    if not path.is_dir():
+        raise StoreError(f"model {bento_model.tag} has no {subdir}/ directory")
+    return path, bento_model
+
+
 def hf_dir(tag: str) -> tuple[Path, Any]:
     """The Hugging Face directory of the stored LLM ``tag`` (``name[:version]``) and its model."""
-    bento_model = get_model(tag if ":" in tag else f"{tag}:latest")
-    if bento_model.info.labels.get("task") != TASK:
-        raise StoreError(f"model {bento_model.tag} is not an LLM (label task={TASK!r} missing)")
-    path = Path(bento_model.path_of(SUBDIR))
-    if not path.is_dir():
-        raise StoreError(f"model {bento_model.tag} has no {SUBDIR}/ directory")
-    return path, bento_model
+    return stored_dir(tag, TASK, SUBDIR, "an LLM")
