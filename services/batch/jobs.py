@@ -92,6 +92,9 @@ class Jobs:
         self.clock = clock
         self.files_dir = settings.dir / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
+        self._lines: dict[str, list[bytes]] = {}
+        """The last input files' lines (files never change once written): each chunk of a
+        batch reads its lines from here rather than reading and splitting the whole file."""
 
     # --- files ---------------------------------------------------------------------------------
 
@@ -319,21 +322,43 @@ class Jobs:
 
     def lines_of(self, rec: dict[str, Any], chunk: int) -> list[tuple[int, bytes]]:
         """``(line number, line)`` of one chunk of a batch's input."""
-        lines = input_lines(self.path_of(rec["input_file_id"]).read_bytes())
+        lines = self._input(rec["input_file_id"])
         size = self.settings.chunk_lines
         first = chunk * size
         return list(enumerate(lines[first : first + size], start=first))
+
+    def _input(self, file_id: str) -> list[bytes]:
+        lines = self._lines.get(file_id)
+        if lines is None:
+            lines = input_lines(self.path_of(file_id).read_bytes())
+            while len(self._lines) >= 2:  # a few running batches' files, not every file
+                self._lines.pop(next(iter(self._lines)), None)
+            self._lines[file_id] = lines
+        return lines
 
     def answered(self, batch_id: str, numbers: list[int]) -> set[int]:
         got = self.state.hmget("res:" + batch_id, [str(n) for n in numbers])
         return {n for n, v in zip(numbers, got, strict=True) if v is not None}
 
-    def answer(self, batch_id: str, number: int, ok: bool, line: dict[str, Any]) -> bool:
+    def answer(self, batch_id: str, number: int, ok: bool, line: dict[str, Any] | bytes) -> bool:
         """Record line ``number``'s output (``ok``) or error entry; False if it had one."""
-        value = (b"o" if ok else b"e") + _dumps(line)
-        first = self.state.hsetnx("res:" + batch_id, str(number), value)
-        if first:  # progress only: the final counts are recounted from the records
-            self.state.hincrby("cnt:" + batch_id, "ok" if ok else "err")
+        return self.answer_many(batch_id, [(number, ok, line)])[0]
+
+    def answer_many(
+        self, batch_id: str, answers: list[tuple[int, bool, dict[str, Any] | bytes]]
+    ) -> list[bool]:
+        """:meth:`answer` for several lines in one write (one transaction on SQLite, one
+        round trip on Redis); which ones were first. A line is an entry, or its JSON."""
+        items = [
+            (str(n), (b"o" if ok else b"e") + (line if isinstance(line, bytes) else _dumps(line)))
+            for n, ok, line in answers
+        ]
+        first = self.state.hsetnx_many("res:" + batch_id, items)
+        # progress only: the final counts are recounted from the records
+        for label, want in (("ok", True), ("err", False)):
+            moved = sum(f for f, (_, ok, _) in zip(first, answers, strict=True) if ok is want)
+            if moved:
+                self.state.hincrby("cnt:" + batch_id, label, moved)
         return first
 
     def chunk_state(self, batch_id: str, chunk: int, value: bytes) -> None:

@@ -28,11 +28,14 @@ class BatchSettings(BaseSettings):
     """``redis://host:port/db``: the queue and job state in Redis (production); unset: SQLite
     files in ``dir`` (embedded, no server)."""
     worker: bool = True
-    """Consume the queue in this server (its first router worker). deploy/ turns it off in the
+    """Consume the queue in this server (every router worker). deploy/ turns it off in the
     router pods and on in the batch workers' pods."""
     concurrency: int = Field(4, ge=1, le=256)
-    """Lines one consumer runs at once: what bounds the share of the server that batch lines
-    take from online traffic."""
+    """Lines one consumer runs at once while no online request comes (with online traffic,
+    ``busy_share`` applies)."""
+    busy_share: float = Field(0.1, gt=0, le=1)
+    """While this server answers online requests, the share of time batch lines may take (one
+    line at a time, then a pause); 1: no pacing. Online traffic goes first."""
     chunk_lines: int = Field(100, ge=1)
     """Lines per queued task: the unit that is retried and re-queued after a crash."""
     max_file_bytes: int = Field(100 * 2**20, ge=1)

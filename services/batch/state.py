@@ -39,6 +39,10 @@ class State:
         """Set ``field`` unless it is set; True if this call set it."""
         raise NotImplementedError
 
+    def hsetnx_many(self, name: str, items: list[tuple[str, bytes]]) -> list[bool]:
+        """:meth:`hsetnx` of each ``(field, value)``, in one round trip; which ones it set."""
+        return [self.hsetnx(name, f, v) for f, v in items]
+
     def hgetall(self, name: str) -> dict[str, bytes]:
         raise NotImplementedError
 
@@ -114,6 +118,22 @@ class SqliteState(State):
     def hsetnx(self, name: str, field: str, value: bytes) -> bool:
         cur = self._run("insert or ignore into h (n, f, v) values (?, ?, ?)", (name, field, value))
         return cur.rowcount == 1
+
+    def hsetnx_many(self, name: str, items: list[tuple[str, bytes]]) -> list[bool]:
+        set_: list[bool] = []
+        with self._lock:  # one transaction: one commit for all of them
+            self._db.execute("begin immediate")
+            try:
+                for f, v in items:
+                    cur = self._db.execute(
+                        "insert or ignore into h (n, f, v) values (?, ?, ?)", (name, f, v)
+                    )
+                    set_.append(cur.rowcount == 1)
+                self._db.execute("commit")
+            except BaseException:
+                self._db.execute("rollback")
+                raise
+        return set_
 
     def hgetall(self, name: str) -> dict[str, bytes]:
         return {f: bytes(v) for f, v in self._all("select f, v from h where n = ?", (name,))}
@@ -199,6 +219,12 @@ class RedisState(State):
 
     def hsetnx(self, name: str, field: str, value: bytes) -> bool:
         return bool(self._r.hsetnx(self._k(name), field, value))
+
+    def hsetnx_many(self, name: str, items: list[tuple[str, bytes]]) -> list[bool]:
+        pipe = self._r.pipeline(transaction=False)
+        for f, v in items:
+            pipe.hsetnx(self._k(name), f, v)
+        return [bool(x) for x in pipe.execute()]
 
     def hgetall(self, name: str) -> dict[str, bytes]:
         raw: dict[bytes, bytes] = self._r.hgetall(self._k(name))  # type: ignore[assignment]

@@ -14,31 +14,43 @@ out. A line answered twice keeps its first answer.
 
 **One line** runs through the router's own ASGI app in this process (:class:`AsgiCaller`), the
 handlers online requests reach: the same validation, micro-batcher, model, LLM proxy and
-metrics, without a socket. The worker bounds the lines it runs at once
-(``SERVERY_BATCH_CONCURRENCY``): batch lines take that share of the server and no more.
-Transient answers (429, 502, 503, 504, a connection error) are retried with back-off.
+metrics, without a socket. Online requests go first (:class:`Priority`): while they come,
+lines run one at a time, paced to ``SERVERY_BATCH_BUSY_SHARE`` of the time; with none,
+``SERVERY_BATCH_CONCURRENCY`` at once. Transient answers (429, 502, 503, 504, a connection
+error) are retried with back-off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
+
 from services.batch import metrics
-from services.batch.jobs import Jobs, endpoint_matches, error_entry, new_id
+from services.batch.asgi import AsgiCaller, JsonBytes
+from services.batch.jobs import Jobs, endpoint_matches, error_entry
+from services.batch.priority import Priority
 from services.batch.settings import BatchSettings
 from services.batch.state import RedisState, SqliteState, State
 
 logger = logging.getLogger("servery.batch")
 
+__all__ = ["AsgiCaller", "Batches", "make_queue", "make_state"]
+
 TRANSIENT = frozenset({408, 429, 502, 503, 504})
 """Statuses a line is retried on (with back-off) before it is answered with them."""
+
+FLUSH_LINES = 32
+"""Answers recorded in one write to the job state."""
 
 Caller = Callable[[str, str, bytes, str, list[str] | None], Awaitable[tuple[int, bytes]]]
 """``(method, url, body, owner, owner's models) -> (status, body)``: one request in-process."""
@@ -51,10 +63,26 @@ def make_queue(settings: BatchSettings) -> Any:
         from huey import PriorityRedisHuey
 
         return PriorityRedisHuey("servery-batch", url=settings.redis_url, results=False)
-    from huey import SqliteHuey
+    from huey import Huey
+    from huey.storage import SqliteStorage
+
+    class Storage(SqliteStorage):  # type: ignore[misc]
+        """huey's SQLite storage with ``synchronous=normal``, as the job state's: WAL commits
+        survive a killed process without an fsync each. huey's default (``full``) cost about
+        6 ms per chunk task (enqueue and dequeue) here, bench/studies/batch.py measured."""
+
+        def _create_connection(self) -> Any:
+            conn = super()._create_connection()
+            conn.execute("pragma synchronous=normal")
+            return conn
 
     settings.dir.mkdir(parents=True, exist_ok=True)
-    return SqliteHuey("servery-batch", filename=str(settings.dir / "queue.db"), results=False)
+    return Huey(
+        "servery-batch",
+        storage_class=Storage,
+        filename=str(settings.dir / "queue.db"),
+        results=False,
+    )
 
 
 def make_state(settings: BatchSettings) -> State:
@@ -73,6 +101,8 @@ class Batches:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._lines = asyncio.Semaphore(settings.concurrency)
+        self._wake = asyncio.Event()
+        self.priority = Priority(settings.busy_share)
         # the chunk task: huey retries it (2 times, 1 s then 2 s) if it raises; a chunk whose
         # worker died is queued again by the sweeper
         self.run_chunk = self.huey.task(retries=2, retry_delay=1, retry_backoff=2, name="chunk")(
@@ -82,6 +112,8 @@ class Batches:
 
     def _enqueue(self, batch_id: str, chunk: int) -> None:
         self.run_chunk(batch_id, chunk)
+        if self._loop is not None:  # this process consumes: take it now, not at the next poll
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     # --- the consumer --------------------------------------------------------------------------
 
@@ -89,6 +121,13 @@ class Batches:
         """Take chunks from the queue and run them (two at a time, so a worker never waits
         between chunks), sweep every ``SERVERY_BATCH_SWEEP_INTERVAL_S``; until cancelled."""
         self._loop = asyncio.get_running_loop()
+        watch = asyncio.ensure_future(self.priority.watch())
+        try:
+            await self._consume(poll_s)
+        finally:
+            watch.cancel()
+
+    async def _consume(self, poll_s: float) -> None:
         running: set[asyncio.Task[Any]] = set()
         next_sweep = 0.0
         while not self._stopping:
@@ -102,7 +141,9 @@ class Batches:
                     continue
                 task = await asyncio.to_thread(self._next_task)
                 if task is None:
-                    await asyncio.sleep(poll_s)
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), poll_s)
                     continue
                 job = asyncio.ensure_future(asyncio.to_thread(self.huey.execute, task))
                 running.add(job)
@@ -136,37 +177,72 @@ class Batches:
 
     async def run(self, batch_id: str, chunk: int) -> None:
         jobs = self.jobs
-        rec = jobs.record(batch_id)
-        if rec is None or rec["status"] not in ("validating", "in_progress"):
+        # the store's reads and writes (and a finalization's files) run in threads: the event
+        # loop serves online requests meanwhile
+        started = await asyncio.to_thread(self._start_chunk, batch_id, chunk)
+        if started is None:
             return  # cancelled, expired or gone: the sweeper ends it
-        jobs.lease(batch_id, chunk)
-        lines = jobs.lines_of(rec, chunk)
-        done = jobs.answered(batch_id, [n for n, _ in lines])
+        rec, lines, done = started
         status = _StatusWatch(jobs, batch_id)
         leased = [time.monotonic()]
+        pending: list[tuple[int, bool, dict[str, Any] | bytes]] = []
+        flushing = asyncio.Lock()
+
+        async def flush() -> None:
+            # answers are recorded FLUSH_LINES at a time, in a thread: one transaction instead
+            # of two per line, and the event loop (online requests) never waits on the store.
+            # A worker killed before a flush loses those answers only: their lines run again.
+            async with flushing:
+                if not pending:
+                    return
+                items = pending[:]
+                pending.clear()
+                first = await asyncio.to_thread(jobs.answer_many, batch_id, items)
+                for was_first, (_, ok, _) in zip(first, items, strict=True):
+                    if was_first:
+                        metrics.LINES.labels("completed" if ok else "failed").inc()
+                if time.monotonic() - leased[0] > self.settings.lease_s / 3:
+                    leased[0] = time.monotonic()
+                    await asyncio.to_thread(jobs.lease, batch_id, chunk)
 
         async def one(number: int, line: bytes) -> None:
             async with self._lines:
                 if not status.running():
                     return
-                ok, entry = await self.run_line(rec, line)
-                if jobs.answer(batch_id, number, ok, entry):
-                    metrics.LINES.labels("completed" if ok else "failed").inc()
-                if time.monotonic() - leased[0] > self.settings.lease_s / 3:
-                    leased[0] = time.monotonic()
-                    jobs.lease(batch_id, chunk)
+                ok, entry = await self.priority.run(lambda: self.run_line(rec, line))
+            pending.append((number, ok, entry))
+            if len(pending) >= FLUSH_LINES:
+                await flush()
 
         await asyncio.gather(*(one(n, line) for n, line in lines if n not in done))
+        await flush()
+        await asyncio.to_thread(self._end_chunk, batch_id, chunk, lines)
+
+    def _start_chunk(
+        self, batch_id: str, chunk: int
+    ) -> tuple[dict[str, Any], list[tuple[int, bytes]], set[int]] | None:
+        jobs = self.jobs
+        rec = jobs.record(batch_id)
+        if rec is None or rec["status"] not in ("validating", "in_progress"):
+            return None
+        jobs.lease(batch_id, chunk)
+        lines = jobs.lines_of(rec, chunk)
+        return rec, lines, jobs.answered(batch_id, [n for n, _ in lines])
+
+    def _end_chunk(self, batch_id: str, chunk: int, lines: list[tuple[int, bytes]]) -> None:
+        jobs = self.jobs
         complete = len(jobs.answered(batch_id, [n for n, _ in lines])) == len(lines)
         jobs.chunk_state(batch_id, chunk, b"d" if complete else b"s")
         jobs.maybe_finish(batch_id)
 
-    async def run_line(self, rec: dict[str, Any], line: bytes) -> tuple[bool, dict[str, Any]]:
+    async def run_line(
+        self, rec: dict[str, Any], line: bytes
+    ) -> tuple[bool, dict[str, Any] | bytes]:
         """One input line: ``(True, output line)`` for a 2xx answer, else ``(False, error
-        line)``."""
+        line)``; a line is a dict, or its JSON when the answer's JSON went in unparsed."""
         try:
-            doc = json.loads(line)
-        except ValueError:
+            doc = orjson.loads(line)
+        except ValueError:  # orjson.JSONDecodeError is one
             return False, error_entry(None, "invalid_json", "this line is not JSON")
         if not isinstance(doc, dict):
             return False, error_entry(None, "invalid_json", "this line is not a JSON object")
@@ -175,7 +251,7 @@ class Batches:
         why = _line_problem(doc, rec["endpoint"])
         if why is not None:
             return False, error_entry(cid, "invalid_request", why)
-        body = json.dumps(doc["body"]).encode()
+        body = orjson.dumps(doc["body"])
         status, answer = 0, b""
         for attempt in range(self.settings.line_retries + 1):
             if attempt:
@@ -188,22 +264,39 @@ class Batches:
             except Exception as e:  # the handler or what it calls broke: retried, then answered
                 logger.warning("batch line %s: %s", cid, type(e).__name__)
                 status, answer = 0, b""
+            self.priority.mine += 1
             if status not in TRANSIENT and status != 0:
                 break
             metrics.RETRIES.inc()
         if status == 0:
             return False, error_entry(cid, "server_error", "the line could not be run")
+        ok = 200 <= status < 300
+        if isinstance(answer, JsonBytes) and b"\n" not in answer:
+            # the handler's JSON as it is: no parse and dump again (a JSONL line has no newline)
+            return ok, b"".join(
+                (
+                    b'{"id":"',
+                    _line_id("batch_req_").encode(),
+                    b'","custom_id":',
+                    json.dumps(cid).encode(),
+                    b',"response":{"status_code":%d,"request_id":"' % status,
+                    _line_id("req_").encode(),
+                    b'","body":',
+                    answer,
+                    b'},"error":null}',
+                )
+            )
         try:
             parsed: Any = json.loads(answer)
         except ValueError:
             parsed = answer.decode("utf-8", "replace")
         out = {
-            "id": new_id("batch_req_"),
+            "id": _line_id("batch_req_"),
             "custom_id": cid,
-            "response": {"status_code": status, "request_id": new_id("req_"), "body": parsed},
+            "response": {"status_code": status, "request_id": _line_id("req_"), "body": parsed},
             "error": None,
         }
-        return 200 <= status < 300, out
+        return ok, out
 
     async def stop(self) -> None:
         self._stopping = True
@@ -227,6 +320,12 @@ class _StatusWatch:
         return self._running
 
 
+def _line_id(prefix: str) -> str:
+    """An output line's id or request id: unique, not a secret (nothing is reached by it), so
+    not from the OS's random source, which cost two system calls per line."""
+    return f"{prefix}{random.getrandbits(96):024x}"
+
+
 def _line_problem(doc: dict[str, Any], endpoint: str) -> str | None:
     """Why a parsed line cannot run in a batch for ``endpoint`` (None: it can)."""
     if not isinstance(doc.get("custom_id"), str):
@@ -240,64 +339,3 @@ def _line_problem(doc: dict[str, Any], endpoint: str) -> str | None:
     if doc["body"].get("stream"):
         return "body.stream: batch lines cannot stream"
     return None
-
-
-class AsgiCaller:
-    """Runs a request through an ASGI app in this process (the router's FastAPI app): the
-    handlers online requests reach, with the batch owner's key in the scope (``key_of`` makes
-    it), so a key limited to some models is limited in its batches too."""
-
-    def __init__(self, app: Any, key_of: Callable[[str, list[str] | None], Any]) -> None:
-        self.app, self.key_of = app, key_of
-
-    async def __call__(
-        self, method: str, url: str, body: bytes, owner: str, models: list[str] | None
-    ) -> tuple[int, bytes]:
-        from services.llm.openai_api import ROUTES, model_of
-        from services.protocols.state import SCOPE_KEY
-        from services.runtime.errors import ServeryError
-
-        key = self.key_of(owner, models)
-        route = ROUTES.get(url)
-        if key is not None and route is not None and route.names_model:
-            try:  # what the gate checks on /v1 (the handlers check /predict and /v2 themselves)
-                key.check_model(model_of(body))
-            except ServeryError as e:
-                return e.status_code, json.dumps({"error": {"message": e.message}}).encode()
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": method,
-            "scheme": "http",
-            "path": url,
-            "raw_path": url.encode(),
-            "root_path": "",
-            "query_string": b"",
-            "headers": [(b"content-type", b"application/json")],
-            "client": ("batch", 0),
-            "server": ("batch", 0),
-            "app": self.app,
-            SCOPE_KEY: key,
-        }
-        sent = False
-        status = [0]
-        chunks: list[bytes] = []
-        never = asyncio.Event()
-
-        async def receive() -> dict[str, Any]:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await never.wait()  # the client never leaves
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-
-        await self.app(scope, receive, send)
-        return status[0], b"".join(chunks)

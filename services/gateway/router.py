@@ -377,10 +377,9 @@ class Router:
 
     @bentoml.on_startup
     async def _consume_batches(self) -> None:
-        """The batch queue's consumer, in the first router worker (``SERVERY_BATCH_WORKER``)."""
-        from bentoml._internal.context import server_context
-
-        if self.batches is not None and BATCH.worker and server_context.worker_index in (None, 1):
+        """The batch queue's consumer, in every router worker (``SERVERY_BATCH_WORKER``): a
+        job takes the whole server while no online request comes (services/batch/worker.py)."""
+        if self.batches is not None and BATCH.worker:
             self._batch_consumer = asyncio.get_running_loop().create_task(self.batches.consume())
 
     @bentoml.on_startup

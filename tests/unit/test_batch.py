@@ -205,3 +205,77 @@ def test_completion_windows(window: str, seconds: int) -> None:
 def test_bad_completion_windows(window: str) -> None:
     with pytest.raises(BadRequest):
         window_s(window)
+
+
+def test_json_answers_go_into_output_lines_unparsed(tmp_path: Path) -> None:
+    """An answer whose content type is JSON (JsonBytes) is put in the output line as it is; the
+    line is still one valid JSON object in OpenAI's shape."""
+    from services.batch.worker import JsonBytes
+
+    async def caller(*_: Any) -> tuple[int, bytes]:
+        return 200, JsonBytes(b'{"predictions":[0],"x":"\\u00e9"}')
+
+    async def run() -> None:
+        batches = Batches(_settings(tmp_path), caller)
+        line = json.dumps({"custom_id": 'a"b', "url": "/predict", "body": {}}).encode()
+        ok, entry = await batches.run_line(
+            {"endpoint": "/predict", "_owner": "", "_models": None}, line
+        )
+        assert ok and isinstance(entry, bytes)
+        doc = json.loads(entry)
+        assert doc["custom_id"] == 'a"b' and doc["error"] is None
+        assert doc["response"]["status_code"] == 200
+        assert doc["response"]["body"] == {"predictions": [0], "x": "é"}
+        assert doc["id"].startswith("batch_req_") and doc["response"]["request_id"].startswith(
+            "req_"
+        )
+
+    asyncio.run(run())
+
+
+def test_online_traffic_makes_batch_lines_run_one_at_a_time(tmp_path: Path) -> None:
+    """Priority: requests the handlers counted beyond the batch's own calls make the consumer
+    busy (one line at a time, paced); the batch's own calls do not."""
+    from services.batch.worker import Priority
+    from services.ops import metrics as ops
+
+    async def run() -> None:
+        p = Priority(share=0.5)
+        p.WATCH_S, p.HOLD_S = 0.01, 0.05
+        watch = asyncio.ensure_future(p.watch())
+        try:
+            await asyncio.sleep(0.03)
+            ours = ops.REQUESTS.labels("batch-test", "v", "200")
+            ours.inc(10)
+            p.mine += 10  # the batch's own lines: not online traffic
+            await asyncio.sleep(0.03)
+            assert not p.busy
+            ops.REQUESTS.labels("online-test", "v", "200").inc(10)
+            for _ in range(100):
+                if p.busy:
+                    break
+                await asyncio.sleep(0.01)
+            assert p.busy
+            running, most = 0, 0
+
+            async def line() -> None:
+                nonlocal running, most
+                running += 1
+                most = max(most, running)
+                await asyncio.sleep(0.002)
+                running -= 1
+
+            await asyncio.gather(*(p.run(line) for _ in range(4)))
+            assert most == 1  # busy: one line at a time
+            for _ in range(100):  # no online request for HOLD_S: not busy any more
+                if not p.busy:
+                    break
+                await asyncio.sleep(0.01)
+            assert not p.busy
+            most = 0
+            await asyncio.gather(*(p.run(line) for _ in range(4)))
+            assert most == 4
+        finally:
+            watch.cancel()
+
+    asyncio.run(run())
