@@ -5,17 +5,19 @@ import { apiKey, forgetApiKey, onUnauthorized, server, setApiKey } from "./api.j
 import { loadCatalog, renderCatalog } from "./catalog.js";
 import { Chat } from "./chat.js";
 import { $ } from "./dom.js";
+import { Jobs } from "./jobs.js";
 import { Live } from "./live.js";
 import { Try } from "./try.js";
 import { Usage } from "./usage.js";
 
-const VIEWS = ["catalog", "live", "try", "chat", "usage"];
+const VIEWS = ["catalog", "live", "try", "chat", "jobs", "usage"];
 const REFRESH_MS = 10000;
 
 const live = new Live();
 const tryIt = new Try();
 const chat = new Chat();
 const usage = new Usage();
+const jobs = new Jobs();
 let catalog = null;
 let refreshTimer = null;
 let rendered = null;
@@ -43,6 +45,7 @@ function show() {
   document.title = `${shown === "key" ? "API key" : $(`view-${shown}`).querySelector("h1").textContent} · servery console`;
   live.show(shown === "live");
   usage.show(shown === "usage");
+  jobs.show(shown === "jobs");
   if (shown === "key") {
     $("key-input").focus();
     return;
