@@ -6,7 +6,7 @@
     servery rag drop NAME [--url ...] [--api-key K]
 
 It talks to the server's ``/v1/rag`` API (so an embedded store keeps one owner: the RAG
-service). ``ingest`` reads text, Markdown and HTML files (folders recursively), compares each
+service). ``ingest`` reads text, Markdown, HTML and PDF files (folders recursively), compares each
 file's content hash with the collection's and sends only new and changed ones, in batches, with a
 progress bar; documents of the collection under the given paths whose file is gone are removed
 (``--keep-missing`` keeps them). A file that cannot be read or is refused is reported and the
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 SUFFIXES = {".md": "text", ".markdown": "text", ".txt": "text", ".rst": "text"}
-SUFFIXES |= {".html": "html", ".htm": "html"}
+SUFFIXES |= {".html": "html", ".htm": "html", ".pdf": "pdf"}
 BATCH_DOCS = 16
 BATCH_BYTES = 2 << 20
 
@@ -80,9 +80,43 @@ class _Text(HTMLParser):
             self.parts.append(data)
 
 
+def pdf_text(raw: bytes) -> str:
+    """A PDF's text, page by page: each page is a section headed ``# Page N``, so its chunks
+    never span pages and start with their page's number. Raises ValueError for a PDF that
+    cannot be read or holds no text (a scanned one)."""
+    import io
+
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    try:
+        reader = PdfReader(io.BytesIO(raw))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise ValueError("an encrypted PDF (no text without its password)")
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except PyPdfError as e:
+        raise ValueError(f"not a readable PDF ({e})") from None
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # malformed object trees
+        raise ValueError(f"not a readable PDF ({type(e).__name__})") from None
+    if not any(p.strip() for p in pages):
+        raise ValueError(
+            f"no extractable text in its {len(pages)} page(s): a scanned PDF? (run OCR first)"
+        )
+    # a line starting with '#' would read as a heading: indent it
+    return "\n\n".join(
+        f"# Page {n}\n\n"
+        + "\n".join(" " + ln if ln.startswith("#") else ln for ln in text.splitlines())
+        for n, text in enumerate(pages, 1)
+        if text.strip()
+    )
+
+
 def read_text(path: Path) -> str:
-    """A file's text (HTML reduced to its visible text). Raises ValueError/OSError."""
+    """A file's text (HTML reduced to its visible text, a PDF's pages to theirs). Raises
+    ValueError/OSError."""
     raw = path.read_bytes()
+    if SUFFIXES.get(path.suffix.lower()) == "pdf":
+        return pdf_text(raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

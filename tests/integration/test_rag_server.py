@@ -144,6 +144,29 @@ def test_embeddings_refusals(rag_server: Server, body: dict, status: int, says: 
     assert says in resp.json()["error"]["message"]
 
 
+def test_ingest_reads_pdf_pages_and_reports_a_scanned_pdf(
+    rag_server: Server, tmp_path: Path
+) -> None:
+    from tests.unit.test_rag_pdf import pdf_bytes
+
+    (tmp_path / "pdfs").mkdir()
+    manual = ["The coolant pump moves forty litres a minute.", "Replace the pump seal yearly."]
+    (tmp_path / "pdfs" / "manual.pdf").write_bytes(pdf_bytes(manual))
+    (tmp_path / "pdfs" / "scan.pdf").write_bytes(pdf_bytes(["", ""]))  # pages without text
+    done = cli("ingest", "pdfs", "--collection", "pdfs", "--url", rag_server.url, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "1 added (2 chunks), 0 unchanged, 0 removed, 1 failed" in done.stdout, done.stdout
+    assert "pdfs/scan.pdf: no extractable text in its 2 page(s)" in done.stderr, done.stderr
+    found = httpx.post(
+        f"{rag_server.url}/v1/rag/collections/pdfs/query",
+        json={"query": "how often is the pump seal replaced", "k": 1},
+        timeout=30,
+    ).json()["matches"]
+    assert found[0]["source"] == "pdfs/manual.pdf"
+    assert found[0]["text"] == "Page 2\n\nReplace the pump seal yearly."
+    assert cli("drop", "pdfs", "--url", rag_server.url, cwd=tmp_path).returncode == 0
+
+
 def test_models_lists_the_llm_the_embedding_model_and_the_apps(rag_server: Server) -> None:
     ids = {m["id"] for m in httpx.get(f"{rag_server.url}/v1/models").json()["data"]}
     assert {LLM_NAME, EMBED, APP, "empty-app"} <= ids
