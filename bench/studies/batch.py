@@ -175,10 +175,10 @@ class Client:
         r.raise_for_status()
         return str(r.json()["id"])
 
-    def create(self, file_id: str) -> dict[str, Any]:
+    def create(self, file_id: str, endpoint: str = "/predict") -> dict[str, Any]:
         r = self.http.post(
             "/v1/batches",
-            json={"input_file_id": file_id, "endpoint": "/predict", "completion_window": "24h"},
+            json={"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"},
         )
         r.raise_for_status()
         return r.json()  # type: ignore[no-any-return]
@@ -461,6 +461,102 @@ def _start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], int] | None:
     return None
 
 
+# --- the chat job (--llm) ------------------------------------------------------------------------
+
+LLM = "tiny"
+LLM_ENV = {
+    "SERVERY_LLM_ENABLED": "true",
+    "SERVERY_LLM_MODELS": f"{LLM}=tiny-llm",
+    "SERVERY_LLM_MODELS_FILE": "",
+    "SERVERY_LLM_ENFORCE_EAGER": "true",
+    "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+CHAT_TOKENS = 32
+
+
+def chat_body(i: int) -> dict[str, Any]:
+    """A chat that generates exactly ``CHAT_TOKENS`` tokens (vLLM's ``ignore_eos``)."""
+    return {
+        "model": LLM,
+        "messages": [{"role": "user", "content": f"Tell me about batch number {i}."}],
+        "max_tokens": CHAT_TOKENS,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+
+
+def chat_file(n: int) -> bytes:
+    return b"".join(
+        json.dumps(
+            {
+                "custom_id": f"c{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": chat_body(i),
+            }
+        ).encode()
+        + b"\n"
+        for i in range(n)
+    )
+
+
+def online_chat_tokens(url: str, seconds: float, concurrency: int = 8) -> dict[str, Any]:
+    """Completion tokens per second of ``concurrency`` clients sending chats back to back."""
+    import threading
+
+    tokens, errors, stop = [0], [0], time.monotonic() + seconds
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as h:
+            i = k
+            while time.monotonic() < stop:
+                r = h.post("/v1/chat/completions", json=chat_body(i))
+                i += concurrency
+                with lock:
+                    if r.status_code == 200:
+                        tokens[0] += r.json()["usage"]["completion_tokens"]
+                    else:
+                        errors[0] += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {"tok_s": tokens[0] / wall, "tokens": tokens[0], "seconds": wall, "errors": errors[0]}
+
+
+def chat_job(srv: Server, args: argparse.Namespace) -> dict[str, Any]:
+    """Online tok/s at c=8, the chat job, online again; the job's tok/s from its output."""
+    c = Client(srv.url)
+    online_chat_tokens(srv.url, 2)  # warm-up
+    before = online_chat_tokens(srv.url, args.seconds * 2)
+    file_id = c.upload(chat_file(args.chat_lines))
+    time.sleep(HOLD_S + 0.5)
+    start = time.perf_counter()
+    b = c.create(file_id, "/v1/chat/completions")
+    b = c.wait(b["id"], 0.1)
+    wall = time.perf_counter() - start
+    out = []
+    if b["output_file_id"]:
+        out = c.http.get(f"/v1/files/{b['output_file_id']}/content").text.splitlines()
+    tokens = sum(json.loads(x)["response"]["body"]["usage"]["completion_tokens"] for x in out)
+    after = online_chat_tokens(srv.url, args.seconds * 2)
+    job = {"tok_s": tokens / wall, "tokens": tokens, "seconds": wall, "counts": b["request_counts"]}
+    ratio = job["tok_s"] / ((before["tok_s"] + after["tok_s"]) / 2)
+    print(
+        f"chat: online {before['tok_s']:,.0f} tok/s, job {job['tok_s']:,.0f} tok/s "
+        f"({wall:.1f} s, {b['request_counts']}), online {after['tok_s']:,.0f} tok/s",
+        flush=True,
+    )
+    return {"online": [before, after], "job": job, "ratio": ratio}
+
+
 # --- report -------------------------------------------------------------------------------------
 
 
@@ -491,6 +587,13 @@ def detail_lines(res: Mapping[str, Any], args: argparse.Namespace) -> list[str]:
         f"(median of {len(q['jobs_ms'])}, polled every 10 ms) vs {q['online_ms']:.1f} ms online: "
         f"{q['added_ms']:.0f} ms added per job/line at idle",
     ]
+    if "chat" in res:
+        ch = res["chat"]
+        lines.append(
+            f"chat: online c=8 {ch['online'][0]['tok_s']:,.0f} / {ch['online'][1]['tok_s']:,.0f} "
+            f"tok/s (before / after); job {ch['job']['tok_s']:,.0f} tok/s "
+            f"({ch['job']['tokens']:,} tokens in {ch['job']['seconds']:.1f} s)"
+        )
     per_line_us = statistics.median(j["seconds"] / j["lines"] for j in t["jobs"]) * 1e6
     for name, v in res["persistence"].items():
         lines.append(
@@ -538,9 +641,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="an environment variable for the server, e.g. SERVERY_BATCH_CONCURRENCY=8",
     )
+    p.add_argument(
+        "--llm",
+        action="store_true",
+        help="also a chat job on the tiny LLM (vLLM on CPU, training/tiny_llm.py) vs online "
+        "tok/s at c=8, on a second server",
+    )
+    p.add_argument("--chat-lines", type=int, help="requests of the chat job (1000; --quick: 100)")
     p.add_argument("--quick", action="store_true", help="smoke run: 10k rows, 1 repeat, 2 s runs")
     args = p.parse_args(argv)
-    for name, full, quick in (("rows", 100_000, 10_000), ("seconds", 8, 2), ("repeats", 3, 1)):
+    for name, full, quick in (
+        ("rows", 100_000, 10_000),
+        ("seconds", 8, 2),
+        ("repeats", 3, 1),
+        ("chat_lines", 1000, 100),
+    ):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     if any("=" not in e for e in args.server_env):
@@ -600,12 +715,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             res["p99"] = p99_under_job(srv, c, rows, args)
         finally:
             srv.stop()
+        if args.llm:
+            with bentoml_store(home):
+                from training.tiny_llm import save
+
+                save("tiny-llm")
+            srv = start_server(
+                home,
+                MODELS_YAML,
+                tmp / "serve-llm",
+                env={**LLM_ENV, **args.env},
+                ready_timeout=300,
+            )
+            try:
+                res["chat"] = chat_job(srv, args)
+            finally:
+                srv.stop()
         res["persistence"] = persistence(tmp, 2000 if args.quick else 10000, defaults.chunk_lines)
     meta["bentoml_home"] = None
     failed = sum(j["failed"] for j in res["throughput"]["jobs"])
+    if "chat" in res:
+        failed += res["chat"]["job"]["counts"]["failed"]
     errors = sum(o["errors"] for o in res["throughput"]["online"])
     errors += sum(r["errors"] for k in ("with", "without") for r in res["p99"][k])
     res["verdicts"] = evaluate(res["throughput"]["ratio"], res["p99"]["ratio"], failed, errors)
+    if "chat" in res:
+        r = res["chat"]["ratio"]
+        res["verdicts"].insert(
+            1,
+            {
+                "check": f"chat job tok/s / online tok/s at c=8 ({args.chat_lines} requests, "
+                f"{CHAT_TOKENS} tokens each, tiny LLM)",
+                "measured": f"{r:.3f}x",
+                "target": f">= {THROUGHPUT_MIN:g}x",
+                "ok": r >= THROUGHPUT_MIN,
+            },
+        )
     print("\n" + target_table(res["verdicts"], False))
     print("\n".join(["", *detail_lines(res, args)]))
     OUT_JSON.parent.mkdir(parents=True, exist_ok=True)

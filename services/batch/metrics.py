@@ -26,6 +26,11 @@ LINES = Counter(
     "an entry in the error file)",
     ["outcome"],
 )
+LINE_CALLS = Counter(
+    "servery_batch_line_calls_total",
+    "Requests batch lines made to the router's handlers (retries included): what the "
+    "consumers subtract from servery_requests_total to see online traffic",
+)
 RETRIES = Counter(
     "servery_batch_line_retries_total",
     "Line attempts that met a transient failure (429, 502-504, a connection error) and were "

@@ -264,7 +264,7 @@ class Batches:
             except Exception as e:  # the handler or what it calls broke: retried, then answered
                 logger.warning("batch line %s: %s", cid, type(e).__name__)
                 status, answer = 0, b""
-            self.priority.mine += 1
+            metrics.LINE_CALLS.inc()
             if status not in TRANSIENT and status != 0:
                 break
             metrics.RETRIES.inc()

@@ -245,17 +245,31 @@ def test_online_traffic_makes_batch_lines_run_one_at_a_time(tmp_path: Path) -> N
         watch = asyncio.ensure_future(p.watch())
         try:
             await asyncio.sleep(0.03)
-            ours = ops.REQUESTS.labels("batch-test", "v", "200")
-            ours.inc(10)
-            p.mine += 10  # the batch's own lines: not online traffic
-            await asyncio.sleep(0.03)
+            from services.batch import metrics
+
+            async def own_lines() -> None:  # the batch's own calls: not online traffic
+                ops.REQUESTS.labels("batch-test", "v", "200").inc(10)
+                metrics.LINE_CALLS.inc(10)
+                await asyncio.sleep(0.03)
+
+            await p.run(own_lines)
             assert not p.busy
+            assert not p.busy
+            gate = asyncio.Event()
+
+            async def waiting() -> None:
+                await gate.wait()
+
+            held = asyncio.ensure_future(p.run(waiting))  # a line runs: the counters are read
+            await asyncio.sleep(0.03)
             ops.REQUESTS.labels("online-test", "v", "200").inc(10)
             for _ in range(100):
                 if p.busy:
                     break
                 await asyncio.sleep(0.01)
             assert p.busy
+            gate.set()
+            await held
             running, most = 0, 0
 
             async def line() -> None:

@@ -46,3 +46,13 @@ def test_ratios_and_verdicts() -> None:
     assert [v["ok"] for v in verdicts] == [True, False, True, True]
     text = batch.target_table(verdicts, markdown=True)
     assert "| 0.800x | >= 0.8x | PASS |" in text and "| 1.210x | <= 1.2x | FAIL |" in text
+
+
+def test_the_chat_job_asks_for_a_fixed_number_of_tokens() -> None:
+    lines = [json.loads(line) for line in batch.chat_file(3).splitlines()]
+    assert [line["custom_id"] for line in lines] == ["c0", "c1", "c2"]
+    assert {line["url"] for line in lines} == {"/v1/chat/completions"}
+    body = lines[1]["body"]
+    assert body["model"] == batch.LLM and body["ignore_eos"] is True
+    assert body["max_tokens"] == batch.CHAT_TOKENS and "stream" not in body
+    assert batch.parse_args(["--llm", "--quick"]).chat_lines == 100
