@@ -14,7 +14,8 @@
 #               from your environment, else ~/bentoml, the same one `bentoml serve` and `servery`
 #               use (`make serve BENTOML_HOME=/somewhere` serves another)
 #   BENCH_ARGS  extra arguments for `make bench` / `make bench-protocols` / `make bench-peers`
-#               / `make bench-formats`
+#               / `make bench-formats` / `make bench-llm-features` / `make bench-rag`
+#               / `make bench-batch`
 #               (e.g. BENCH_ARGS="--quick --models iris")
 #
 # The environment is exactly a lock file (requirements-*.txt), written by `make lock` from
@@ -37,7 +38,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.servery-installed
 LOCK := requirements-dev-$(BUILD).txt
 
-.PHONY: serve test lock models models-llm models-large bench bench-protocols bench-peers bench-versioning bench-formats bench-llm bench-overload peer-mlserver lint clean help
+.PHONY: serve test lock models models-llm models-large bench bench-protocols bench-peers bench-versioning bench-formats bench-llm bench-overload bench-llm-features bench-rag bench-batch peer-mlserver lint clean help
 
 help:
 	@awk '/^#/ {print; next} {exit}' Makefile
@@ -186,6 +187,24 @@ bench-llm: $(STAMP)
 
 bench-overload: models-large
 	$(PY) -m bench.studies.overload $(BENCH_ARGS)
+
+# LLM features on one tiny-LLM server (bench/RESULTS.md, "llm-features"): LoRA adapters vs the base
+# model's tok/s at c=8, switching among 3 adapters (p99 TTFT), tool calls and json_schema beside
+# plain chat. BENCH_ARGS="--model smollm2" for SmolLM2-135M; --quick for a smoke run.
+bench-llm-features: $(STAMP)
+	$(PY) -m bench.studies.llm_features $(BENCH_ARGS)
+
+# Batch jobs (bench/RESULTS.md, "batch"): a 100 k-row iris job's rows/s against online /predict at
+# c=64 with 32-row requests, online p99 at c=16 while a job runs, the queue's cost per line.
+bench-batch: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk >/dev/null 2>&1 || \
+		{ echo "bench-batch needs wrk: apt-get install -y wrk"; exit 1; }
+	$(PY) -m bench.studies.batch $(BENCH_ARGS)
+
+# RAG (bench/RESULTS.md, "RAG"): retrieval quality on the shipped corpus, embeddings throughput,
+# retrieval latency at 10 k and 100 k chunks, a RAG app's TTFT against plain chat.
+bench-rag: $(STAMP)
+	$(PY) -m bench.studies.rag $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
