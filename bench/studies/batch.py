@@ -2,13 +2,13 @@
 runs, the queue's added latency per line and what persistence costs.
 
     python -m bench.studies.batch [--quick] [--rows 100000] [--rows-per-line 32] [--seconds S]
-                                  [--repeats R]
+                                  [--repeats R] [--server-env NAME=VALUE] [--llm]
     make bench-batch
 
 One ``bentoml serve`` of servery (default settings: SQLite queue and job state in
-``SERVERY_BATCH_DIR``, the consumer in the first router worker, ``SERVERY_BATCH_CONCURRENCY``
-lines at once) serves an iris classifier from a temporary store (``bench.harness.store.save_iris``,
-the LogisticRegression the tests use). In that one run:
+``SERVERY_BATCH_DIR``, a consumer in every router worker, online requests first) serves an
+iris classifier from a temporary store (``bench.harness.store.save_iris``, the
+LogisticRegression the tests use). In that one run:
 
 * **Throughput.** wrk sends ``/predict`` bodies of ``--rows-per-line`` rows (32) at c=64: online
   rows/s. A job of ``--rows`` rows (100,000) as OpenAI Batch API lines targeting ``/predict``,
@@ -23,6 +23,10 @@ the LogisticRegression the tests use). In that one run:
 * **The queue's added latency per line.** A one-line job (one row) is timed from create to
   ``completed`` (polled every 10 ms), ``LATENCY_JOBS`` times; minus the median latency of the same
   request sent online, one at a time. Reported, no target.
+* **Chat job** (``--llm``, a second server with the tiny LLM of training/tiny_llm.py on vLLM's
+  CPU build): online tok/s of 8 clients sending chats of ``CHAT_TOKENS`` tokens
+  (``ignore_eos``) back to back, before and after a job of ``--chat-lines`` (1,000) such
+  chats; job tok/s is its output's completion tokens over create-to-completed. Target >= 0.8x.
 * **Persistence.** In this process, what the job state and queue cost per line on the SQLite
   store the server uses (and on Redis when ``redis-server`` is installed, AOF on, as in deploy/)
   next to an in-memory store: a line's answer (``Jobs.answer``: set-if-absent and a counter) and
@@ -611,7 +615,7 @@ def markdown(meta: Mapping[str, Any], args: argparse.Namespace, res: Mapping[str
             "",
             run_line(meta),
             "",
-            "One router (default settings: SQLite queue and state, the consumer in the first "
+            "One router (default settings: SQLite queue and state, a consumer in every "
             f"router worker, {res['settings']}) serves an iris LogisticRegression. Job lines are "
             f"OpenAI Batch API lines targeting `/predict`, {args.rows_per_line} rows per line; "
             "online load is wrk. Methods: `python -m bench.studies.batch --help`. Load average "

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from services.batch.metrics import FINISHED
 from services.batch.settings import BatchSettings
 from services.batch.state import State
@@ -195,7 +197,7 @@ class Jobs:
         meta = self._file_meta(owner, input_file_id)
         if meta["purpose"] != "batch":
             raise BadRequest("the input file's purpose is not 'batch'", param="input_file_id")
-        lines = input_lines(self.path_of(input_file_id).read_bytes())
+        lines = self._input(input_file_id)  # read once: its chunks take their lines from here
         errors = _validate(lines, self.settings.max_lines)
         queued = self.queued_lines(owner)
         if not errors and queued + len(lines) > self.settings.max_queued_lines:
@@ -506,7 +508,7 @@ def too_large(limit: int) -> PayloadTooLarge:
 
 def custom_id_of(line: bytes) -> Any:
     try:
-        doc = json.loads(line)
+        doc = orjson.loads(line)  # every line of a new batch: orjson parses it several times faster
     except ValueError:
         return None
     cid = doc.get("custom_id") if isinstance(doc, dict) else None
