@@ -87,6 +87,7 @@ async def start_engine(entry: LLMEntry, settings: LLMSettings) -> Engine:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from models.llm_store import hf_dir
+    from services.compat import vllm_cpu_lora_ops
 
     started = time.perf_counter()
     path, bento_model = hf_dir(entry.tag)
@@ -99,6 +100,7 @@ async def start_engine(entry: LLMEntry, settings: LLMSettings) -> Engine:
     engine_args = AsyncEngineArgs.from_cli_args(args)
     usage = UsageContext.OPENAI_API_SERVER
     config = engine_args.create_engine_config(usage_context=usage)
+    lora_ops = vllm_cpu_lora_ops.extend_engine(config)  # LoRA on CPU: servery's ops in the worker
     # Construction blocks until the engine-core process has loaded the model (tens of seconds):
     # off the event loop, so /livez and /readyz keep answering meanwhile.
     client = await asyncio.to_thread(
@@ -110,6 +112,9 @@ async def start_engine(entry: LLMEntry, settings: LLMSettings) -> Engine:
         disable_log_stats=engine_args.disable_log_stats,
     )
     try:
+        if lora_ops:
+            workers = await client.collective_rpc("servery_lora_ops")
+            logger.info("LLM %s: vllm_cpu_lora_ops in the model workers: %s", entry.name, workers)
         app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
         app.include_router(chat_router)
         app.include_router(completion_router)
