@@ -217,16 +217,20 @@ async def _in_process(handler: Any, body: dict[str, Any]) -> Any:
 
 
 def _batches() -> Any:
-    """This worker's batch jobs (services/batch/): lines run in-process through ``app`` with
-    the batch owner's key (its name and models as they were when the batch was created)."""
+    """This worker's batch jobs (services/batch/): lines run in-process with the batch
+    owner's key (its name and models as they were when the batch was created), those for the
+    prediction routes straight through the fast path's handlers (services/gateway/fastpath.py,
+    the functions their FastAPI routes call too), the rest through ``app``."""
     from services.batch.worker import AsgiCaller, Batches
+    from services.gateway.fastpath import prediction_routes
 
     def key_of(owner: str, models: list[str] | None) -> auth.ApiKey | None:
         if not owner:  # created without keys
             return None
         return auth.ApiKey(owner, b"", None if models is None else frozenset(models))
 
-    batches = Batches(BATCH, AsgiCaller(app, key_of))
+    direct = [(route.pattern, route.handler) for route in prediction_routes()]
+    batches = Batches(BATCH, AsgiCaller(app, key_of, direct))
     batch_api.BATCHES[:] = [batches]
     return batches
 

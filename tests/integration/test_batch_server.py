@@ -185,8 +185,20 @@ def _each_once(client: Any, batch: Any, total: int) -> tuple[list[Any], list[Any
     return out, err
 
 
+def _counts(server: Server) -> tuple[float, float]:
+    """(servery_requests_total, servery_batch_line_calls_total), summed over every label."""
+    from bench.harness.server import metric_samples
+
+    samples = metric_samples(server.url + "/metrics")
+    return tuple(  # type: ignore[return-value]
+        sum(v for n, _, v in samples if n == name)
+        for name in ("servery_requests_total", "servery_batch_line_calls_total")
+    )
+
+
 def test_the_openai_client_flow_scores_rows_with_a_classifier(batch_server: Server) -> None:
     client = _openai(batch_server)
+    log_at, (requests_before, calls_before) = batch_server.log.stat().st_size, _counts(batch_server)
     lines: list[Any] = [_predict_line(i) for i in range(6)]
     lines += [
         b"not json {",  # its own error entry, the rest continue
@@ -227,6 +239,16 @@ def test_the_openai_client_flow_scores_rows_with_a_classifier(batch_server: Serv
     assert by_id["r8"]["error"]["code"] == "invalid_request"  # not this batch's endpoint
     assert by_id["r9"]["response"]["status_code"] in (400, 422)  # wrong row width
     assert (done.request_counts.completed, done.request_counts.failed) == (6, 4)
+    # each line that ran (8: not r8, nor the line that is not JSON) is counted once by the
+    # handlers and once as a batch call, so the consumers' estimate of online traffic
+    # (services/batch/priority.py) leaves it out; and no access-log line per batch line
+    requests, calls = _counts(batch_server)
+    assert (requests - requests_before, calls - calls_before) == (8, 8)
+    with open(batch_server.log, "rb") as f:
+        f.seek(log_at)
+        logged = f.read()
+    assert b"path=/v1/batches/" in logged  # the access log is on: the client's polls are in it
+    assert b"path=/predict," not in logged
     listed = client.batches.list(limit=1)
     assert listed.data[0].id == batch.id and listed.has_more in (True, False)
     assert client.files.delete(uploaded.id).deleted

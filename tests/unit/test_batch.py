@@ -293,3 +293,53 @@ def test_online_traffic_makes_batch_lines_run_one_at_a_time(tmp_path: Path) -> N
             watch.cancel()
 
     asyncio.run(run())
+
+
+def test_prediction_lines_call_the_fast_path_handlers_with_the_owner_key() -> None:
+    """AsgiCaller: a line for a fast-path route calls that route's handler (the one online
+    requests reach) with the owner's key in the scope, counted once in servery_requests_total;
+    another URL runs through the app."""
+    from fastapi import FastAPI
+
+    from services.batch.asgi import AsgiCaller, JsonBytes
+    from services.batch.priority import counted
+    from services.gateway.auth import ApiKey
+    from services.gateway.fastpath import prediction_routes
+
+    app = FastAPI()  # no registry on it: an admitted prediction is answered 503 (loading)
+    reached: list[str] = []
+
+    @app.post("/other")
+    async def other() -> dict[str, str]:
+        reached.append("app")
+        return {"via": "app"}
+
+    @app.post("/predict")
+    async def shadowed() -> dict[str, str]:  # the direct route is called, never this one
+        reached.append("fastapi /predict")
+        return {}
+
+    def key_of(owner: str, models: list[str] | None) -> ApiKey | None:
+        return ApiKey(owner, b"", None if models is None else frozenset(models)) if owner else None
+
+    call = AsgiCaller(app, key_of, [(r.pattern, r.handler) for r in prediction_routes()])
+    row = json.dumps({"model": "other", "inputs": [[1.0, 2.0, 3.0, 4.0]]}).encode()
+    infer = json.dumps(
+        {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP64", "data": [1, 2, 3, 4]}]}
+    ).encode()
+
+    async def run() -> None:
+        before = counted()[0]
+        status, body = await call("POST", "/predict", row, "bob", ["iris"])
+        assert status == 403 and isinstance(body, JsonBytes)
+        assert "may not use model 'other'" in json.loads(body)["error"]["message"]
+        status, body = await call("POST", "/predict", row, "", None)  # created without keys
+        assert status == 503 and "loading" in json.loads(body)["error"]["message"]
+        status, body = await call("POST", "/v2/models/other/versions/3/infer", infer, "", None)
+        assert status == 503 and isinstance(body, JsonBytes)
+        assert counted()[0] - before == 3  # each line counted once, as an online request
+        status, body = await call("POST", "/other", b"{}", "", None)
+        assert (status, json.loads(body)) == (200, {"via": "app"})
+
+    asyncio.run(run())
+    assert reached == ["app"]
