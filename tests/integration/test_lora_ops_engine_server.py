@@ -4,9 +4,9 @@ rank-8 adapters): the model worker, a process vLLM spawns, runs servery's LoRA o
 the same token for token as with vLLM's own ops, in the same engine.
 
 Batches: all prompts on one adapter, two adapters mixed (``max_loras: 2``, both loaded, so the
-slots do not move), and the base model alone. Base requests batched with adapter requests are
-left out: vLLM 0.32 applies the last slot's adapter to them (index -1, vllm-project/vllm#48421),
-so their output depends on which adapter sits there, with vLLM's own ops too.
+slots do not move), and the base model alone. With servery's ops, base requests batched with
+adapter requests answer as the base model alone does (vLLM 0.32's own ops apply the last slot's
+adapter to them, index -1, vllm-project/vllm#48421, so that batch is not compared with them).
 """
 
 from __future__ import annotations
@@ -40,16 +40,18 @@ llm = LLM(model=str(root / "tiny"), enable_lora=True, max_loras=2, max_lora_rank
 greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 prompts = [f"The capital of France is {i} " * (1 + 20 * (i % 3)) for i in range(8)]
 
-def outputs():
+def outputs(beside=False):
     batches = {"one adapter": loras[0], "two adapters": [loras[i % 2] for i in range(8)],
                "base": None}
+    if beside:  # base requests in even places, the last slot's adapter in odd ones
+        batches["base beside an adapter"] = [None if i % 2 == 0 else loras[1] for i in range(8)]
     return {name: [list(o.outputs[0].token_ids)
                    for o in llm.generate(prompts, greedy, lora_request=lora, use_tqdm=False)]
             for name, lora in batches.items()}
 
 vllms = outputs()
 first = llm.collective_rpc("servery_lora_ops")
-servery = outputs()
+servery = outputs(beside=True)
 second = llm.collective_rpc("servery_lora_ops")
 print("RESULT " + json.dumps({"vllm": vllms, "servery": servery, "first": first,
                               "second": second}))
@@ -70,5 +72,9 @@ def test_the_model_worker_runs_servery_s_ops_with_the_same_greedy_outputs(tmp_pa
     assert first["pid"] != os.getpid() and first["pid"] == second["pid"]
     assert first["replaced"] and first["in_force"] and first["calls"] == 0
     assert second["calls"] > 0  # ... and what it ran for the second round of requests
+    beside = result["servery"].pop("base beside an adapter")
     assert result["servery"] == result["vllm"]
+    # a base request batched with adapter requests gets no adapter (vLLM's ops gave it a1's)
+    assert beside[0::2] == result["servery"]["base"][0::2]
+    assert beside[1::2] == result["servery"]["two adapters"][1::2]
     assert result["vllm"]["one adapter"] != result["vllm"]["base"]  # the adapter counts

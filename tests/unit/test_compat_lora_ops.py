@@ -1,10 +1,13 @@
-"""services/compat/vllm_cpu_lora_ops.py: the six CPU LoRA ops give upstream's results.
+"""services/compat/vllm_cpu_lora_ops.py: the six CPU LoRA ops give upstream's results, except
+that ``-1`` (no adapter) gets no delta.
 
 Each replacement runs beside vLLM's own function (``upstream_ops()``, read from vLLM's module)
 on the same random tensors: prefill (sgmv, several sequences) and decode (bgmv) shapes, one
-adapter for all tokens, mixed adapters, ``-1`` (no adapter: upstream's tensor indexing picks the
-last slot), float32 and bfloat16 weights and outputs, ``[slots, 1, out, in]`` and 3-D weights,
-expand's padding rules (``limit``, ``common_len``), ``add_inputs`` and ``scaling``.
+adapter for all tokens, mixed adapters, ``-1``, float32 and bfloat16 weights and outputs,
+``[slots, 1, out, in]`` and 3-D weights, expand's padding rules (``limit``, ``common_len``),
+``add_inputs`` and ``scaling``. vLLM's function is given one more slot of zeros, and ``-1``
+pointed at it: what "no adapter" means (vLLM's GPU kernels skip such tokens; upstream's tensor
+indexing picked the last real slot, vllm-project/vllm#48421).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ SLOTS, IN, OUT, RANK = 4, 48, 40, 8
 
 INDICES = {
     "one adapter": [2] * 7,
-    "mixed, few tokens (upstream's gather)": [0, 2, -1, 2, 1, 0, -1],
+    "mixed, few tokens (a gather)": [0, 2, -1, 2, 1, 0, -1],
     "mixed (one product per adapter)": [0, 2, -1, 2, 1, 0, -1] * 10,
     "no adapter (-1)": [-1] * 7,
     "-1 and the last slot": [-1, SLOTS - 1, 3, -1, 0, 3, 1],
@@ -51,12 +54,37 @@ def weights(out: int, inp: int, dtype: torch.dtype, four_d: bool = True) -> torc
     return w if four_d else w.squeeze(1)
 
 
+def no_adapter_slot(w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` with a slot of zeros appended and ``idx`` with -1 pointed at it."""
+    zero = torch.zeros_like(w[:1])
+    return torch.cat([w, zero]), torch.where(idx < 0, w.shape[0], idx)
+
+
 def both(name: str, out: torch.Tensor, *args: object) -> None:
-    """Run upstream's and this module's ``name`` on copies of ``out``; the results agree."""
+    """Run upstream's (with -1 meaning a slot of zeros) and this module's ``name`` on copies of
+    ``out``; the results agree."""
     theirs, mine = out.clone(), out.clone()
-    UP[name](args[0], args[1], theirs, *args[2:])
+    rest = list(args[2:])
+    at = 0 if name.startswith("bgmv") else 2  # the indices: bgmv's own, sgmv's per sequence
+    w, rest[at] = no_adapter_slot(args[1], rest[at])  # type: ignore[arg-type]
+    UP[name](args[0], w, theirs, *rest)
     getattr(fix, name)(args[0], args[1], mine, *args[2:])
     same(mine, theirs)
+
+
+def test_no_adapter_rows_get_no_delta() -> None:
+    """Base-model tokens (-1) beside adapter tokens: shrink writes 0, expand adds nothing."""
+    idx = torch.tensor([-1, 2, -1, 1])
+    x = torch.randn(len(idx), IN)
+    shrunk = torch.full((len(idx), RANK), 7.0)
+    fix.bgmv_shrink(x, weights(RANK, IN, torch.float32), shrunk, idx, 1.0)
+    assert torch.equal(shrunk[idx < 0], torch.zeros(2, RANK))
+    assert shrunk[idx >= 0].abs().sum() > 0
+    out = torch.randn(len(idx), OUT)
+    before = out.clone()
+    fix.bgmv_expand(torch.randn(len(idx), RANK), weights(OUT, RANK, torch.float32), out, idx, True)
+    assert torch.equal(out[idx < 0], before[idx < 0])
+    assert not torch.equal(out[idx >= 0], before[idx >= 0])
 
 
 @pytest.fixture(autouse=True)
@@ -143,16 +171,18 @@ def test_sgmv_ops(dtype: torch.dtype, case: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("case", "replaced"),
-    [("one adapter", True), ("mixed (one product per adapter)", True),
-     ("mixed, few tokens (upstream's gather)", False)],
+    ("case", "column"),
+    [("one adapter", False), ("mixed (one product per adapter)", False),
+     ("mixed, few tokens (a gather)", False), ("one adapter", True)],
 )  # fmt: skip
-def test_which_cases_take_the_replacement(case: str, replaced: bool) -> None:
+def test_which_cases_take_the_replacement(case: str, column: bool) -> None:
+    """vLLM's shapes run here; any other (indices as a column) goes to vLLM's function."""
     idx = torch.tensor(INDICES[case])
     before = fix.CALLS[0]
-    fix.bgmv_shrink(torch.randn(len(idx), IN), weights(RANK, IN, torch.float32),
-                    torch.zeros(len(idx), RANK), idx, 1.0)  # fmt: skip
-    assert fix.CALLS[0] - before == int(replaced)
+    w = weights(RANK, IN, torch.float32, four_d=False)
+    given = idx.unsqueeze(1) if column else idx
+    fix.bgmv_shrink(torch.randn(len(idx), IN), w, torch.zeros(len(idx), RANK), given, 1.0)
+    assert fix.CALLS[0] - before == int(not column)
 
 
 def test_same_errors_as_upstream_for_bad_indices() -> None:
