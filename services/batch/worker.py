@@ -12,8 +12,9 @@ number); the chunk's state (queued, running with a lease, done) and every line's
 the job state (services/batch/jobs.py), and the sweeper queues a chunk again when its lease ran
 out. A line answered twice keeps its first answer.
 
-**One line** runs through the router's own ASGI app in this process (:class:`AsgiCaller`), the
-handlers online requests reach: the same validation, micro-batcher, model, LLM proxy and
+**One line** runs in this process (:class:`AsgiCaller`) through the handlers online requests
+reach (for ``/predict`` and ``/v2/models/{name}/infer`` the fast path's, called directly; for
+the rest the router's FastAPI app): the same validation, micro-batcher, model, LLM proxy and
 metrics, without a socket. Online requests go first (:class:`Priority`): while they come,
 lines run one at a time, paced to ``SERVERY_BATCH_BUSY_SHARE`` of the time; with none,
 ``SERVERY_BATCH_CONCURRENCY`` at once. Transient answers (429, 502, 503, 504, a connection
@@ -51,6 +52,10 @@ TRANSIENT = frozenset({408, 429, 502, 503, 504})
 
 FLUSH_LINES = 32
 """Answers recorded in one write to the job state."""
+
+WAKE_S = 0.05
+"""How often an idle consumer on the SQLite queue looks for a chunk another process queued
+(one ``stat``; the queue itself is read every ``poll_s``)."""
 
 Caller = Callable[[str, str, bytes, str, list[str] | None], Awaitable[tuple[int, bytes]]]
 """``(method, url, body, owner, owner's models) -> (status, body)``: one request in-process."""
@@ -97,6 +102,7 @@ class Batches:
     def __init__(self, settings: BatchSettings, call: Caller | None = None) -> None:
         self.settings = settings
         self.huey = make_queue(settings)
+        self._queue_wal = settings.dir / "queue.db-wal"  # make_queue's file (SQLite)
         self.call = call
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -139,11 +145,11 @@ class Batches:
                 if len(running) >= 2:
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     continue
+                stamp = self._queue_stamp()  # before the read: a write after it is seen
                 task = await asyncio.to_thread(self._next_task)
                 if task is None:
                     self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), poll_s)
+                    await self._idle(poll_s, stamp)
                     continue
                 job = asyncio.ensure_future(asyncio.to_thread(self.huey.execute, task))
                 running.add(job)
@@ -153,6 +159,31 @@ class Batches:
             except Exception:  # the store is unreachable (Redis restarting): try again soon
                 logger.exception("batch consumer: the queue or the job state failed; retrying")
                 await asyncio.sleep(1.0)
+
+    def _queue_stamp(self) -> tuple[int, int] | None:
+        """What changes when the SQLite queue is written (its WAL file's time and size): a
+        chunk queued by another worker's process. None with Redis."""
+        if self.settings.redis_url:
+            return None
+        try:
+            st = os.stat(self._queue_wal)
+        except OSError:
+            return (0, 0)
+        return st.st_mtime_ns, st.st_size
+
+    async def _idle(self, poll_s: float, stamp: tuple[int, int] | None) -> None:
+        """Wait for work: until this process queues a chunk, ``poll_s`` passes, or (SQLite)
+        the queue's file changes, looked at every :data:`WAKE_S` (a ``stat``), so a batch
+        created on another worker starts here within that rather than at the next poll."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + poll_s
+        step = poll_s if stamp is None else min(WAKE_S, poll_s)
+        while (left := end - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(step, left))
+                return
+            if stamp is not None and self._queue_stamp() != stamp:
+                return
 
     def _next_task(self) -> Any:
         for due in self.huey.read_schedule():  # chunks whose retry delay has passed

@@ -220,7 +220,7 @@ def _batches() -> Any:
     """This worker's batch jobs (services/batch/): lines run in-process with the batch
     owner's key (its name and models as they were when the batch was created), those for the
     prediction routes straight through the fast path's handlers (services/gateway/fastpath.py,
-    the functions their FastAPI routes call too), the rest through ``app``."""
+    the functions their FastAPI routes call too) when it is on, the rest through ``app``."""
     from services.batch.worker import AsgiCaller, Batches
     from services.gateway.fastpath import prediction_routes
 
@@ -229,7 +229,9 @@ def _batches() -> Any:
             return None
         return auth.ApiKey(owner, b"", None if models is None else frozenset(models))
 
-    direct = [(route.pattern, route.handler) for route in prediction_routes()]
+    # as online requests: with the fast path off, every line runs through ``app``
+    fast = SETTINGS.fast_path and not SETTINGS.trace_predictions  # as services/__init__.py
+    direct = [(r.pattern, r.handler) for r in prediction_routes()] if fast else []
     batches = Batches(BATCH, AsgiCaller(app, key_of, direct))
     batch_api.BATCHES[:] = [batches]
     return batches

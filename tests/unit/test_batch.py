@@ -343,3 +343,27 @@ def test_prediction_lines_call_the_fast_path_handlers_with_the_owner_key() -> No
 
     asyncio.run(run())
     assert reached == ["app"]
+
+
+def test_a_chunk_queued_by_another_process_wakes_an_idle_consumer(tmp_path: Path) -> None:
+    """Two workers on one SQLite queue: a batch created on one starts on the other long
+    before the other's next poll (it looks at the queue's file between polls)."""
+
+    async def main() -> None:
+        consumer = Batches(_settings(tmp_path), Echo())
+        other = Batches(_settings(tmp_path))  # the worker the batch is created on
+        consumer.settings.sweep_interval_s = 3600.0
+        running = asyncio.ensure_future(consumer.consume(poll_s=3600.0))
+        try:
+            await asyncio.sleep(0.3)  # the consumer is idle, waiting
+            f = other.jobs.put_file("o", "in.jsonl", "batch", _file(3))
+            rec = other.jobs.create("o", None, f["id"], "/predict", "24h", None)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while other.jobs.batch("o", rec["id"])["status"] != "completed":
+                assert loop.time() < deadline, "the idle consumer never took the chunk"
+                await asyncio.sleep(0.02)
+        finally:
+            running.cancel()
+
+    asyncio.run(main())
