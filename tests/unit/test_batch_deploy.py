@@ -101,3 +101,40 @@ def test_only_routers_and_workers_reach_redis(with_batch: list[Obj]) -> None:
     )
     prometheus = Pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
     assert allowed(policies, namespaces, prometheus, worker, worker.ports["http"])
+
+
+def test_batch_llm_wires_the_workers_to_the_llm() -> None:
+    """The gpu overlay (with the llm component) plus batch and batch-llm: the workers get the
+    router's LLM settings and the generated LLM ConfigMap, and the LLM's policy lets them in;
+    without batch-llm they have none of it."""
+    objs = render_with("components/batch", "components/batch-llm", overlay="overlays/gpu")
+    router = named(objs, "Deployment", "servery-router")
+    workers = named(objs, "Deployment", "servery-batch-worker")
+    assert not schema_errors(workers)
+    r_c, w_c = (d["spec"]["template"]["spec"]["containers"][0] for d in (router, workers))
+    depends = w_c["args"][w_c["args"].index("--depends") + 1]
+    assert (
+        depends == r_c["args"][r_c["args"].index("--depends") + 1] == "llm=http://servery-llm:3000"
+    )
+    w_env, r_env = env(w_c), env(r_c)
+    for name in ("SERVERY_LLM_ENABLED", "SERVERY_LLM_MODELS_FILE", "SERVERY_LLM_MAX_TOKENS_LIMIT"):
+        assert w_env[name] == r_env[name], name
+    assert w_env["SERVERY_LLM_ENABLED"] == "true"
+    volumes = {v["name"]: v for v in workers["spec"]["template"]["spec"]["volumes"]}
+    (generated,) = [o for o in of_kind(objs, "ConfigMap") if "llm.yaml" in o.get("data", {})]
+    assert volumes["llm-config"]["configMap"]["name"] == generated["metadata"]["name"]
+    assert _mounts(workers)["/etc/servery/llm"] == "llm-config"
+
+    policies = of_kind(objs, "NetworkPolicy")
+    llm = pod_of(named(objs, "Deployment", "servery-llm"))
+    namespaces = {NAMESPACE: {}, "shop": {CLIENT_LABEL: "true"}}
+    port = llm.ports["http"]
+    assert allowed(policies, namespaces, pod_of(workers), llm, port)
+    assert allowed(policies, namespaces, pod_of(router), llm, port)
+    assert not allowed(policies, namespaces, Pod("shop", {"app": "web"}), llm, port)
+
+    plain = render_with("components/batch", overlay="overlays/gpu")
+    bare = named(plain, "Deployment", "servery-batch-worker")["spec"]["template"]["spec"]
+    assert "--depends" not in bare["containers"][0]["args"]
+    assert env(bare["containers"][0])["SERVERY_LLM_ENABLED"] == "false"
+    assert not allowed(of_kind(plain, "NetworkPolicy"), namespaces, pod_of(workers), llm, port)
