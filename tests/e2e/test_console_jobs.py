@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ import pytest
 
 from bench.harness.server import ROOT, Server, start_server
 from bench.harness.store import bentoml_store, save_iris
+from tests.browser import chromium
 from tests.conftest import eventually
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("SERVERY_E2E_ARTIFACTS", ROOT / "tests" / "e2e" / "artifacts"))
 KEY = "console-jobs-key-0123456789abcdef"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -49,17 +48,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("no system Chromium (apt-get install -y chromium; `make test` installs it)")
-    args = ["--disable-dev-shm-usage"]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        args.append("--no-sandbox")  # Chromium's sandbox refuses to run as root
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 def _line(cid: str, row: list[float]) -> bytes:

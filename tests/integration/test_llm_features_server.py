@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from bench.harness.server import ROOT, Server, metric_samples, start_server
+from tests.browser import chromium
 from tests.conftest import eventually
 
 openai = pytest.importorskip("openai")
@@ -219,48 +220,37 @@ def test_console_chat_picks_an_adapter_and_shows_its_tool_calls(
     """The console's chat playground (services/console/static/chat.js) in headless Chromium on
     this server (an LLM server of its own for one browser test would cost more than the test):
     the adapter in the model picker, tools from the settings, the streamed call assembled."""
-    import shutil
-
-    sync_api = pytest.importorskip("playwright.sync_api")
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(chromium).is_file():
-        pytest.skip("no system Chromium")
-    args = ["--disable-dev-shm-usage"] + (["--no-sandbox"] if os.geteuid() == 0 else [])
     errors: list[str] = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=args)
-        try:
-            page = browser.new_page()
-            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-            page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
-            page.goto(f"{features_server.url}/console/#/chat/tiny-style")
-            page.wait_for_selector("#view-key:not([hidden])")
-            page.fill("#key-input", KEY_ALL)
-            page.press("#key-input", "Enter")
-            option = page.wait_for_selector("#chat-model option[value='tiny-style']",
-                                            state="attached")  # fmt: skip
-            assert option.inner_text() == "tiny-style (LoRA adapter of tiny)"
-            assert page.input_value("#chat-model") == "tiny-style"
-            page.click("summary:has-text('Settings')")
-            page.fill("#chat-max-tokens", "80")
-            page.fill("#chat-tools", "not json")
-            page.press("#chat-input", "Enter")
-            assert page.inner_text("#chat-error").startswith("Tools: not JSON")
-            page.fill("#chat-tools", json.dumps([WEATHER]))
-            page.select_option("#chat-tool-choice", "required")
-            page.fill("#chat-input", "What is the weather in Paris?")
-            page.press("#chat-input", "Enter")
-            page.wait_for_selector("#chat-log li.assistant[data-state='done']", timeout=60_000)
-            calls = page.locator("#chat-log li.assistant ol.tool-calls li")
-            assert calls.count() >= 1
-            assert calls.nth(0).get_attribute("data-name") == "get_weather"
-            text = calls.nth(0).inner_text()
-            assert text.startswith("get_weather(") and text.endswith(")"), text
-            assert isinstance(json.loads(text[len("get_weather(") : -1])["city"], str)
-            assert "tool call" in page.inner_text("#chat-stats")
-            assert page.inner_text("#chat-error") == ""
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page()
+        page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+        page.on("pageerror", lambda e: errors.append(f"uncaught: {e}"))
+        page.goto(f"{features_server.url}/console/#/chat/tiny-style")
+        page.wait_for_selector("#view-key:not([hidden])")
+        page.fill("#key-input", KEY_ALL)
+        page.press("#key-input", "Enter")
+        option = page.wait_for_selector("#chat-model option[value='tiny-style']",
+                                        state="attached")  # fmt: skip
+        assert option.inner_text() == "tiny-style (LoRA adapter of tiny)"
+        assert page.input_value("#chat-model") == "tiny-style"
+        page.click("summary:has-text('Settings')")
+        page.fill("#chat-max-tokens", "80")
+        page.fill("#chat-tools", "not json")
+        page.press("#chat-input", "Enter")
+        assert page.inner_text("#chat-error").startswith("Tools: not JSON")
+        page.fill("#chat-tools", json.dumps([WEATHER]))
+        page.select_option("#chat-tool-choice", "required")
+        page.fill("#chat-input", "What is the weather in Paris?")
+        page.press("#chat-input", "Enter")
+        page.wait_for_selector("#chat-log li.assistant[data-state='done']", timeout=60_000)
+        calls = page.locator("#chat-log li.assistant ol.tool-calls li")
+        assert calls.count() >= 1
+        assert calls.nth(0).get_attribute("data-name") == "get_weather"
+        text = calls.nth(0).inner_text()
+        assert text.startswith("get_weather(") and text.endswith(")"), text
+        assert isinstance(json.loads(text[len("get_weather(") : -1])["city"], str)
+        assert "tool call" in page.inner_text("#chat-stats")
+        assert page.inner_text("#chat-error") == ""
     assert errors == [], errors
 
 
