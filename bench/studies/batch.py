@@ -41,9 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,8 +52,9 @@ from typing import Any
 import httpx
 
 from bench.harness.processes import cpu_seconds, router_workers
+from bench.harness.redis_server import RedisServer, redis_server_path
 from bench.harness.results import OUT_DIR, RESULTS_MD, run_line, write_section
-from bench.harness.server import Server, free_port, start_server
+from bench.harness.server import Server, start_server
 from bench.harness.wrk import INSTALL_HINT, measure, run_wrk, wrk_path, wrk_version
 from bench.report import fmt, machine, table
 from services.batch.worker import Priority
@@ -390,11 +389,18 @@ def persistence(tmp: Path, n: int, chunk_lines: int) -> dict[str, dict[str, floa
             make_queue(settings),  # the server's: SQLite in settings.dir
         ),
     }
-    redis_proc = _start_redis(tmp)
-    if redis_proc is not None:
+    redis_server: RedisServer | None = None
+    if redis_server_path() is not None:
         from services.batch.state import RedisState
 
-        url = f"redis://127.0.0.1:{redis_proc[1]}/0"
+        (tmp / "redis").mkdir()
+        redis_server = RedisServer(tmp / "redis")
+        try:
+            redis_server.start(timeout=10)
+        except RuntimeError:
+            redis_server = None  # measured without Redis, as where it is not installed
+    if redis_server is not None:
+        url = redis_server.url
         on_redis = BatchSettings(dir=tmp / "persist", redis_url=url)
         backends["redis (AOF everysec)"] = (RedisState(url), make_queue(on_redis))
     out: dict[str, dict[str, float]] = {}
@@ -421,48 +427,9 @@ def persistence(tmp: Path, n: int, chunk_lines: int) -> dict[str, dict[str, floa
                 "line_us": answer + queue / chunk_lines,
             }
     finally:
-        if redis_proc is not None:
-            redis_proc[0].terminate()
-            redis_proc[0].wait(10)
+        if redis_server is not None:
+            redis_server.stop()
     return out
-
-
-def _start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], int] | None:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        return None
-    import redis
-
-    port = free_port()
-    (tmp / "redis").mkdir()
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(tmp / "redis"),
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            return proc, port
-        except redis.ConnectionError:
-            time.sleep(0.1)
-    proc.terminate()
-    return None
 
 
 # --- the chat job (--llm) ------------------------------------------------------------------------

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.harness.server import Server, free_port, start_server
+from bench.harness.redis_server import INSTALL_HINT, RedisServer, redis_server_path
+from bench.harness.server import Server, start_server
 from tests.conftest import eventually
 
 ALICE = "alice-key-0123456789"
@@ -34,57 +33,10 @@ QUOTA = 12000
 ROW = [5.1, 3.5, 1.4, 0.2]
 
 
-class RedisServer:
-    """Debian's redis-server on a free port with AOF on (``appendfsync everysec``, as in
-    deploy/), in its own directory; :meth:`kill` (SIGKILL) and :meth:`start` again on the same
-    port and directory, which reloads the AOF."""
-
-    def __init__(self, workdir: Path) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail(
-                "redis-server is not installed "
-                "(make test installs it: apt-get install redis-server)"
-            )
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.cmd = [
-            exe,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(workdir),
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        import redis
-
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        eventually(lambda: _pings(client), "redis-server answers", timeout=20)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if redis_server_path() is None:
+        pytest.fail(INSTALL_HINT)
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     try:
         server.start()
@@ -96,15 +48,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="module")
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
-
-
-def _pings(client: Any) -> bool:
-    import redis
-
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
 
 
 @pytest.fixture(scope="module")
