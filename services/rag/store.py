@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from services.compat.qdrant_local_access import fast_sqlite, local_points
 from services.rag.chunking import Chunk
 from services.rag.index import ExactIndex
 from services.runtime.errors import BadRequest, ModelNotFound, ServeryError
@@ -104,7 +105,7 @@ class VectorStore:
             path.mkdir(parents=True, exist_ok=True)
             self.name = f"the embedded Qdrant store in {path}"
             self.client = QdrantClient(path=str(path))
-            _fast_sqlite(self.client)
+            fast_sqlite(self.client)  # services/compat/qdrant_local_access.py
         self._lock = threading.Lock() if not url else None
         self._hybrid: dict[str, bool] = {}
         self._indexes: dict[str, ExactIndex] | None = {} if not url else None
@@ -151,7 +152,7 @@ class VectorStore:
             sparse_vectors_config={SPARSE: qm.SparseVectorParams(modifier=qm.Modifier.IDF)},
         )
         if self._lock is not None:
-            _fast_sqlite(self.client)
+            fast_sqlite(self.client)
         if self._lock is None:  # payload indexes only exist on a server
             for field, schema in (("source", qm.PayloadSchemaType.KEYWORD),):
                 self._call(self.client.create_payload_index, collection, field, schema)
@@ -238,7 +239,7 @@ class VectorStore:
         if index is not None:
             return index
         index = ExactIndex(self.dimensions)
-        direct = _local_points(self.client, collection)
+        direct = local_points(self.client, collection, SPARSE)  # faster than a scroll
         if direct is not None:
             index.add(*direct)
             self._indexes[collection] = index
@@ -356,61 +357,6 @@ class VectorStore:
             self.client.close()
         except Exception:  # closing at shutdown: nothing left to do about it
             pass
-
-
-def _local_points(client: Any, collection: str) -> tuple[list[str], Any, list, list] | None:
-    """All live points of a local-mode collection, read from its arrays: ``(ids, unit vectors,
-    payloads, sparse (indices, values))``, or None where local mode's attributes are not those
-    of qdrant-client 1.20.0 (the caller then scrolls).
-
-    Scrolling builds a pydantic record per point with copies of its vectors (and sorts all ids
-    again for every page): filling the index took 2.7 s at 10 k chunks and 44 s at 100 k.
-    Reading ``LocalCollection``'s own arrays (``vectors[""]``, already normalised for cosine,
-    ``payload``, ``sparse_vectors``, ``deleted``, ``ids_inv``) is a copy of the matrix: numbers in
-    docs/rag.md; tests/unit/test_rag_index.py checks both ways give the same index.
-    """
-    try:
-        coll = client._client.collections[collection]
-        n = len(coll.ids_inv)
-        live = np.flatnonzero(~np.asarray(coll.deleted[:n], bool))
-        rows = np.asarray(coll.vectors[""][:n], np.float32)[live]
-        payloads = [coll.payload[i] for i in live]
-        ids = [str(coll.ids_inv[i]) for i in live]
-        terms = coll.sparse_vectors.get(SPARSE)
-        sparse = [(terms[i].indices, terms[i].values) for i in live] if terms else None
-    except (AttributeError, KeyError, TypeError, IndexError):
-        return None
-    if rows.shape != (len(ids), rows.shape[1]) or len(payloads) != len(ids):
-        return None
-    return ids, rows, payloads, sparse or [([], [])] * len(ids)
-
-
-def _fast_sqlite(client: Any) -> list[Any]:
-    """Put the embedded store's SQLite files in WAL mode with ``synchronous=NORMAL``.
-
-    qdrant-client's local mode (1.20.0, ``qdrant_client/local/persistence.py``,
-    ``CollectionPersistence.persist``) writes each point in its own transaction, and SQLite's
-    default rollback journal syncs the disk at each commit: 10 k chunks took 85 s to upsert
-    (118 points/s), about 90 % of it in those commits; 100 k over 20 minutes. With WAL and
-    ``synchronous=NORMAL`` a commit appends to the log without a sync (the log is synced at
-    checkpoints): 10 k in 3.8 s, same run (bench numbers in docs/rag.md). The store stays
-    consistent; a power loss (not a crash of the process) may lose the last commits, which
-    ``servery rag ingest`` re-sends (idempotent by content hash). Reaches into local mode's
-    private attributes (``_client.collections[name].storage.storage``); where they are gone
-    (another qdrant-client), nothing is changed and writes are only slow. Returns the
-    connections it set (tests/unit/test_rag_index.py checks they are set on 1.20.0).
-    """
-    done = []
-    collections = getattr(getattr(client, "_client", None), "collections", None) or {}
-    for collection in list(collections.values()):
-        con = getattr(getattr(collection, "storage", None), "storage", None)
-        if con is None or not hasattr(con, "execute"):
-            continue
-        if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=NORMAL")
-        done.append(con)
-    return done
 
 
 def check_filter(where: Any) -> dict[str, Any]:

@@ -70,35 +70,38 @@ def test_a_keyword_only_match_is_found(tmp_path: Path) -> None:
 
 
 def test_the_embedded_store_writes_sqlite_in_wal_mode(tmp_path: Path) -> None:
-    """store.py's _fast_sqlite reaches into qdrant-client local mode's private attributes: this
-    fails when they change (the fix then does nothing and 10 k chunks take minutes again)."""
-    from services.rag.store import _fast_sqlite
+    """services/compat/qdrant_local_access.py's fast_sqlite reaches into qdrant-client local
+    mode's private attributes: this fails when they change (the fix then does nothing and 10 k
+    chunks take minutes again)."""
+    from services.compat.qdrant_local_access import fast_sqlite
 
     store = VectorStore(8, path=tmp_path)
     store.ensure("c")
     vectors, _ = _fill(store, 30, seed=3)
-    [con] = _fast_sqlite(store.client)  # the one collection's connection, reached
+    [con] = fast_sqlite(store.client)  # the one collection's connection, reached
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     store.close()
     again = VectorStore(8, path=tmp_path)  # collections opened from the folder: set too
     assert again.count("c") == 30
-    [con] = _fast_sqlite(again.client)
+    [con] = fast_sqlite(again.client)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert again.search("c", vectors[4], 1)[0]["chunk"] == 4
     again.close()
 
 
 def test_the_index_reads_local_mode_arrays_as_a_scroll_does(tmp_path: Path) -> None:
-    """store.py's _local_points reads local mode's private arrays (fast); on this qdrant-client
-    it must give what scrolling the collection gives, deleted points left out."""
-    from services.rag.store import SPARSE, _local_points
+    """services/compat/qdrant_local_access.py's local_points reads local mode's private arrays
+    (fast); on this qdrant-client it must give what scrolling the collection gives, deleted
+    points left out."""
+    from services.compat.qdrant_local_access import local_points
+    from services.rag.store import SPARSE
 
     store = VectorStore(8, path=tmp_path)
     store.ensure("c")
     _fill(store, 120, seed=4)
     store.delete_sources("c", ["doc2.md"])
-    direct = _local_points(store.client, "c")
+    direct = local_points(store.client, "c", SPARSE)
     assert direct is not None, "qdrant-client's local mode changed: the index fills by scroll"
     ids, rows, payloads, sparse = direct
     records, _ = store.client.scroll("c", limit=1000, with_payload=True, with_vectors=True)
