@@ -2,7 +2,8 @@
 servery against the same model in-process, and vector-search latency of the embedded store.
 
     python -m bench.studies.rag [--seconds 20] [--repeats 2] [--sizes 10000,100000] [--quick]
-                                [--parts recall,embeddings,search,ttft]
+                                [--parts recall,embeddings,search,ttft,ingest]
+                                [--ingest-docs 1000]
 
 * **recall@k** (k = 4): the docs/ and README chunked as the RAG service chunks them
   (services/rag/chunking.py, the service's default size/overlap), embedded with all-MiniLM-L6-v2
@@ -20,9 +21,13 @@ servery against the same model in-process, and vector-search latency of the embe
   retrieval <= 30 ms p50 at 10 k chunks.
 * **TTFT overhead** of a RAG app over the bare LLM (the tiny LLM on vLLM CPU), on the same
   server as the embeddings part: bench/studies/rag_ttft.py.
+* **ingest throughput** of ``servery rag ingest`` (``--ingest-docs`` synthetic Markdown files)
+  into that server's embedded store, and the cost of re-running it unchanged (nothing embedded):
+  bench/studies/rag_ingest.py.
 
-Writes bench/out/rag.json and the "rag" section of bench/RESULTS.md. A run of some parts keeps
-the other parts' latest results (from bench/out/rag.json), each with its own run line.
+Writes bench/out/rag.json and the "rag" section of bench/RESULTS.md (bench/studies/rag_report.py).
+A run of some parts keeps the other parts' latest results (from bench/out/rag.json), each with
+its own run line.
 """
 
 from __future__ import annotations
@@ -40,15 +45,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bench.harness.results import OUT_DIR, RESULTS_MD, run_line, write_section
-from bench.studies import rag_ttft
+from bench.harness.results import OUT_DIR, RESULTS_MD, write_section
+from bench.studies import rag_ingest, rag_ttft
+from bench.studies.rag_report import OUT_JSON, PARTS, markdown, merged
 
 ROOT = Path(__file__).resolve().parents[2]
 EVAL = ROOT / "bench" / "data" / "rag_eval.yaml"
-OUT_JSON = OUT_DIR / "rag.json"
 EMBED = "all-minilm-l6-v2"
 K = 4
-PARTS = ("recall", "embeddings", "search", "ttft")
 
 
 def corpus() -> list[tuple[str, str]]:
@@ -237,11 +241,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--parts", default=",".join(PARTS))
     p.add_argument("--rounds", type=int, default=3, help="ttft: rounds over the questions")
-    p.add_argument("--quick", action="store_true", help="5 s runs, 1 repeat, 10 k only")
+    p.add_argument("--ingest-docs", type=int, default=1000, help="ingest: files in the corpus")
+    p.add_argument(
+        "--quick", action="store_true", help="5 s runs, 1 repeat, 10 k only, 200 files to ingest"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.repeats, args.sizes, args.queries = 5.0, 1, "10000", 50
-        args.rounds = 1
+        args.rounds, args.ingest_docs = 1, 200
     unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}: choose from {','.join(PARTS)}")
@@ -280,10 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             sizes = [int(s) for s in args.sizes.split(",")]
             result["search"] = search_latency(embedder, sizes, tmp, args.queries)
             print("search:", json.dumps(result["search"]))
-        if parts & {"embeddings", "ttft"}:
+        if parts & {"embeddings", "ttft", "ingest"}:
             srv = start_servery(tmp)
             runs = []
             try:
+                if "ingest" in parts:  # first: into a fresh server's store
+                    result["ingest"] = rag_ingest.measure(srv.url, tmp, args.ingest_docs)
+                    print("ingest:", json.dumps(result["ingest"]))
                 if "ttft" in parts:
                     result["ttft"] = rag_ttft.measure(
                         srv.url, corpus(), rag_ttft.questions_of(EVAL), args.rounds
@@ -319,107 +329,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_section(RESULTS_MD, "rag", markdown(result))
     print(f"wrote {OUT_JSON} and the rag section of {RESULTS_MD}")
     return 0
-
-
-def merged(result: dict[str, Any], previous_json: Path = OUT_JSON) -> dict[str, Any]:
-    """This run's parts over the previous run's (bench/out/rag.json): parts not run keep their
-    latest results. Results written before parts carried their own run line take the file's."""
-    try:
-        previous = json.loads(previous_json.read_text())
-    except (OSError, ValueError):
-        return result
-    out = {"meta": result["meta"]}
-    for part in PARTS:
-        old = previous.get(part)
-        if isinstance(old, dict) and "meta" not in old and "meta" in previous:
-            old = {**old, "meta": previous["meta"]}
-            if "load_average_1m" in previous:
-                old["load_average_1m"] = previous["load_average_1m"]
-        if part in result or old:
-            out[part] = result.get(part) or old
-    return out
-
-
-def part_run(part: dict[str, Any], shown: list[Any]) -> list[str]:
-    """A part's run line (command, date, load), unless the part before had the same run."""
-    meta = part.get("meta")
-    if meta is None or (shown and shown[-1] == meta):
-        return []
-    shown.append(meta)
-    line = run_line(meta)
-    if "load_average_1m" in part:
-        line += f" Load average (1 min) at the end: {part['load_average_1m']:.1f}."
-    return [line, ""]
-
-
-def markdown(result: dict[str, Any]) -> str:
-    """The section: each part under its run's line, parts of one run together (by date)."""
-    lines = ["## RAG (issue 22)", ""]
-    shown: list[Any] = []
-    parts = sorted(
-        (p for p in PARTS if p in result),
-        key=lambda p: (result[p].get("meta", {}).get("date", ""), PARTS.index(p)),
-    )
-    for part in parts:
-        lines += part_run(result[part], shown) + PART_MARKDOWN[part](result[part])
-    return "\n".join(lines) + "\n"
-
-
-def recall_markdown(r: dict[str, Any]) -> list[str]:
-    return [
-        f"Recall@{r['k']} over {r['chunks']} chunks of docs/ and README "
-        f"(bench/data/rag_eval.yaml): **test {r['test']['recall']:.3f}** "
-        f"({r['test']['questions']} held-out questions; target >= 0.9), "
-        f"tune {r['tune']['recall']:.3f} ({r['tune']['questions']}).",
-        "",
-    ]
-
-
-def embeddings_markdown(e: dict[str, Any]) -> list[str]:
-    lines = [
-        "| repeat | servery strings/s | p50 / p99 ms | in-process (32 at a time) "
-        "| one 512 batch | ratio |",
-        "|---|---|---|---|---|---|",
-    ]
-    for i, run in enumerate(e["runs"]):
-        s, p = run["servery"], run["in_process"]
-        lines.append(
-            f"| {i} | {s['strings_per_s']:.0f} | {s['p50_ms']:.0f} / {s['p99_ms']:.0f} | "
-            f"{p['sequential_32']:.0f} | {p['one_batch_512']:.0f} | {run['ratio']:.2f}x |"
-        )
-    return [
-        *lines,
-        "",
-        f"Embeddings, c=16 x 32 strings: **{e['ratio']:.2f}x** in-process (median; target >= 0.9).",
-        "",
-    ]
-
-
-def search_markdown(search: dict[str, Any]) -> list[str]:
-    lines = [
-        "Hybrid search (dense + BM25, rank fusion). Ours: the embedded store's in-process "
-        "index; qdrant local: the same query by qdrant-client's local mode, in the same run.",
-        "",
-        "| chunks | search p50 / p99 ms | qdrant local p50 ms | retrieval (embed + search) "
-        "p50 / p99 ms |",
-        "|---|---|---|---|",
-    ]
-    for size, s in search.items():
-        if size.isdigit():  # beside the sizes: the run's meta and load
-            lines.append(
-                f"| {int(size):,} | {s['search_p50_ms']:.1f} / {s['search_p99_ms']:.1f} | "
-                f"{s.get('qdrant_local_p50_ms', float('nan')):.1f} | "
-                f"{s['retrieval_p50_ms']:.1f} / {s['retrieval_p99_ms']:.1f} |"
-            )
-    return [*lines, ""]
-
-
-PART_MARKDOWN = {
-    "recall": recall_markdown,
-    "embeddings": embeddings_markdown,
-    "search": search_markdown,
-    "ttft": rag_ttft.markdown,
-}
 
 
 if __name__ == "__main__":

@@ -41,3 +41,21 @@ def test_a_partial_run_keeps_the_other_parts(tmp_path: Path) -> None:
     again = rag.merged({"meta": META_NEW, "recall": {**RECALL, "meta": META_NEW}}, previous)
     assert again["recall"]["meta"] == META_NEW and again["search"]["meta"] == META_OLD
     assert rag.merged(now, tmp_path / "absent.json") == now
+
+
+def test_the_ingest_part_writes_a_corpus_and_its_line(tmp_path: Path) -> None:
+    from bench.studies import rag_ingest
+
+    corpus = rag_ingest.write_corpus(tmp_path, 12, seed=1)
+    files = sorted(tmp_path.rglob("*.md"))
+    assert len(files) == corpus["docs"] == 12
+    assert corpus["bytes"] == sum(f.stat().st_size for f in files)
+    assert all(300 <= f.stat().st_size <= 61_000 for f in files)
+    assert files[0].read_text().startswith("# Document 0: ")
+    runs = {"wall_s": 2.0, "chunks": 40, "unchanged": 0, "embedded": 40.0}
+    again = {"wall_s": 0.3, "chunks": 0, "unchanged": 12, "embedded": 0.0}
+    part = {"corpus": corpus, "cli_start_s": 0.2, "first": runs, "rerun": again, "meta": META_NEW}
+    part |= {"docs_per_s": 6.0, "chunks_per_s": 20.0, "mb_per_s": 0.05}
+    text = rag.markdown(rag.merged({"meta": META_NEW, "ingest": part}, tmp_path / "absent"))
+    assert "**2.0 s, 6.0 docs/s, 20 chunks/s** (50 KB/s)" in text
+    assert "Re-run with nothing changed: **0.30 s**, 0 strings embedded" in text
