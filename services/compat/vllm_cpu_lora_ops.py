@@ -8,7 +8,8 @@ them up there at each call) are rebound to this module's versions by :func:`repl
 is patched by :func:`services.compat.apply`: the ops run in vLLM's model worker, a process started
 with ``spawn`` on CPU, so the LLM service adds :class:`WorkerExtension` to the engine's config
 (:func:`extend_engine`) and calls its ``servery_lora_ops`` in every worker once the engine is up
-(services/llm/service.py).
+(services/llm/service.py). The same call installs ``vllm_cpu_lora_linear``, which runs the
+linear layers' LoRA without these ops where it can (they still run where it does not).
 
 Defect (a cost, not a bug): every op gathers the adapter weights per token,
 ``lora_weights[lora_indices_tensor]`` (a ``[tokens, out, rank]`` copy, tens of MB per layer and
@@ -312,9 +313,15 @@ class WorkerExtension:
 
     def servery_lora_ops(self) -> dict[str, Any]:
         """Replace the ops in this worker process; what is in force, from the process itself."""
+        from services.compat import vllm_cpu_lora_linear
+
         replaced = replace_ops()
+        if replaced:
+            vllm_cpu_lora_linear.replace()
         report = {"pid": os.getpid(), "replaced": replaced, "in_force": in_force()}
+        report["linear"] = vllm_cpu_lora_linear.in_force()
         report["calls"] = CALLS[0]
+        report["linear_calls"] = vllm_cpu_lora_linear.CALLS[0]
         worker_logger.info("servery vllm_cpu_lora_ops in the model worker: %s", report)
         return report
 

@@ -255,8 +255,9 @@ def test_console_chat_picks_an_adapter_and_shows_its_tool_calls(
 
 
 def test_the_model_worker_runs_servery_s_lora_ops(client: Any, features_server: Server) -> None:
-    """services/compat/vllm_cpu_lora_ops.py is in force in the engine's model worker (another
-    process): the service logs the worker's own report, and the worker logs its first call."""
+    """services/compat/vllm_cpu_lora_ops.py and vllm_cpu_lora_linear.py are in force in the
+    engine's model worker (another process): the service logs the worker's own report, and the
+    worker logs the first layer it ran with an adapter."""
     greedy(client, "tiny-style")
 
     def log() -> str:
@@ -266,8 +267,8 @@ def test_the_model_worker_runs_servery_s_lora_ops(client: Any, features_server: 
         lambda: [ln for ln in log().splitlines() if "vllm_cpu_lora_ops in the model workers" in ln],
         "the service's report of the worker",
     )
-    assert "'replaced': True, 'in_force': True" in report[0]
-    eventually(lambda: "servery vllm_cpu_lora_ops: first LoRA op call" in log(), "a call", 30)
+    assert "'replaced': True, 'in_force': True, 'linear': True" in report[0]
+    eventually(lambda: "servery vllm_cpu_lora_linear: first call" in log(), "a call", 30)
 
 
 def greedy(client: Any, model: str) -> str:

@@ -70,8 +70,11 @@ def test_the_model_worker_runs_servery_s_ops_with_the_same_greedy_outputs(tmp_pa
     (first,), (second,) = result["first"], result["second"]
     # the worker is another process, and servery's ops are what PunicaWrapperCPU calls there
     assert first["pid"] != os.getpid() and first["pid"] == second["pid"]
-    assert first["replaced"] and first["in_force"] and first["calls"] == 0
-    assert second["calls"] > 0  # ... and what it ran for the second round of requests
+    assert first["replaced"] and first["in_force"] and first["linear"]
+    assert first["calls"] == first["linear_calls"] == 0
+    # ... and what it ran for the second round of requests: the layers' fused products
+    # (vllm_cpu_lora_linear), the version counters of the weights readable in the worker
+    assert second["linear_calls"] > 0
     beside = result["servery"].pop("base beside an adapter")
     assert result["servery"] == result["vllm"]
     # a base request batched with adapter requests gets no adapter (vLLM's ops gave it a1's)
