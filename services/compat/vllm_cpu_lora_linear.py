@@ -53,16 +53,27 @@ worker_logger = logging.getLogger("vllm.servery_lora_linear")
 UPSTREAM = {
     "vllm.lora.punica_wrapper.punica_cpu:PunicaWrapperCPU.add_lora_linear": "2fe5af6ca83d33d6",
     "vllm.lora.punica_wrapper.punica_base:PunicaWrapperBase.update_metadata": "2a944b8871a4e16b",
+    "vllm.lora.punica_wrapper.punica_cpu:PunicaWrapperCPU.add_lora_logits": "89acebbb8c2110d9",
 }
 
 UPSTREAM_METHODS: dict[str, Any] = {}
-"""vLLM's own ``add_lora_linear`` and ``update_metadata``, kept by :func:`replace`."""
+"""vLLM's own ``add_lora_linear``, ``add_lora_logits`` and ``update_metadata``, kept by
+:func:`replace`."""
 
 GROUPS = "_servery_groups"
 """The wrapper's attribute for this step's ``[(slot, rows or None)]`` (None: every row)."""
 
 STEP = "_servery_step"
 """The wrapper's attribute counting its steps (``update_metadata`` calls)."""
+
+SAMPLED = "_servery_sampled"
+"""The wrapper's attribute for the adapter slots of this step's sampled rows (the logits')."""
+
+LIVE = "_servery_live"
+"""A stacked weight's attribute: ``(version, [slot holds non-zero weights])`` (:func:`live`)."""
+
+SKIPPED = [0]
+"""How many logits products this process skipped (adapters without ``lm_head`` weights)."""
 
 MASK = "_servery_mask"
 """The wrapper's attribute for this step's mask of slots (:func:`mask`)."""
@@ -153,9 +164,26 @@ def mask(self: Any, slots: int, scale: float) -> torch.Tensor:
     return kept[1]
 
 
+def live(weights: torch.Tensor) -> list[bool]:
+    """Per slot, whether ``weights`` (``[slots, ...]``) holds anything but zeros there, re-read
+    when its version counter moves; LookupError without one."""
+    try:
+        version = weights._version
+    except RuntimeError as e:
+        raise LookupError("LoRA weights without a version counter") from e
+    known = getattr(weights, LIVE, None)
+    if known is None or known[0] != version:
+        known = (version, weights.reshape(weights.shape[0], -1).ne(0).any(1).tolist())
+        setattr(weights, LIVE, known)
+    return known[1]
+
+
 def update_metadata(self: Any, *args: Any, **kwargs: Any) -> None:
+    import torch
+
     UPSTREAM_METHODS["update_metadata"](self, *args, **kwargs)
     setattr(self, GROUPS, groups(self.token_lora_indices))
+    setattr(self, SAMPLED, [v for v in torch.unique(self.sampler_indices).tolist() if v >= 0])
     setattr(self, STEP, getattr(self, STEP, 0) + 1)
 
 
@@ -231,14 +259,43 @@ def add_lora_linear(
                 out.index_add_(0, rows, delta)
 
 
+def add_lora_logits(
+    self: Any,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: torch.Tensor,
+    lora_b_stacked: torch.Tensor,
+    scale: float,
+    *,
+    buffer: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> None:
+    """Upstream's, skipped where no sampled row's adapter has ``lm_head`` weights (zeros in its
+    slot: the usual adapter, whose delta upstream computed over the whole vocabulary, and with
+    mixed adapters through a per-row copy of ``[vocabulary, rank]`` weights)."""
+    try:
+        sampled = getattr(self, SAMPLED)
+        a_live, b_live = live(lora_a_stacked), live(lora_b_stacked)
+    except (AttributeError, LookupError):
+        sampled = None
+    if sampled is not None and not any(a_live[s] and b_live[s] for s in sampled):
+        SKIPPED[0] += 1
+        return
+    UPSTREAM_METHODS["add_lora_logits"](
+        self, y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs
+    )
+
+
 def replace() -> None:
-    """Install the two methods on ``PunicaWrapperCPU`` in this process (idempotent)."""
+    """Install the three methods on ``PunicaWrapperCPU`` in this process (idempotent)."""
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
     if not UPSTREAM_METHODS:
         UPSTREAM_METHODS["add_lora_linear"] = PunicaWrapperCPU.add_lora_linear
         UPSTREAM_METHODS["update_metadata"] = PunicaWrapperCPU.update_metadata
+        UPSTREAM_METHODS["add_lora_logits"] = PunicaWrapperCPU.add_lora_logits
     PunicaWrapperCPU.add_lora_linear = add_lora_linear
+    PunicaWrapperCPU.add_lora_logits = add_lora_logits
     PunicaWrapperCPU.update_metadata = update_metadata
 
 

@@ -322,6 +322,7 @@ class WorkerExtension:
         report["linear"] = vllm_cpu_lora_linear.in_force()
         report["calls"] = CALLS[0]
         report["linear_calls"] = vllm_cpu_lora_linear.CALLS[0]
+        report["logits_skipped"] = vllm_cpu_lora_linear.SKIPPED[0]
         worker_logger.info("servery vllm_cpu_lora_ops in the model worker: %s", report)
         return report
 

@@ -74,7 +74,7 @@ def test_the_model_worker_runs_servery_s_ops_with_the_same_greedy_outputs(tmp_pa
     assert first["calls"] == first["linear_calls"] == 0
     # ... and what it ran for the second round of requests: the layers' fused products
     # (vllm_cpu_lora_linear), the version counters of the weights readable in the worker
-    assert second["linear_calls"] > 0
+    assert second["linear_calls"] > 0, second
     beside = result["servery"].pop("base beside an adapter")
     assert result["servery"] == result["vllm"]
     # a base request batched with adapter requests gets no adapter (vLLM's ops gave it a1's)

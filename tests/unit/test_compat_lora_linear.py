@@ -41,6 +41,7 @@ def servery_ops() -> None:
         setattr(cpu, name, getattr(ops, name))
     lin.UPSTREAM_METHODS.setdefault("add_lora_linear", PunicaWrapperCPU.add_lora_linear)
     lin.UPSTREAM_METHODS.setdefault("update_metadata", PunicaWrapperCPU.update_metadata)
+    lin.UPSTREAM_METHODS.setdefault("add_lora_logits", PunicaWrapperCPU.add_lora_logits)
     yield
     for name, f in kept.items():
         setattr(cpu, name, f)
@@ -135,3 +136,28 @@ def test_groups() -> None:
     assert lin.groups(torch.tensor([-1, -1])) == []
     found = lin.groups(torch.tensor([1, -1, 0, 1]))
     assert [(slot, rows.tolist()) for slot, rows in found] == [(0, [2]), (1, [0, 3])]
+
+
+def test_logits_are_skipped_only_where_no_sampled_adapter_has_lm_head_weights() -> None:
+    """The logits' LoRA (``lm_head``): an adapter without it (zeros in its slot) adds nothing and
+    is skipped; one with it is upstream's sum, for its rows only."""
+    torch.manual_seed(5)
+    vocab = 50
+    w = wrapper([0, 1, -1], prefill=False)
+    w._sampler_indices[:3].copy_(torch.tensor([0, 1, -1]))
+    a, b = torch.zeros(SLOTS, 1, RANK, IN), torch.zeros(SLOTS, 1, vocab, RANK)
+    a[2].normal_()
+    b[2].normal_()  # only slot 2 (not sampled) has lm_head weights
+    setattr(w, lin.SAMPLED, [0, 1])
+    x, y = torch.randn(3, IN), torch.randn(3, vocab)
+    mine, skipped = y.clone(), lin.SKIPPED[0]
+    lin.add_lora_logits(w, mine, x, a, b, 1.0)
+    assert torch.equal(mine, y) and lin.SKIPPED[0] == skipped + 1
+    a[1].normal_()
+    b[1].normal_()  # slot 1 gains lm_head weights: computed, for row 1 only
+    theirs, mine = y.clone(), y.clone()
+    lin.UPSTREAM_METHODS["add_lora_logits"](w, theirs, x, a, b, 1.0)
+    lin.add_lora_logits(w, mine, x, a, b, 1.0)
+    close(mine, theirs)
+    assert lin.SKIPPED[0] == skipped + 1 and not torch.equal(mine[1], y[1])
+    assert torch.equal(mine[[0, 2]], y[[0, 2]])
