@@ -138,7 +138,7 @@ test: $(STAMP)
 	@command -v chromium >/dev/null 2>&1 || apt-get install -y chromium >/dev/null 2>&1 || \
 		{ apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1; } || \
 		{ echo "make test needs chromium: apt-get install -y chromium"; exit 1; }
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=30
 
 # wrk (Debian package) is the load generator; without it the bench falls back to a Python client.
 bench: models-large
