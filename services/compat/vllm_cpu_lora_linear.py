@@ -28,10 +28,10 @@ dtype, added to the output's slice), so results are identical to upstream's with
 ``-1`` (no adapter) included: no delta. Anything else (a ``buffer`` passed in, indices that do not
 match the rows, weights without version counters) goes to upstream's method.
 
-Harm (``python -m bench.studies.llm_features --model smollm2 --quick``, c=8): with
+Harm (``python -m bench.studies.llm_features --model smollm2``, c=8, a quiet machine): with
 ``vllm_cpu_lora_ops`` alone, adapter output tok/s 0.655x the base model's and switching among 3
-adapters 1.272x the p99 TTFT of one (a quiet machine); with this too, 0.922x and 1.138x (the same
-bench, a machine at load 2-3). docs/llm.md has the runs.
+adapters 1.272x the p99 TTFT of one (``--quick``); with this too, 0.913x and 1.179x (3 rounds,
+144 streams a cell). docs/llm.md has the runs.
 
 Known for: vllm-cpu 0.32.0. Guard: warn (the fingerprints in ``UPSTREAM`` say when either method
 changes). Reported upstream: not reported (``punica_cpu.py`` carries ``# TODO fuse these
