@@ -114,17 +114,15 @@ def plan(
     """What a slot's adapter does to a layer: the A weights of its non-zero slices stacked,
     transposed and in float32 (``[in, live slices x rank]``, one shrink product for them all),
     and per such slice ``(column in the shrunk rows, output offset, size, B^T)`` with ``B^T``
-    ``[rank, size]``; None where every slice is zero. ``slot`` None: every slot at once, slices
-    non-zero in any, columns ``[slice][slot][rank]`` and ``B^T`` ``[slots x rank, size]`` (a mixed
-    step's tokens take their own slot's columns by a mask). Kept on the layer's first A weight
-    until a weight's version counter moves (vLLM writes adapters into their slots in place);
+    ``[rank, size]``; None where every slice is zero. ``slot`` None: every slot at once, the
+    slices where some slot's A and B are both non-zero (:func:`live`), columns
+    ``[slice][slot][rank]`` and ``B^T`` ``[slots x rank, size]`` (a mixed step's tokens take
+    their own slot's columns by a mask). Kept on the layer's first A weight until a weight's
+    version counter moves (vLLM writes adapters into their slots in place);
     LookupError where the weights have no version counter (inference tensors)."""
     import torch
 
-    try:
-        versions = tuple(t._version for t in (*a, *b))
-    except RuntimeError as e:
-        raise LookupError("LoRA weights without a version counter") from e
+    versions = tuple(version(t) for t in (*a, *b))
     known = getattr(a[0], PLANS, None)
     if known is None or known[0] != versions:
         known = (versions, {})
@@ -133,10 +131,11 @@ def plan(
         return known[1][slot]
     shrink, slices, offset, column = [], [], 0, 0
     for wa, wb, size in zip(a, b, sizes, strict=True):
-        # [slots, rank, in] and [slots, rank, size] (one slot, or all of them)
-        wa_s = wa.flatten(0, -3) if slot is None else wa[slot].reshape(1, *wa.shape[-2:])
-        wb_s = (wb.flatten(0, -3) if slot is None else wb[slot].reshape(1, *wb.shape[-2:])).mT
-        if bool(wa_s.ne(0).any()) and bool(wb_s.ne(0).any()):
+        both = [la and lb for la, lb in zip(live(wa), live(wb), strict=True)]
+        if any(both) if slot is None else both[slot]:
+            # [slots, rank, in] and [slots, rank, size] (one slot, or all of them)
+            wa_s = wa.flatten(0, -3) if slot is None else wa[slot].reshape(1, *wa.shape[-2:])
+            wb_s = (wb.flatten(0, -3) if slot is None else wb[slot].reshape(1, *wb.shape[-2:])).mT
             shrink.append(wa_s.flatten(0, 1))
             slices.append((column, offset, size, wb_s.flatten(0, 1).contiguous()))
             column += shrink[-1].shape[0]
@@ -164,16 +163,22 @@ def mask(self: Any, slots: int, scale: float) -> torch.Tensor:
     return kept[1]
 
 
+def version(weights: torch.Tensor) -> int:
+    """``weights``' version counter (vLLM's ``set_lora``/``reset_lora`` write the stacked
+    weights in place, which moves it); LookupError for inference tensors, which have none."""
+    try:
+        return weights._version
+    except RuntimeError as e:
+        raise LookupError("LoRA weights without a version counter") from e
+
+
 def live(weights: torch.Tensor) -> list[bool]:
     """Per slot, whether ``weights`` (``[slots, ...]``) holds anything but zeros there, re-read
     when its version counter moves; LookupError without one."""
-    try:
-        version = weights._version
-    except RuntimeError as e:
-        raise LookupError("LoRA weights without a version counter") from e
+    now = version(weights)
     known = getattr(weights, LIVE, None)
-    if known is None or known[0] != version:
-        known = (version, weights.reshape(weights.shape[0], -1).ne(0).any(1).tolist())
+    if known is None or known[0] != now:
+        known = (now, weights.reshape(weights.shape[0], -1).ne(0).any(1).tolist())
         setattr(weights, LIVE, known)
     return known[1]
 
@@ -237,10 +242,7 @@ def add_lora_linear(
         slots = lora_a_stacked[0].shape[0]
         shrunk = (xf @ a_t).view(x2.shape[0], len(slices), slots, -1)
         shrunk = shrunk.mul_(mask(self, slots, scale).view(x2.shape[0], 1, slots, 1))
-        shrunk = shrunk.flatten(1).to(dtype=y.dtype)
-        for column, offset, size, wb_t in slices:
-            delta = shrunk[:, column : column + wb_t.shape[0]] @ wb_t.to(dtype=y.dtype)
-            y2[:, offset : offset + size] += delta
+        expand(y2, shrunk.flatten(1).to(dtype=y.dtype), slices, None)
         return
     for (_, rows), step in zip(steps, plans, strict=True):
         if step is None:
@@ -249,14 +251,24 @@ def add_lora_linear(
         shrunk = (xf if rows is None else xf.index_select(0, rows)) @ a_t
         if scale != 1.0:
             shrunk = shrunk * scale
-        shrunk = shrunk.to(dtype=y.dtype)
-        for column, offset, size, wb_t in slices:
-            delta = shrunk[:, column : column + wb_t.shape[0]] @ wb_t.to(dtype=y.dtype)
-            out = y2[:, offset : offset + size]
-            if rows is None:
-                out += delta
-            else:
-                out.index_add_(0, rows, delta)
+        expand(y2, shrunk.to(dtype=y.dtype), slices, rows)
+
+
+def expand(
+    y: torch.Tensor,
+    shrunk: torch.Tensor,
+    slices: list[tuple[int, int, int, torch.Tensor]],
+    rows: torch.Tensor | None,
+) -> None:
+    """``y[rows, slice] += shrunk[:, slice's columns] @ B^T`` for each slice of a plan (rows
+    None: every row)."""
+    for column, offset, size, wb_t in slices:
+        delta = shrunk[:, column : column + wb_t.shape[0]] @ wb_t.to(dtype=y.dtype)
+        out = y[:, offset : offset + size]
+        if rows is None:
+            out += delta
+        else:
+            out.index_add_(0, rows, delta)
 
 
 def add_lora_logits(
