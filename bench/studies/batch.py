@@ -54,7 +54,7 @@ import httpx
 from bench.harness.processes import cpu_seconds, router_workers
 from bench.harness.redis_server import RedisServer, redis_server_path
 from bench.harness.results import OUT_DIR, RESULTS_MD, run_line, write_section
-from bench.harness.server import Server, start_server
+from bench.harness.server import Server, cpu_llm_env, start_server
 from bench.harness.wrk import INSTALL_HINT, measure, run_wrk, wrk_path, wrk_version
 from bench.report import fmt, machine, table
 from services.batch.worker import Priority
@@ -435,15 +435,7 @@ def persistence(tmp: Path, n: int, chunk_lines: int) -> dict[str, dict[str, floa
 # --- the chat job (--llm) ------------------------------------------------------------------------
 
 LLM = "tiny"
-LLM_ENV = {
-    "SERVERY_LLM_ENABLED": "true",
-    "SERVERY_LLM_MODELS": f"{LLM}=tiny-llm",
-    "SERVERY_LLM_MODELS_FILE": "",
-    "SERVERY_LLM_ENFORCE_EAGER": "true",
-    "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "HF_HUB_OFFLINE": "1",
-}
+LLM_ENV = cpu_llm_env(f"{LLM}=tiny-llm")
 CHAT_TOKENS = 32
 
 

@@ -254,19 +254,13 @@ def build_store(model: str, home: Path, tmp: Path) -> Path:
 
 
 def start(model: str, home: Path, tmp: Path) -> Any:
-    from bench.harness.server import start_server
+    from bench.harness.server import cpu_llm_env, start_server
     from bench.studies.llm_peer import MODELS
 
     (tmp / "llm.yaml").write_text(CONFIG.format(served=model, store=MODELS[model]))
-    env = {
-        "SERVERY_LLM_ENABLED": "true",
-        "SERVERY_LLM_MODELS_FILE": str(tmp / "llm.yaml"),
-        "SERVERY_LLM_ENFORCE_EAGER": "true",
-        "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    for name in ("SERVERY_API_KEYS", "SERVERY_API_KEYS_FILE", "VLLM_CPU_KVCACHE_SPACE"):
-        os.environ.pop(name, None)  # keys off; vLLM's legacy variable would override the cache
+    env = cpu_llm_env(models_file=str(tmp / "llm.yaml"))
+    for name in ("SERVERY_API_KEYS", "SERVERY_API_KEYS_FILE"):
+        os.environ.pop(name, None)  # keys off
     return start_server(home, "models:\n  - name: iris\n", tmp / "serve", env=env,
                         ready_timeout=400)  # fmt: skip
 

@@ -201,7 +201,7 @@ def search_latency(embedder: Any, sizes: list[int], tmp: Path, queries: int) -> 
 
 def start_servery(tmp: Path) -> Any:
     """One server: the tiny LLM, the embedding model and one RAG app (rag_ttft.py)."""
-    from bench.harness.server import start_server
+    from bench.harness.server import cpu_llm_env, start_server
     from bench.harness.store import bentoml_store
     from training.minilm import save
     from training.tiny_llm import save as save_tiny
@@ -212,13 +212,7 @@ def start_servery(tmp: Path) -> Any:
         save(tmp / "st", EMBED)
     (tmp / "rag.yaml").write_text(rag_ttft.app_yaml(EMBED))
     env = {
-        "SERVERY_LLM_ENABLED": "true",
-        "SERVERY_LLM_MODELS": "tiny=tiny-llm",
-        "SERVERY_LLM_MODELS_FILE": "",
-        "SERVERY_LLM_ENFORCE_EAGER": "true",
-        "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "HF_HUB_OFFLINE": "1",
+        **cpu_llm_env("tiny=tiny-llm"),
         "SERVERY_RAG_FILE": str(tmp / "rag.yaml"),
     }
     srv = start_server(home, "models: []\n", tmp / "serve", env=env, ready_timeout=300)

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.harness.server import ROOT, Server, start_server
+from bench.harness.server import ROOT, Server, cpu_llm_env, start_server
 from bench.harness.store import bentoml_store, save_iris
 from tests.browser import chromium
 from tests.conftest import engine_metric as shared_engine_metric
@@ -110,15 +110,7 @@ def server(demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             save("tiny-llm")
     env = {"SERVERY_API_KEYS": KEY, "SERVERY_ROUTER_WORKERS": "1"}
     if HAS_VLLM:
-        env |= {
-            "SERVERY_LLM_ENABLED": "true",
-            "SERVERY_LLM_MODELS": f"{LLM}=tiny-llm",
-            "SERVERY_LLM_MODELS_FILE": "",
-            "SERVERY_LLM_ENFORCE_EAGER": "true",
-            "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "HF_HUB_OFFLINE": "1",
-        }
+        env |= cpu_llm_env(f"{LLM}=tiny-llm")
     srv = start_server(
         home, MODELS_YAML, tmp_path_factory.mktemp("console-serve"), env=env, ready_timeout=300
     )

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from bench.harness.server import Server, free_port, start_server
+from bench.harness.server import Server, cpu_llm_env, free_port, start_server
 from bench.harness.store import bentoml_store, save_iris
 from tests.conftest import eventually
 
@@ -118,15 +118,9 @@ def llm_server(
     LLM test talks to the router's port, as clients do: ``/v1`` goes through its streaming
     proxy. Module-scoped: the engine's processes are gone before the next test module runs."""
     env = {
-        "SERVERY_LLM_ENABLED": "true",
-        "SERVERY_LLM_MODELS": f"{LLM_NAME}=tiny-llm",
+        **cpu_llm_env(f"{LLM_NAME}=tiny-llm"),
         "SERVERY_LLM_TASKS": f"small={LLM_NAME}",
-        "SERVERY_LLM_MODELS_FILE": "",  # a developer's own file would replace the list
-        "SERVERY_LLM_ENFORCE_EAGER": "true",  # ready in ~20 s instead of ~40
-        "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
         "SERVERY_LLM_MAX_TOKENS_LIMIT": "1024",  # as deploy/ caps it (4096 there)
-        "VLLM_CPU_KVCACHE_SPACE": "1",  # vLLM's legacy variable would override the setting
-        "HF_HUB_OFFLINE": "1",
         # test_sigterm_lets_the_stream_in_flight_finish (the last LLM test) stops this server
         "SERVERY_SHUTDOWN_DRAIN_S": "3",
     }

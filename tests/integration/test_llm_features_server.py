@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from bench.harness.server import ROOT, Server, metric_samples, start_server
+from bench.harness.server import ROOT, Server, cpu_llm_env, metric_samples, start_server
 from tests.browser import chromium
 from tests.conftest import eventually
 
@@ -117,12 +117,7 @@ def features_server(
     }
     (work / "keys.yaml").write_text(json.dumps(keys))
     env = {
-        "SERVERY_LLM_ENABLED": "true",
-        "SERVERY_LLM_MODELS_FILE": str(work / "llm.yaml"),
-        "SERVERY_LLM_ENFORCE_EAGER": "true",
-        "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "HF_HUB_OFFLINE": "1",
+        **cpu_llm_env(models_file=str(work / "llm.yaml")),
         "SERVERY_API_KEYS_FILE": str(work / "keys.yaml"),
         "SERVERY_RELOAD_INTERVAL_S": "0.5",
     }

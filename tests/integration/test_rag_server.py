@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from bench.harness.server import Server, start_server
+from bench.harness.server import Server, cpu_llm_env, start_server
 from bench.harness.store import bentoml_store
 from tests.conftest import eventually, settled
 from tests.integration.conftest import LLM_NAME
@@ -55,13 +55,7 @@ def rag_server(rag_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         f"  - name: empty-app\n    collection: nothing-here\n    llm: {LLM_NAME}\n"
     )
     env = {
-        "SERVERY_LLM_ENABLED": "true",
-        "SERVERY_LLM_MODELS": f"{LLM_NAME}=tiny-llm",
-        "SERVERY_LLM_MODELS_FILE": "",
-        "SERVERY_LLM_ENFORCE_EAGER": "true",
-        "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "HF_HUB_OFFLINE": "1",
+        **cpu_llm_env(f"{LLM_NAME}=tiny-llm"),
         "SERVERY_RAG_ENABLED": "auto",  # the embedding model is in the store: on
         "SERVERY_RAG_FILE": str(rag_file),
         "SERVERY_RAG_MAX_DOCUMENT_BYTES": "4096",

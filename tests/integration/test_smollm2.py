@@ -111,21 +111,14 @@ def test_smollm2_answers_through_the_router(
     pytest.importorskip("vllm")
     import openai
 
-    from bench.harness.server import start_server
+    from bench.harness.server import cpu_llm_env, start_server
     from bench.harness.store import save_iris
 
     save_iris()  # the router serves at least one classifier
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     home = BentoMLContainer.bentoml_home.get()
-    env = {
-        "SERVERY_LLM_ENABLED": "true",
-        "SERVERY_LLM_MODELS": f"smollm2={smollm2}",
-        "SERVERY_LLM_MAX_MODEL_LEN": "2048",
-        "SERVERY_LLM_ENFORCE_EAGER": "true",
-        "SERVERY_LLM_CPU_KVCACHE_GIB": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-    }
+    env = {**cpu_llm_env(f"smollm2={smollm2}"), "SERVERY_LLM_MAX_MODEL_LEN": "2048"}
     srv = start_server(
         Path(home),
         "models:\n  - name: iris\n",
